@@ -1,0 +1,1 @@
+"""Engine layer: generation loops, scheduling, the resident-model manager."""

@@ -1,0 +1,51 @@
+"""What the API layer hands to the engine, and what comes back. No torch here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from PIL import Image
+
+from ..models.base import VisionSettings
+from ..sampling import SamplingParams
+
+
+@dataclass
+class OcrRequest:
+    """One generation request, all defaults already resolved (CLI > config > built-in, then body)."""
+
+    model_id: str
+    text: str  # user text; may contain the model's image placeholder ("<image>")
+    images: list[Image.Image]
+    vision: VisionSettings = field(default_factory=VisionSettings)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_new_tokens: int = 512
+    stop: list[str] = field(default_factory=list)
+    system: str | None = None
+    request_id: str = ""
+
+
+@dataclass
+class TextDelta:
+    text: str
+
+
+@dataclass
+class Finished:
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+    text: str  # the whole generated text
+
+
+@dataclass
+class Failed:
+    """Generation failed after it was accepted (the API turns it into an error body / error event)."""
+
+    message: str
+    status: int = 500
+    type: str = "server_error"
+
+
+Event = TextDelta | Finished | Failed

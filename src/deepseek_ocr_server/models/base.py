@@ -1,0 +1,161 @@
+"""The contract between the engine and every model family.
+
+A model family lives in ``models/<kind>/`` and exposes one class implementing :class:`OcrModel`.
+The engine never looks inside a model: it calls ``prepare`` (CPU preprocessing, tokenisation),
+``prefill`` (vision + prompt, returns the logits of the last prompt position and an opaque per-sequence
+cache) and ``decode`` (one new token for each of several sequences, possibly of different lengths).
+Generation loops, sampling and text streaming are shared code (``engine/``, ``sampling.py``,
+``textstream.py``) so that both families behave identically.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint could not be loaded (missing/unexpected/mis-shaped tensor, bad config...)."""
+
+
+class InputError(ValueError):
+    """The request cannot be served by this model (bad image count, prompt too long, ...).
+
+    The API layer turns it into a 400 with the message as the error text.
+    """
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where one checkpoint's files are, as resolved by ``assets``.
+
+    ``weights`` is a ``.safetensors`` file or a ``*.safetensors.index.json`` shard index.
+    ``extras_dir`` holds optional side files (``preprocessor_config.json``, ``chat_template.jinja``,
+    ``generation_config.json``, ``tokenizer_config.json``); usually the checkpoint directory.
+    """
+
+    config: Path
+    weights: Path
+    tokenizer: Path
+    extras_dir: Path | None = None
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> ModelFiles:
+        d = Path(directory)
+        index = sorted(d.glob("*.safetensors.index.json"))
+        if index:
+            weights = index[0]
+        elif (d / "model.safetensors").exists():
+            weights = d / "model.safetensors"
+        else:
+            shards = sorted(d.glob("*.safetensors"))
+            weights = shards[0] if shards else d / "model.safetensors"
+        return cls(config=d / "config.json", weights=weights, tokenizer=d / "tokenizer.json", extras_dir=d)
+
+    def extra(self, name: str) -> Path | None:
+        """Path of an optional side file, or None when absent."""
+        for base in (self.extras_dir, self.config.parent):
+            if base is not None and (base / name).is_file():
+                return base / name
+        return None
+
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        p = self.extra(name)
+        return json.loads(p.read_text(encoding="utf-8")) if p else None
+
+
+@dataclass(frozen=True)
+class VisionSettings:
+    """Per-request vision options. DeepSeek-OCR uses all three; PaddleOCR-VL ignores them."""
+
+    base_size: int = 1024
+    image_size: int = 640
+    crop_mode: bool = True
+
+
+@dataclass
+class Prepared:
+    """A request after CPU preprocessing: ready for ``prefill``.
+
+    ``input_ids`` is the full prompt (image placeholders expanded). ``inputs`` carries the
+    model-specific tensors (pixel values, grids, ...), opaque to the engine.
+    """
+
+    input_ids: list[int]
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+class SequenceCache(abc.ABC):
+    """Opaque per-sequence decoding state (KV cache, rope offsets, ...)."""
+
+    @property
+    @abc.abstractmethod
+    def length(self) -> int:
+        """Number of tokens already in the cache (prompt + fed-back tokens)."""
+
+    def release(self) -> None:  # noqa: B027 - optional hook
+        """Drop the buffers early (the engine calls this when a sequence leaves)."""
+
+
+class OcrModel(abc.ABC):
+    """Interface every model family implements."""
+
+    kind: ClassVar[str]
+    #: Literal placeholder a prompt may contain to mark where an image goes.
+    image_placeholder: ClassVar[str] = "<image>"
+
+    tokenizer: Any  # tokenizers.Tokenizer
+    eos_token_ids: frozenset[int]
+    device: torch.device
+    dtype: torch.dtype
+    #: Longest prompt + generation the model supports (positions).
+    max_context: int
+
+    @classmethod
+    @abc.abstractmethod
+    def load(
+        cls,
+        files: ModelFiles,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+        quantize: str | None = None,
+    ) -> OcrModel:
+        """Load strictly from the original checkpoint layout. ``quantize``: None or "int8"."""
+
+    @abc.abstractmethod
+    def prepare(
+        self,
+        text: str,
+        images: list[Image.Image],
+        settings: VisionSettings | None = None,
+        system: str | None = None,
+    ) -> Prepared:
+        """Build the prompt for ``text`` (may contain ``image_placeholder`` markers) and ``images``.
+
+        Images without a marker in the text are placed where the model expects them.
+        Raises :class:`InputError` for requests the model cannot serve.
+        """
+
+    @abc.abstractmethod
+    def prefill(self, prepared: Prepared, max_new_tokens: int) -> tuple[torch.Tensor, SequenceCache]:
+        """Run vision + the whole prompt. Returns float32 logits ``[vocab]`` of the last position and
+        the sequence's cache, sized for ``max_new_tokens`` more tokens."""
+
+    @abc.abstractmethod
+    def decode(self, tokens: list[int], caches: list[SequenceCache]) -> torch.Tensor:
+        """Feed one token per sequence (sequences may have different lengths); returns float32 logits
+        ``[len(tokens), vocab]`` and advances every cache by one."""
+
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can decode (logit rows beyond it have no text)."""
+        return int(self.tokenizer.get_vocab_size(with_added_tokens=True))
