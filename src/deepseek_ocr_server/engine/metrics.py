@@ -1,0 +1,33 @@
+"""Prometheus metrics (default registry). The API records request outcomes, the engine the rest.
+
+``GET /metrics`` serves ``prometheus_client.generate_latest()``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter(
+    "ocr_requests_total", "HTTP requests by endpoint and status code", ["endpoint", "status"]
+)
+QUEUE_DEPTH = Gauge("ocr_queue_depth", "Requests waiting for admission")
+RUNNING = Gauge("ocr_running_sequences", "Sequences currently prefilling or decoding")
+GENERATED_TOKENS = Counter("ocr_generated_tokens_total", "Tokens generated", ["model"])
+PROMPT_TOKENS = Counter("ocr_prompt_tokens_total", "Prompt tokens prefilled (image tokens included)", ["model"])
+TTFT = Histogram(
+    "ocr_time_to_first_token_seconds",
+    "Time from request acceptance to its first generated token",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160),
+)
+LATENCY = Histogram(
+    "ocr_request_latency_seconds",
+    "End-to-end generation latency",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320, 640),
+)
+MODEL_LOAD_SECONDS = Histogram(
+    "ocr_model_load_seconds", "Model load time", ["model"], buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+)
+
+
+def observe_request(endpoint: str, status: int) -> None:
+    REQUESTS.labels(endpoint=endpoint, status=str(status)).inc()
