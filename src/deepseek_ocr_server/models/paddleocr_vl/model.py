@@ -113,7 +113,9 @@ def load_state(
     for path, items in by_file.items():
         with safe_open(str(path), framework="pt") as f:
             for name, raw in items:
-                state[name] = f.get_tensor(raw).to(dtype)
+                t = f.get_tensor(raw)
+                # one conversion (or one copy) into process memory: no lazy page faults on the first request
+                state[name] = t.to(dtype) if t.dtype != dtype else t.clone()
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return state
@@ -291,7 +293,9 @@ class PaddleOcrVlModel(OcrModel):
         x = lm.embed_tokens(ids)
         grids = prepared.inputs.get("grids") or []
         if grids:
-            feats = self.encode_images(prepared.inputs["pixel_values"], grids)
+            feats = prepared.inputs.get("image_features")  # precomputed by encode_images (benchmarks)
+            if feats is None:
+                feats = self.encode_images(prepared.inputs["pixel_values"], grids)
             mask = ids == cfg.image_token_id
             if int(mask.sum()) != feats.shape[0]:
                 raise InputError(f"{int(mask.sum())} image tokens but {feats.shape[0]} image features")
