@@ -108,16 +108,16 @@ def run_transformers(ckpt: Path, dtype: str, max_pixels: int | None, new_tokens:
     ).eval()
     processor = AutoProcessor.from_pretrained(ckpt, backend="pil")
     load_s = time.perf_counter() - t
-    vision = {"s": 0.0}
-    inner = model.model.get_image_features
+    vision: dict[str, float] = {"start": 0.0, "s": 0.0}
 
-    def timed_features(*a, **kw):
-        s = time.perf_counter()
-        out = inner(*a, **kw)
-        vision["s"] += time.perf_counter() - s
-        return out
+    def vision_start(module, args, kwargs=None):
+        vision["start"] = time.perf_counter()
 
-    model.model.get_image_features = timed_features
+    def vision_end(module, args, output):
+        vision["s"] += time.perf_counter() - vision["start"]
+
+    model.model.visual.register_forward_pre_hook(vision_start)
+    model.model.projector.register_forward_hook(vision_end)
     stamps: list[float] = []
 
     class Stamp(LogitsProcessor):

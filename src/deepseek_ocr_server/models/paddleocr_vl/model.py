@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -67,7 +68,8 @@ def _weight_files(weights: Path) -> list[Path]:
 def load_state(
     weights: Path, expected: dict[str, tuple[int, ...]], dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """Read exactly the ``expected`` tensors (memory-mapped) and convert each once to ``dtype``.
+    """Read exactly the ``expected`` tensors (header checked through safetensors first) and convert each
+    once to ``dtype``.
 
     Raises :class:`ModelLoadError` naming every missing, unexpected or mis-shaped key. The documented
     unused keys are skipped; ``lm_head.weight`` may be absent (tied to ``model.embed_tokens.weight``).
@@ -111,14 +113,54 @@ def load_state(
     for name, (path, raw, _) in found.items():
         by_file.setdefault(path, []).append((name, raw))
     for path, items in by_file.items():
-        with safe_open(str(path), framework="pt") as f:
-            for name, raw in items:
-                t = f.get_tensor(raw)
-                # one conversion (or one copy) into process memory: no lazy page faults on the first request
-                state[name] = t.to(dtype) if t.dtype != dtype else t.clone()
+        state.update(_read_tensors(path, items, dtype))
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return state
+
+
+_ST_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read_tensors(path: Path, items: list[tuple[str, str]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Read tensors of one safetensors file straight into freshly allocated (aligned, process-owned)
+    memory, converting each once to ``dtype``.
+
+    Measured on the full model: weights left memory-mapped made the first request ~5x slower in vision
+    and prefill, and copying out of the mapping doubled peak RSS; one ``readinto`` per tensor avoids both.
+    """
+    out: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+        base = 8 + header_len
+        for name, raw in sorted(items, key=lambda it: header[it[1]]["data_offsets"][0]):
+            meta = header[raw]
+            src_dtype = _ST_DTYPES.get(meta["dtype"])
+            if src_dtype is None or not (src_dtype.is_floating_point or src_dtype == dtype):
+                raise ModelLoadError(f"{raw}: unsupported dtype {meta['dtype']}")
+            begin, end = meta["data_offsets"]
+            t = torch.empty(meta["shape"], dtype=src_dtype)
+            buf = t.view(-1).view(torch.uint8).numpy() if t.numel() else None
+            if buf is not None:
+                if buf.nbytes != end - begin:
+                    raise ModelLoadError(f"{raw}: {end - begin} bytes in the file for shape {meta['shape']}")
+                f.seek(base + begin)
+                if f.readinto(memoryview(buf)) != buf.nbytes:
+                    raise ModelLoadError(f"{raw}: file truncated")
+            out[name] = t if src_dtype == dtype else t.to(dtype)
+    return out
 
 
 def _special_token(cfg: dict[str, Any] | None, name: str) -> str | None:
