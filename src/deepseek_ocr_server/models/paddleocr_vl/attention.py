@@ -49,6 +49,15 @@ def tiled_attention(
     return out
 
 
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split ("neox") rotary: ``x*[cos,cos] + rotate_half(x)*[sin,sin]`` with ``cos``/``sin`` given for
+    the first half only (both halves of the angle vector are the same), i.e.
+    ``[x1*cos - x2*sin, x2*cos + x1*sin]``."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """One query position over a cache: q [Hkv, G, d], k/v [Hkv, L, d] -> [Hkv, G, d].
 

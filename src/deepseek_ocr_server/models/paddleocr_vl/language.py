@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import SequenceCache
-from .attention import decode_attention, tiled_attention
+from .attention import apply_rotary, decode_attention, tiled_attention
 from .config import PaddleOcrVlConfig
 
 
@@ -71,11 +71,6 @@ class KVCache(SequenceCache):
         self.v = None
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -129,8 +124,8 @@ class ErnieAttention(nn.Module):
         k = k.view(n, self.num_kv, self.head_dim)
         v = v.view(n, self.num_kv, self.head_dim)
         cos, sin = cos[:, None, :], sin[:, None, :]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
         return q, k, v
 
     def prefill(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int):
@@ -217,10 +212,10 @@ class ErnieModel(nn.Module):
         self.register_buffer("rope_axis", axis, persistent=False)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [3, S] (t, h, w) -> cos, sin [S, head_dim] (computed in float32, cast to ``dtype``)."""
+        """positions [3, S] (t, h, w) -> cos, sin [S, head_dim/2] (float32, cast to ``dtype``); the full
+        128-d vectors repeat these halves (``apply_rotary``)."""
         inv = self.inv_freq.to(positions.device)
         pos = positions.float()  # [3, S]
         ang = pos.gather(0, self.rope_axis.to(positions.device)[:, None].expand(-1, pos.shape[1]))  # [d/2, S]
         ang = ang.T * inv  # [S, d/2]
-        ang = torch.cat([ang, ang], dim=-1)
         return ang.cos().to(dtype), ang.sin().to(dtype)

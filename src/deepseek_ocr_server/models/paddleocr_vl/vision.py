@@ -11,13 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import tiled_attention
+from .attention import apply_rotary, tiled_attention
 from .config import PaddleOcrVlConfig, VisionConfig
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class VisionEmbeddings(nn.Module):
@@ -64,9 +59,9 @@ class VisionAttention(nn.Module):
         q = self.q_proj(x).view(shape)
         k = self.k_proj(x).view(shape)
         v = self.v_proj(x).view(shape)
-        # 2-D rotary in float32 (cos/sin: [N, 1, head_dim])
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)
-        k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
+        # 2-D rotary in float32 (cos/sin: [N, 1, head_dim / 2])
+        q = apply_rotary(q.float(), cos, sin).to(x.dtype)
+        k = apply_rotary(k.float(), cos, sin).to(x.dtype)
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [H, N, d]
         outs = []
         start = 0
@@ -122,7 +117,8 @@ class VisionTransformer(nn.Module):
     def rotary(
         self, grids: list[tuple[int, int, int]], device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [N, 1, head_dim] (float32) of the 2-D rotary: [row*f | col*f | row*f | col*f]."""
+        """cos/sin [N, 1, head_dim/2] (float32) of the 2-D rotary; the full angle vector is
+        [row*f | col*f | row*f | col*f], of which the first half is returned (see ``apply_rotary``)."""
         d = self.cfg.head_dim
         half = d // 2
         inv_freq = 1.0 / (
@@ -136,7 +132,7 @@ class VisionTransformer(nn.Module):
             cols.append(c.repeat(t))
         row = torch.cat(rows).float()[:, None] * inv_freq
         col = torch.cat(cols).float()[:, None] * inv_freq
-        ang = torch.cat([row, col, row, col], dim=-1)[:, None, :]
+        ang = torch.cat([row, col], dim=-1)[:, None, :]
         return ang.cos(), ang.sin()
 
     def forward(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
