@@ -124,3 +124,81 @@ def test_bad_config_is_a_load_error(paddle_ckpt: Path, tmp_path: Path) -> None:
     (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match="mrope_section"):
         _load(tmp_path / "c")
+
+
+def test_tensor_under_both_names_is_an_error(paddle_ckpt: Path, tmp_path: Path) -> None:
+    shutil.copytree(paddle_ckpt, tmp_path / "c")
+    t = _tensors(paddle_ckpt)
+    t["model.projector.linear_1.bias"] = t["mlp_AR.linear_1.bias"].clone()
+    save_file(t, str(tmp_path / "c" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"stored twice.*mlp_AR\.linear_1\.bias"):
+        _load(tmp_path / "c")
+
+
+def test_unsupported_vision_activation_rejected(paddle_ckpt: Path, tmp_path: Path) -> None:
+    shutil.copytree(paddle_ckpt, tmp_path / "c")
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    cfg["vision_config"]["hidden_act"] = "relu"
+    (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="hidden_act"):
+        _load(tmp_path / "c")
+
+
+# The real PaddleOCR-VL v1.0 values (SPEC §3), written out here on purpose.
+REAL_CONFIG = {
+    "vocab_size": 103424,
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 18,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-05,
+    "max_position_embeddings": 131072,
+    "rope_theta": 500000,
+    "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"},
+    "tie_word_embeddings": False,
+    "use_bias": False,
+    "image_token_id": 100295,
+    "vision_start_token_id": 101305,
+    "vision_end_token_id": 101306,
+    "video_token_id": 101307,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "vision_config": {
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 16,
+        "num_channels": 3,
+        "image_size": 384,
+        "patch_size": 14,
+        "hidden_act": "gelu_pytorch_tanh",
+        "layer_norm_eps": 1e-06,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    },
+}
+
+
+def test_real_config_module_has_the_608_used_tensors() -> None:
+    from deepseek_ocr_server.models.paddleocr_vl.config import PaddleOcrVlConfig
+    from deepseek_ocr_server.models.paddleocr_vl.model import PaddleOcrVlNet
+
+    cfg = PaddleOcrVlConfig.from_dict(REAL_CONFIG)
+    with torch.device("meta"):
+        net = PaddleOcrVlNet(cfg)
+    state = net.state_dict()
+    assert len(state) == 608
+    assert sum(v.numel() for v in state.values()) == 905_601_648
+    assert state["model.layers.17.self_attn.q_proj.weight"].shape == (2048, 1024)
+    assert state["model.layers.0.self_attn.k_proj.weight"].shape == (256, 1024)
+    assert state["mlp_AR.linear_1.weight"].shape == (4608, 4608)
+    assert state["mlp_AR.linear_2.weight"].shape == (1024, 4608)
+    assert state["visual.vision_model.embeddings.position_embedding.weight"].shape == (729, 1152)
+    assert state["visual.vision_model.embeddings.patch_embedding.weight"].shape == (1152, 3, 14, 14)
+    assert state["visual.vision_model.encoder.layers.26.mlp.fc1.weight"].shape == (4304, 1152)
+    assert state["lm_head.weight"].shape == (103424, 1024)
+    assert not any("packing_position_embedding" in k or ".head." in k for k in state)

@@ -91,6 +91,12 @@ def test_alpha_composited_on_white_and_16bit_scaled() -> None:
     assert np.asarray(to_rgb(grey16)).tolist() == np.full((4, 4, 3), 128).tolist()
 
 
+def test_16bit_data_already_in_8bit_range_kept() -> None:
+    grey16 = Image.fromarray(np.full((4, 4), 200, dtype=np.uint16))
+    assert grey16.mode == "I;16"
+    assert np.asarray(to_rgb(grey16)).tolist() == np.full((4, 4, 3), 200).tolist()
+
+
 def test_exif_orientation_applied() -> None:
     img = _rgb(30, 10)
     exif = Image.Exif()
@@ -127,8 +133,9 @@ def test_prompt_string_pinned(paddle_model: PaddleOcrVlModel) -> None:
         "<|begin_of_sentence|>User: <|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>OCR:\nAssistant:\n"
     )
     assert paddle_model.render("<image>\nOCR:", 1, system="Be exact.") == (
-        "<|begin_of_sentence|>Be exact.\nUser: <|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>\nOCR:\nAssistant:\n"
+        "<|begin_of_sentence|>Be exact.\nUser: <|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>OCR:\nAssistant:\n"
     )
+    assert paddle_model.render("  <image>\r\nOCR:", 1) == paddle_model.render("OCR:", 1)
     two = paddle_model.render("a<image>b<image>", 2)
     assert two == (
         "<|begin_of_sentence|>User: "
@@ -141,6 +148,35 @@ def test_prompt_string_pinned(paddle_model: PaddleOcrVlModel) -> None:
         "Formula Recognition:",
         "Chart Recognition:",
     )
+
+
+# A template in the style of the older "variant A" (SPEC §7.2): "Assistant: " with a trailing space and
+# the image markup taken from an ``image_token`` variable with a default. We never bind that variable,
+# so START/END survive (transformers would bind it to the bare placeholder and drop them).
+VARIANT_A_STYLE = (
+    "{%- if not image_token is defined -%}"
+    '{%- set image_token = "<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>" -%}{%- endif -%}'
+    '{{- "<|begin_of_sentence|>" -}}'
+    "{%- for message in messages -%}"
+    '{%- if message["role"] == "user" -%}{{- "User: " -}}'
+    '{%- for c in message["content"] -%}{%- if c["type"] == "image" -%}{{ image_token }}{%- endif -%}{%- endfor -%}'
+    '{%- for c in message["content"] -%}{%- if c["type"] == "text" -%}{{ c["text"] }}{%- endif -%}{%- endfor -%}'
+    '{{ "\\n" -}}{%- endif -%}'
+    "{%- endfor -%}"
+    '{%- if add_generation_prompt -%}{{- "Assistant: " -}}{%- endif -%}'
+)
+
+
+def test_variant_a_style_template_keeps_image_markup(paddle_ckpt: Path, tmp_path: Path) -> None:
+    shutil.copytree(paddle_ckpt, tmp_path / "c")
+    (tmp_path / "c" / "chat_template.jinja").write_text(VARIANT_A_STYLE)
+    m = PaddleOcrVlModel.load(ModelFiles.from_dir(tmp_path / "c"), dtype=torch.float32)
+    assert m.render("OCR:", 1) == (
+        "<|begin_of_sentence|>User: <|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>OCR:\nAssistant: "
+    )
+    prepared = m.prepare("OCR:", [_rgb(150, 90)])
+    ids = prepared.input_ids
+    assert ids.count(m.config.vision_start_token_id) == 1 and ids.count(m.config.vision_end_token_id) == 1
 
 
 def test_fallback_template_equals_shipped_variant_b() -> None:

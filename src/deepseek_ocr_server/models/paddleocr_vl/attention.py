@@ -22,13 +22,19 @@ def tiled_attention(
 
     CPU + reduced precision: per kv head, query tiles of ~TILE_ELEMENTS scores; q k^T and p v are bf16
     GEMMs, the softmax reads bf16 scores and accumulates in float32 (measured on the 7200-patch page:
-    0.6 s per vision layer vs 1.4 s for torch's SDPA). float32 and other devices: torch's SDPA (its
+    0.6 s per vision layer vs 1.4 s for torch's SDPA). Precision equals transformers' eager attention
+    (scores rounded to bf16 before the float32 softmax): torch has no bf16 GEMM with float32 output on
+    CPU, and float32 score GEMMs would cost ~2.7x on that half of the work. float32 and other devices: torch's SDPA (its
     float32 CPU kernel is faster than GEMM tiles at float32 GEMM speed)."""
     hk, g, s, d = q.shape
     length = k.shape[1]
     if q.device.type != "cpu" or q.dtype == torch.float32:
+        gqa = g > 1
+        if gqa and q.device.type == "mps":  # SDPA's enable_gqa is broken on MPS (pytorch#149132)
+            k, v = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)
+            gqa = False
         o = F.scaled_dot_product_attention(
-            q.reshape(1, hk * g, s, d), k[None], v[None], is_causal=causal, scale=scale, enable_gqa=g > 1
+            q.reshape(1, hk * g, s, d), k[None], v[None], is_causal=causal, scale=scale, enable_gqa=gqa
         )
         return o.view(hk, g, s, d)
     out = torch.empty(hk, g, s, d, dtype=q.dtype, device=q.device)

@@ -59,6 +59,10 @@ class VisionConfig:
             spatial_merge_size=int(d.get("spatial_merge_size", 2)),
             hidden_act=str(d.get("hidden_act", "gelu_pytorch_tanh")),
         )
+        if cfg.hidden_act != "gelu_pytorch_tanh":
+            raise ModelLoadError(
+                f"{where}: unsupported hidden_act {cfg.hidden_act!r} (expected 'gelu_pytorch_tanh')"
+            )
         if cfg.hidden_size % cfg.num_attention_heads or cfg.head_dim % 4:
             raise ModelLoadError(
                 f"{where}: head_dim must be an integer divisible by 4 for the 2-D rotary embedding"

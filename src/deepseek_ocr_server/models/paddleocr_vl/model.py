@@ -76,6 +76,7 @@ def load_state(
     """
     found: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
     unexpected: list[str] = []
+    duplicated: list[str] = []
     for path in _weight_files(weights):
         if not path.is_file():
             raise ModelLoadError(f"weights file not found: {path}")
@@ -89,6 +90,9 @@ def load_state(
                         continue
                     if name not in expected:
                         unexpected.append(raw)
+                        continue
+                    if name in found:
+                        duplicated.append(f"{found[name][1]} / {raw}")
                         continue
                     found[name] = (path, raw, tuple(f.get_slice(raw).get_shape()))
         except ModelLoadError:
@@ -106,6 +110,8 @@ def load_state(
         problems.append(f"unexpected keys: {', '.join(unexpected)}")
     if shapes:
         problems.append(f"mis-shaped keys: {'; '.join(shapes)}")
+    if duplicated:
+        problems.append(f"tensors stored twice (original and transformers names): {', '.join(duplicated)}")
     if problems:
         raise ModelLoadError(f"checkpoint {weights} does not match PaddleOCR-VL: " + " | ".join(problems))
     state: dict[str, torch.Tensor] = {}
@@ -161,6 +167,12 @@ def _read_tensors(path: Path, items: list[tuple[str, str]], dtype: torch.dtype) 
                     raise ModelLoadError(f"{raw}: file truncated")
             out[name] = t if src_dtype == dtype else t.to(dtype)
     return out
+
+
+def strip_image_markers(text: str, marker: str) -> str:
+    """Remove ``marker``s (the template puts images first anyway) with one newline right after each, and
+    leading whitespace: ``"<image>\nOCR:"`` -> ``"OCR:"`` (the trained prompt)."""
+    return re.sub(re.escape(marker) + r"\r?\n?", "", text).lstrip()
 
 
 def _special_token(cfg: dict[str, Any] | None, name: str) -> str | None:
@@ -286,7 +298,7 @@ class PaddleOcrVlModel(OcrModel):
         """The prompt string before placeholder expansion (``<image>`` markers removed)."""
         return render_prompt(
             self.chat_template,
-            text.replace(self.image_placeholder, ""),
+            strip_image_markers(text, self.image_placeholder),
             num_images,
             system,
             self.special_tokens,

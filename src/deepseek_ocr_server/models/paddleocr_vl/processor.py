@@ -136,12 +136,15 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL image -> RGB. EXIF orientation applied; alpha/transparency composited on WHITE (as
-    transformers does); 16/32-bit grey scaled down to 8 bits instead of clipped; everything else
-    (L, P, CMYK, YCbCr, ...) through PIL's own conversion."""
+    transformers does); everything else (L, P, CMYK, YCbCr, ...) through PIL's own conversion.
+
+    Deliberate difference from transformers (which lets PIL clip 16-bit values at 255, turning most
+    16-bit scans white): 16/32-bit grey whose values exceed 255 is scaled from 0..65535 to 0..255;
+    data that already lies in 0..255 is kept as is."""
     image = ImageOps.exif_transpose(image) or image
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         arr = np.asarray(image).astype(np.float64)
-        hi = 65535.0 if image.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        hi = 65535.0 if arr.max(initial=0) > 255 else 255.0
         arr = np.clip(np.round(arr * (255.0 / hi)), 0, 255).astype(np.uint8)
         image = Image.fromarray(arr, mode="L")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
