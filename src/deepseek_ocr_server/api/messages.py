@@ -45,7 +45,7 @@ def _text_of(content: str | list[dict[str, Any]] | None) -> str:
     return "\n".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") in _TEXT_TYPES)
 
 
-def _image_url(part: dict[str, Any], param: str) -> str:
+def _image_url(part: dict[str, Any], param: str) -> ImageRef:
     value = part.get("image_url")
     if isinstance(value, dict):
         value = value.get("url")
@@ -55,7 +55,7 @@ def _image_url(part: dict[str, Any], param: str) -> str:
                        code="invalid_image_url")
     if not isinstance(value, str) or not value.strip():
         raise ApiError("image part without an image URL", param=param, code="invalid_image_url")
-    return value
+    return ImageRef(value, param)
 
 
 def _user_parts(content: str | list[dict[str, Any]] | None, param: str) -> tuple[str, list[ImageRef]]:
@@ -74,7 +74,7 @@ def _user_parts(content: str | list[dict[str, Any]] | None, param: str) -> tuple
                 raise ApiError("text part without a string 'text'", param=f"{p}.text", code="invalid_value")
             texts.append(text)
         elif kind in _IMAGE_TYPES:
-            images.append(ImageRef(_image_url(part, f"{p}.image_url"), f"{p}.image_url"))
+            images.append(_image_url(part, f"{p}.image_url"))
         else:
             raise ApiError(
                 f"unsupported content part type {kind!r}; this server accepts text and image parts",
