@@ -132,9 +132,10 @@ async def _collect_unless_disconnected(request: Request, gen: Generation) -> Any
     finally:
         gone.cancel()
         if not work.done():
-            work.cancel()
+            work.cancel()  # Generation closes the engine iterator on the way out
+            await asyncio.gather(work, return_exceptions=True)
             await gen.aclose()
-    if not work.done() or work.cancelled():
+    if work.cancelled():
         raise ApiError("client disconnected", status=499, code="client_disconnected")
     return work.result()
 
