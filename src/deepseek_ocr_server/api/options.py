@@ -26,15 +26,15 @@ class ApiOptions:
     cors_origins: list[str] = field(default_factory=lambda: ["*"])
     allow_private_image_urls: bool = False
     #: request body cap (JSON with base64 images); larger bodies get 413
-    max_body_bytes: int = 64 * MiB
+    max_body_bytes: int = 32 * MiB
     #: images per request
     max_images: int = 8
     #: encoded size of one image (data: URL after base64 decoding, or downloaded bytes)
     max_image_bytes: int = 20 * MiB
     #: decoded pixels of one image (decompression-bomb guard)
-    max_image_pixels: int = 50_000_000
+    max_image_pixels: int = 64_000_000
     #: whole download of one image URL, redirects included (seconds)
-    image_fetch_timeout: float = 15.0
+    image_fetch_timeout: float = 10.0
     max_redirects: int = 3
 
     @classmethod
