@@ -62,8 +62,8 @@ async def stream(
             )
         )
 
-    yield chunk({"role": "assistant", "content": ""})
     try:
+        yield chunk({"role": "assistant", "content": ""})
         async for ev in gen:
             if isinstance(ev, TextDelta):
                 if ev.text:
@@ -84,3 +84,5 @@ async def stream(
                 return
     except Exception as exc:  # noqa: BLE001 - reported in-band, the server keeps serving
         yield sse.data(as_api_error(exc).body())
+    finally:
+        await gen.aclose()  # deterministic even when this generator is closed at a yield (disconnect)

@@ -119,14 +119,14 @@ async def stream(gen: Generation, rb: ResponseBuilder) -> AsyncIterator[bytes]:
         seq += 1
         return out
 
-    yield ev(ResponseCreatedEvent, type="response.created", response=rb.response("in_progress"))
-    yield ev(ResponseInProgressEvent, type="response.in_progress", response=rb.response("in_progress"))
-    yield ev(ResponseOutputItemAddedEvent, type="response.output_item.added", output_index=0,
-             item=rb.message(None, "in_progress"))
-    yield ev(ResponseContentPartAddedEvent, type="response.content_part.added", output_index=0, content_index=0,
-             item_id=rb.msg_id, part=rb.part(""))
     parts: list[str] = []
     try:
+        yield ev(ResponseCreatedEvent, type="response.created", response=rb.response("in_progress"))
+        yield ev(ResponseInProgressEvent, type="response.in_progress", response=rb.response("in_progress"))
+        yield ev(ResponseOutputItemAddedEvent, type="response.output_item.added", output_index=0,
+                 item=rb.message(None, "in_progress"))
+        yield ev(ResponseContentPartAddedEvent, type="response.content_part.added", output_index=0,
+                 content_index=0, item_id=rb.msg_id, part=rb.part(""))
         async for item in gen:
             if isinstance(item, TextDelta):
                 if item.text:
@@ -154,3 +154,5 @@ async def stream(gen: Generation, rb: ResponseBuilder) -> AsyncIterator[bytes]:
         err = as_api_error(exc)
         yield ev(ResponseErrorEvent, type="error", code=err.code or err.type, message=err.message, param=err.param)
         yield ev(ResponseFailedEvent, type="response.failed", response=rb.response("failed", error=err))
+    finally:
+        await gen.aclose()  # deterministic even when this generator is closed at a yield (disconnect)
