@@ -158,6 +158,16 @@ def test_bad_responses_requests(api_server: RunningServer, http: httpx.Client) -
     _good(http, api_server.v1)
 
 
+def test_model_that_fails_to_load(api_server: RunningServer, http: httpx.Client) -> None:
+    for stream in (False, True):
+        r = http.post(api_server.v1 + "/chat/completions", json=_chat(model="fake-broken", stream=stream))
+        err = _check_error(r, 503, type_="server_error", code="model_unavailable")
+        assert "fake-broken" in err["message"] and "fail" in err["message"]
+    health = http.get(api_server.base_url + "/health").json()
+    assert "fake-broken" in str(health)
+    _good(http, api_server.v1)
+
+
 def test_unknown_route_and_method(api_server: RunningServer, http: httpx.Client) -> None:
     _check_error(http.get(api_server.v1 + "/nope"), 404)
     _check_error(http.get(api_server.v1 + "/chat/completions"), 405)
