@@ -91,6 +91,7 @@ BAD_CHAT_BODIES: list[tuple[str, object, int, str | None, str | None]] = [
     ("no_repeat_ngram_size -1", _chat(no_repeat_ngram_size=-1), 400, "invalid_value", "no_repeat_ngram_size"),
     ("base_size 0", _chat(base_size=0), 400, "invalid_value", "base_size"),
     ("crop_mode not bool", _chat(crop_mode="maybe"), 400, "invalid_value", "crop_mode"),
+    ("seed out of range", _chat(seed=2**70), 400, "invalid_value", "seed"),
     ("n 2", _chat(n=2), 400, "invalid_value", "n"),
     ("too many stops", _chat(stop=[str(i) for i in range(20)]), 400, "invalid_value", "stop"),
     ("stream not bool", _chat(stream="yes please"), 400, "invalid_value", "stream"),

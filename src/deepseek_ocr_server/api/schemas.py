@@ -27,7 +27,7 @@ class DecodeFields(_Body):
 
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None  # torch.Generator's range
     # extensions (send them as extra body fields, e.g. ``extra_body={...}`` in the openai SDK)
     do_sample: StrictBool | None = None
     top_k: PositiveInt | None = None
