@@ -33,7 +33,13 @@ DTYPES = ("f32", "f16", "bf16")
 QUANTIZE = ("int8",)
 #: dtype used when none is configured; see :func:`default_dtype`.
 DEFAULT_DTYPE_BY_DEVICE = {"cpu": "bf16", "cuda": "bf16", "metal": "f16"}
-MODEL_KINDS = ("deepseek-ocr", "paddleocr-vl")
+
+
+def model_kinds() -> tuple[str, ...]:
+    """Kinds in the model registry (``models.MODEL_KINDS``), imported lazily."""
+    from .models import MODEL_KINDS
+
+    return tuple(MODEL_KINDS)
 
 #: Task prompt used when a request brings an image but no text, per model kind.
 DEFAULT_PROMPTS = {
@@ -182,7 +188,7 @@ class Settings:
 
     def default_prompt(self, model_id: str) -> str:
         e = self.entry(model_id)
-        return e.prompt if e.prompt is not None else DEFAULT_PROMPTS[e.kind]
+        return e.prompt if e.prompt is not None else DEFAULT_PROMPTS.get(e.kind, "")
 
     def model_dir(self, model_id: str) -> Path:
         """``<cache>/models/<id>``: where the model's files live once resolved."""
@@ -525,10 +531,11 @@ def parse_config(text: str, path: Path) -> dict[str, Any]:
             raise ctx.error(f"models.entries.{mid}", f"expected a table, got {_show(raw)}")
         base = BUILTIN_MODELS.get(mid)
         kind = raw.get("kind", base.kind if base else None)
+        kinds = model_kinds()
         if kind is None:
-            raise ctx.error(f"{where}kind", f"missing (one of {', '.join(MODEL_KINDS)})")
-        if kind not in MODEL_KINDS:
-            raise ctx.error(f"{where}kind", f"unknown model kind {kind!r} (known: {', '.join(MODEL_KINDS)})")
+            raise ctx.error(f"{where}kind", f"missing (one of {', '.join(kinds)})")
+        if kind not in kinds:
+            raise ctx.error(f"{where}kind", f"unknown model kind {kind!r} (known: {', '.join(kinds)})")
         kw: dict[str, Any] = {"id": mid, "kind": kind}
         if base and base.kind == kind:
             kw["repo"] = base.repo
