@@ -49,7 +49,8 @@ def _typed(key: str, convert: Callable[[str], Any]) -> Callable[[str], Any]:
         except ValueError as exc:
             msg = str(exc)
             if msg.startswith(("invalid literal", "could not convert")):
-                msg = f"expected {convert.__name__ if convert in (int, float) else 'a value'}, got {text!r}"
+                kind = "a number" if "float" in msg else "an integer"
+                msg = f"expected {kind}, got {text!r}"
             raise argparse.ArgumentTypeError(msg) from None
 
     parse.__name__ = key
@@ -210,12 +211,13 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
         settings = load_settings(args, config_path)
     except ConfigError as exc:
         parser.exit(2, f"{PROG}: error: {exc}\n")
-    device = settings.inference_for(settings.active).device
-    devices = {device} | {settings.inference_for(m).device for m in settings.models}
-    for dev in sorted(devices):
+    # Every configured model must be loadable on its device: fail now, not at the first request.
+    for model_id in [settings.active, *settings.models]:
+        dev = settings.inference_for(model_id).device
         reason = check_device(dev)
         if reason:
-            parser.exit(2, f"{PROG}: error: --device {dev}: {reason}\n")
+            source = "--device" if "device" in args else f"{settings.config_path}: device = {dev!r} ({model_id})"
+            parser.exit(2, f"{PROG}: error: {source}: {reason}\n")
     return settings
 
 
