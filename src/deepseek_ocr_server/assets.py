@@ -60,12 +60,13 @@ class _Wanted:
     weights: Path | None
 
 
-def _how_to_supply(settings: Settings, model_id: str, what: str) -> str:
-    key = {"config": "config", "tokenizer": "tokenizer", "weights": "weights"}[what]
+def _how_to_supply(settings: Settings, model_id: str, *whats: str) -> str:
+    flags = " ".join(f"{_FLAGS[w]} PATH" for w in whats)
+    keys = ", ".join(f'`{w} = "PATH"`' for w in whats)
     return (
-        f"supply it by hand with {_FLAGS[what]} PATH (with --model {model_id}), or set "
-        f"`{key} = \"PATH\"` in [models.entries.{model_id}] of {settings.config_path}, or put the file in "
-        f"{settings.model_dir(model_id)}/"
+        f"supply {'it' if len(whats) == 1 else 'them'} by hand with {flags} (with --model {model_id}), "
+        f"or set {keys} in [models.entries.{model_id}] of {settings.config_path}, or put the "
+        f"file{'s' if len(whats) > 1 else ''} in {settings.model_dir(model_id)}/"
     )
 
 
@@ -134,15 +135,15 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _list_repo(repo: str, revision: str) -> list[str] | None:
-    """Top-level file names of the repo (online), or of its snapshot in the HF cache (offline /
-    unreachable); None when neither is available."""
+def _list_repo(repo: str, revision: str) -> tuple[list[str] | None, bool]:
+    """Top-level file names of the repo (online; second item True), or of its snapshot in the HF cache
+    (offline / unreachable; second item False; may be partial); None when neither is available."""
     from huggingface_hub import HfApi, snapshot_download
 
     if not _offline():
         try:
             info = HfApi(endpoint=_endpoint()).model_info(repo, revision=revision)
-            return [s.rfilename for s in (info.siblings or []) if "/" not in s.rfilename]
+            return [s.rfilename for s in (info.siblings or []) if "/" not in s.rfilename], True
         except Exception as exc:  # noqa: BLE001 - fall back to the local HF cache, reported below
             log.warning("cannot list %s@%s on the Hub (%s); trying the local Hugging Face cache", repo,
                         revision, _short(exc))
@@ -154,8 +155,8 @@ def _list_repo(repo: str, revision: str) -> list[str] | None:
     except Exception:  # noqa: BLE001
         if listing_error is not None:
             raise _ListingFailed(listing_error) from listing_error
-        return None
-    return sorted(p.name for p in Path(snap).iterdir() if p.is_file())
+        return None, False
+    return sorted(p.name for p in Path(snap).iterdir() if p.is_file()), False
 
 
 class _ListingFailed(Exception):
@@ -172,7 +173,7 @@ def _short(exc: BaseException) -> str:
 def _download(repo: str, revision: str, filename: str) -> Path:
     from huggingface_hub import hf_hub_download
 
-    log.info("downloading %s from %s@%s", filename, repo, revision)
+    log.info("fetching %s from %s@%s (Hugging Face cache, else download)", filename, repo, revision)
     path = hf_hub_download(
         repo,
         filename,
@@ -233,8 +234,11 @@ def _explain(exc: BaseException, repo: str, revision: str, filename: str, how: s
                else f"the Hub is unreachable and the file is not cached ({_short(cause)})")
     elif isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
         why = "no space left on the device (free some space or point HF_HOME at a bigger disk)"
-    else:
+    elif isinstance(cause, errors.HfHubHTTPError | OSError):
         why = _short(cause)
+    else:  # connection refused, DNS, timeout, TLS...
+        why = (f"cannot reach the Hub at {_endpoint() or 'https://huggingface.co'} ({_short(cause)}); on a machine "
+               "without network set HF_HUB_OFFLINE=1 and use files already in the cache")
     return AssetError(f"cannot get {filename} of model repo {where}: {why}; {how}")
 
 
@@ -242,25 +246,31 @@ def _fetch(settings: Settings, model_id: str, need: set[str], target: Path) -> d
     """Download the files of ``need`` (subset of config/tokenizer/weights) plus side files into ``target``."""
     entry = settings.entry(model_id)
     repo, revision = entry.repo, entry.revision
-    first = sorted(need)[0]
     if not repo:
         raise AssetError(
-            f"model {model_id!r} has no `repo` in [models.entries.{model_id}] and no {first} file: "
-            + _how_to_supply(settings, model_id, first)
+            f"model {model_id!r} has no `repo` in [models.entries.{model_id}] to download its "
+            f"{', '.join(sorted(need))} from: " + _how_to_supply(settings, model_id, *sorted(need))
         )
     try:
-        listing = _list_repo(repo, revision)
+        listing, complete = _list_repo(repo, revision)
     except _ListingFailed as exc:
-        raise _explain(exc, repo, revision, {"config": CONFIG_FILE, "tokenizer": TOKENIZER_FILE,
-                                             "weights": "the weights"}[first],
-                       _how_to_supply(settings, model_id, first)) from exc.cause
+        names = {"config": CONFIG_FILE, "tokenizer": TOKENIZER_FILE, "weights": "the weights"}
+        missing = ", ".join(names[w] for w in sorted(need))
+        raise _explain(exc, repo, revision, missing, _how_to_supply(settings, model_id, *sorted(need))) from exc.cause
+    # Mark the dir as filled from this repo/revision before the first file lands, so that a partial
+    # fill is never mistaken for another revision's files.
+    target.mkdir(parents=True, exist_ok=True)
+    marker_path = target / SOURCE_MARKER
+    marker_path.write_text(json.dumps({"repo": repo, "revision": revision}) + "\n", encoding="utf-8")
     plan: dict[str, list[str]] = {}
     if "config" in need:
         plan["config"] = [CONFIG_FILE]
     if "tokenizer" in need:
         plan["tokenizer"] = [TOKENIZER_FILE]
     if "weights" in need:
-        plan["weights"] = _choose_weights(listing) if listing is not None else [WEIGHTS_FILE]
+        plan["weights"] = _choose_weights(listing or [])
+        if not plan["weights"] and not complete:
+            plan["weights"] = [WEIGHTS_FILE]  # unknown offline: try the usual name, fail with a clear error
         if not plan["weights"]:
             raise AssetError(f"model repo {repo} has no model.safetensors or *.safetensors.index.json; "
                              + _how_to_supply(settings, model_id, "weights"))
@@ -288,7 +298,7 @@ def _fetch(settings: Settings, model_id: str, need: set[str], target: Path) -> d
         except Exception as exc:  # noqa: BLE001 - optional file
             log.warning("optional file %s of %s not fetched: %s", name, repo, _short(exc))
     marker = {"repo": repo, "revision": revision, "commit": commit}
-    (target / SOURCE_MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+    marker_path.write_text(json.dumps(marker) + "\n", encoding="utf-8")
     return got
 
 
