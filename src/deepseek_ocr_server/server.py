@@ -8,6 +8,7 @@ stop the server gracefully and the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import signal
@@ -47,7 +48,12 @@ def build_app(settings: Settings):  # -> (FastAPI, ModelManager)
     from .api.app import create_app
     from .engine.manager import ModelManager
 
-    manager = ModelManager(list(settings.models), build_loader(settings))
+    srv = settings.server
+    limits = {"max_running": srv.max_running, "max_queued": srv.max_queued, "queue_timeout_s": srv.queue_timeout_s}
+    # Pass only the limits this ModelManager knows (older skeletons take just ids + loader).
+    accepted = inspect.signature(ModelManager).parameters
+    limits = {k: v for k, v in limits.items() if k in accepted}
+    manager = ModelManager(list(settings.models), build_loader(settings), **limits)
     app = create_app(manager, settings)
     return app, manager
 
@@ -86,10 +92,17 @@ def run(settings: Settings) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
+    # Bind before anything else so that a busy port fails fast, before a model load/download starts.
+    try:
+        sock = config.bind_socket()
+    except SystemExit:  # uvicorn has logged the OSError
+        log.error("cannot listen on %s:%s (port in use? try --port)", settings.server.host, settings.server.port)
+        return 1
+
     async def serve() -> None:
         await manager.preload(settings.active)
         try:
-            await server.serve()
+            await server.serve(sockets=[sock])
         finally:
             await manager.shutdown()
 
@@ -98,9 +111,8 @@ def run(settings: Settings) -> int:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-    if not server.started and not stop_signals:
-        log.error("could not start the HTTP server on %s:%s", settings.server.host, settings.server.port)
-        return 1
+        sock.close()
+    code = 0 if server.started or stop_signals else 1
     log.info("stopped")
     if manager.status().state == "loading":
         # A load/download is still running in a worker thread; waiting for it would delay the exit by
@@ -108,5 +120,5 @@ def run(settings: Settings) -> int:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
-    return 0
+        os._exit(code)
+    return code
