@@ -227,11 +227,11 @@ def _explain(exc: BaseException, repo: str, revision: str, filename: str, how: s
         why = "repository not found (or private: set HF_TOKEN)"
     elif isinstance(cause, errors.RevisionNotFoundError):
         why = f"revision {revision!r} not found"
-    elif isinstance(cause, errors.RemoteEntryNotFoundError):
-        why = "the file does not exist in the repo (404)"
     elif isinstance(cause, errors.OfflineModeIsEnabled | errors.LocalEntryNotFoundError):
         why = ("not in the local Hugging Face cache and offline mode is on (HF_HUB_OFFLINE=1)" if _offline()
                else f"the Hub is unreachable and the file is not cached ({_short(cause)})")
+    elif isinstance(cause, errors.EntryNotFoundError):  # the remote 404 (local misses handled above)
+        why = "the file does not exist in the repo (404)"
     elif isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
         why = "no space left on the device (free some space or point HF_HOME at a bigger disk)"
     elif isinstance(cause, errors.HfHubHTTPError | OSError):
