@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", metavar="{" + ",".join(DTYPES) + ",auto}", type=_typed("dtype", _str),
                    help=f"weights/activations precision (default: auto = by device: {dtype_defaults})")
     g.add_argument("--quantize", metavar="{none,int8}", type=_typed("quantize", _str),
-                   help="weight-only int8 quantisation of the language model's linear layers (default: none)")
+                   help="int8 weight-only quantisation of the linear layers: less memory, see README (default: none)")
 
     g = p.add_argument_group("vision")
     g.add_argument("--base-size", metavar="N", type=_typed("base_size", int),

@@ -419,14 +419,14 @@ port = 8000
 # api_key = "secret"        # or env DEEPSEEK_OCR_API_KEY; unset: no authentication
 cors_origins = ["*"]
 allow_private_image_urls = false   # let image URLs point at loopback/private addresses
-max_body_bytes = 33554432          # 32 MiB
+max_body_bytes = 33554432          # 32 MiB request body (413 above)
 max_images_per_request = 8
-max_image_pixels = 64000000
-image_fetch_timeout_s = 10.0
-image_fetch_max_bytes = 20971520   # 20 MiB
+max_image_pixels = 64000000        # decoded pixels per image (decompression-bomb guard)
+image_fetch_timeout_s = 10.0       # whole download of one image URL
+image_fetch_max_bytes = 20971520   # 20 MiB: largest encoded image (data: URL or download)
 max_running = 8                    # sequences decoded together
 max_queued = 32                    # waiting requests before 429
-queue_timeout_s = 300.0
+queue_timeout_s = 300.0            # longest wait for a slot (503 after)
 """
 
 
