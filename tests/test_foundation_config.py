@@ -195,11 +195,22 @@ def test_dtype_defaults_by_device(tmp_path: Path) -> None:
 
 
 def test_api_key_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DEEPSEEK_OCR_API_KEY", "from-env")
-    assert load_settings({}, write(tmp_path / "c.toml", "")).server.api_key == "from-env"
     path = write(tmp_path / "d.toml", '[server]\napi_key = "from-file"\n')
     assert load_settings({}, path).server.api_key == "from-file"
+    assert load_settings({}, write(tmp_path / "c.toml", "")).server.api_key is None
+    monkeypatch.setenv("DEEPSEEK_OCR_API_KEY", "from-env")
+    assert load_settings({}, write(tmp_path / "c.toml", "")).server.api_key == "from-env"
+    assert load_settings({}, path).server.api_key == "from-env"
     assert load_settings({"api_key": "from-flag"}, path).server.api_key == "from-flag"
+
+
+def test_unreadable_config(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"\xff\xfe[inference]")
+    with pytest.raises(ConfigError, match="not a UTF-8"):
+        load_settings({}, path)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings({}, tmp_path)  # a directory
 
 
 def test_sampling_and_vision_views(tmp_path: Path) -> None:

@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--port", metavar="PORT", type=_typed("port", int),
                    help=f"HTTP port (default: {_SRV.port})")
     g.add_argument("--api-key", metavar="KEY", type=_typed("api_key", _str),
-                   help="require 'Authorization: Bearer KEY' on /v1/*; also env DEEPSEEK_OCR_API_KEY "
+                   help="require 'Authorization: Bearer KEY' on /v1/*; env DEEPSEEK_OCR_API_KEY, then [server] api_key "
                         "(default: none, no authentication)")
     g.add_argument("--allow-private-image-urls", metavar="BOOL",
                    type=_typed("allow_private_image_urls", parse_bool),

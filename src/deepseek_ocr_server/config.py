@@ -416,7 +416,7 @@ quantize = "none"           # none | int8 (weight-only int8 linear layers)
 [server]
 host = "0.0.0.0"
 port = 8000
-# api_key = "secret"        # or env DEEPSEEK_OCR_API_KEY; unset: no authentication
+# api_key = "secret"        # env DEEPSEEK_OCR_API_KEY overrides it; unset: no authentication
 cors_origins = ["*"]
 allow_private_image_urls = false   # let image URLs point at loopback/private addresses
 max_body_bytes = 33554432          # 32 MiB request body (413 above)
@@ -593,6 +593,8 @@ def load_settings(cli_overrides: dict[str, Any] | None = None, config_path: Path
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read or create the config file: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file: {exc}") from None
     parsed = parse_config(text, path)
 
     models = dict(BUILTIN_MODELS)
@@ -600,11 +602,9 @@ def load_settings(cli_overrides: dict[str, Any] | None = None, config_path: Path
     inference = replace(InferenceDefaults(), **parsed["inference"])
 
     server_kw = dict(parsed["server"])
-    if server_kw.get("api_key") is None:
-        server_kw.pop("api_key", None)
-        env_key = os.environ.get(API_KEY_ENV)
-        if env_key:
-            server_kw["api_key"] = env_key
+    env_key = os.environ.get(API_KEY_ENV)
+    if env_key:  # a secret injected by the environment beats the file; --api-key beats both
+        server_kw["api_key"] = env_key
 
     cli_inference: dict[str, Any] = {}
     for key, v in cli.items():
