@@ -82,6 +82,16 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
 
 
+#: module names (path components) of the vision side of both families, kept in the model dtype
+VISION_MODULES = frozenset({"sam_model", "vision_model", "projector", "visual", "mlp_AR"})
+
+
+def skip_vision(name: str, linear: nn.Linear) -> bool:
+    """``skip`` predicate for :func:`quantize_linears_int8` that quantizes only the language model
+    (decoder layers + lm_head) of DeepSeek-OCR and PaddleOCR-VL: ``quantize_linears_int8(net, skip=skip_vision)``."""
+    return not VISION_MODULES.isdisjoint(name.split("."))
+
+
 def quantize_linears_int8(
     module: nn.Module, *, skip: Callable[[str, nn.Linear], bool] | None = None, min_features: int = 0
 ) -> int:
