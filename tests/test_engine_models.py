@@ -106,8 +106,14 @@ def test_cancel_mid_batch_real_model(request, kind):
     released: list[int] = []
     prefill = model.prefill
 
+    prefilled: list[int] = []
+    both_prefilled = threading.Event()
+
     def spy_prefill(prepared, max_new_tokens):
         logits, cache = prefill(prepared, max_new_tokens)
+        prefilled.append(1)
+        if len(prefilled) == 2:
+            both_prefilled.set()
         release = cache.release
 
         def rel():
@@ -120,6 +126,7 @@ def test_cancel_mid_batch_real_model(request, kind):
     model.prefill = spy_prefill  # type: ignore[method-assign]
     ref = generate(model, model.prepare("Free OCR.", [image(0)], VISION), SamplingParams(), 20)
     released.clear()
+    prefilled.clear()
     steps = threading.Semaphore(1)  # the worker decodes only as far as the test lets it
     decode = model.decode
 
@@ -133,8 +140,8 @@ def test_cancel_mid_batch_real_model(request, kind):
     async def main():
         keep = mgr.submit(OcrRequest(kind, "Free OCR.", [image(0)], VISION, SamplingParams(), 20))
         drop = mgr.submit(OcrRequest(kind, "OCR:", [image(1)], VISION, SamplingParams(), 20))
-        first = await drop.__anext__()  # keep prefilled, one step, drop prefilled
-        assert isinstance(first, TextDelta | Finished)
+        # keep is prefilled, decodes one step, then drop is prefilled; the worker waits in step 2
+        assert await asyncio.to_thread(both_prefilled.wait, 60)
         await drop.aclose()  # the client goes away mid-batch
         steps.release(1000)
         return await collect(keep)
