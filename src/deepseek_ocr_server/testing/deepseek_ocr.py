@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -272,7 +273,9 @@ def build_tokenizer(path: Path) -> Tokenizer:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=list(_MERGES)))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (BOS, EOS, PAD, *SPECIAL_TOKENS)])
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in (BOS, EOS, PAD, *SPECIAL_TOKENS)]
+    )
     tok.save(str(path))
     return tok
 
@@ -298,10 +301,12 @@ def build_checkpoint(
     d.mkdir(parents=True, exist_ok=True)
     _write_side_files(d, config)
     shapes = original_shapes(config)
-    gen = torch.Generator().manual_seed(seed)
 
     def make(k: str, shape: tuple[int, ...]) -> torch.Tensor:
-        return random_tensor(k, shape, gen)
+        # one generator per key: values do not depend on the file layout or write order
+        return random_tensor(
+            k, shape, torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(k.encode()))
+        )
 
     if shards <= 1:
         write_safetensors(d / "model-00001-of-000001.safetensors", shapes, make, dtype)

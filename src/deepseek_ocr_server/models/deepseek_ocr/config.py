@@ -165,7 +165,9 @@ class DeepseekOcrConfig:
             return _LM_DEFAULTS[key]
 
         if lm("use_mla"):
-            raise ModelLoadError("config has use_mla=true: only the DeepSeek-OCR (non-MLA) decoder is supported")
+            raise ModelLoadError(
+                "config has use_mla=true: only the DeepSeek-OCR (non-MLA) decoder is supported"
+            )
         if lm("scoring_func") != "softmax" or lm("topk_method") != "greedy":
             raise ModelLoadError(
                 f"unsupported MoE routing scoring_func={lm('scoring_func')!r} topk_method={lm('topk_method')!r}"
@@ -206,7 +208,9 @@ class DeepseekOcrConfig:
         if language.hidden_size % language.num_attention_heads:
             raise ModelLoadError("hidden_size must be divisible by num_attention_heads")
         if language.num_key_value_heads != language.num_attention_heads:
-            raise ModelLoadError("DeepSeek-OCR uses plain MHA; num_key_value_heads must equal num_attention_heads")
+            raise ModelLoadError(
+                "DeepSeek-OCR uses plain MHA; num_key_value_heads must equal num_attention_heads"
+            )
 
         widths = (raw.get("vision_config") or {}).get("width") or {}
         s = widths.get("sam_vit_b") or {}

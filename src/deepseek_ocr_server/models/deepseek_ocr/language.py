@@ -64,9 +64,13 @@ class MoE(nn.Module):
     def __init__(self, cfg: LanguageConfig) -> None:
         super().__init__()
         self.gate = MoEGate(cfg)
-        self.experts = nn.ModuleList(Mlp(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts))
+        self.experts = nn.ModuleList(
+            Mlp(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts)
+        )
         self.shared_experts = (
-            Mlp(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+            Mlp(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+            if cfg.n_shared_experts
+            else None
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,7 +123,9 @@ class Attention(nn.Module):
         k = k * c + rotate_half(k) * s
         return q, k, v
 
-    def forward_prefill(self, x, cos, sin, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int) -> torch.Tensor:
+    def forward_prefill(
+        self, x, cos, sin, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int
+    ) -> torch.Tensor:
         """Prompt of T tokens at positions start..start+T-1; k/v_cache: (heads, cap, hd) of this layer."""
         t = x.shape[0]
         q, k, v = self.qkv(x, cos, sin)
@@ -157,7 +163,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: LanguageConfig, index: int) -> None:
         super().__init__()
         self.self_attn = Attention(cfg)
-        self.mlp: nn.Module = MoE(cfg) if cfg.is_moe_layer(index) else Mlp(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp: nn.Module = (
+            MoE(cfg) if cfg.is_moe_layer(index) else Mlp(cfg.hidden_size, cfg.intermediate_size)
+        )
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -187,7 +195,9 @@ class Rope:
     """cos/sin tables (float32 math, cast to the activation dtype) for positions 0..max-1."""
 
     def __init__(self, head_dim: int, theta: float, max_positions: int, dtype, device) -> None:
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim))
+        inv_freq = 1.0 / (
+            theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim)
+        )
         freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos = emb.cos().to(dtype=dtype, device=device)

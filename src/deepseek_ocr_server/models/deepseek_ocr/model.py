@@ -52,13 +52,19 @@ class DeepseekOcrForCausalLM(nn.Module):
         self.model = DeepseekOcrInner(cfg)
         self.lm_head = nn.Linear(cfg.language.hidden_size, cfg.language.vocab_size, bias=False)
 
-    def encode_image(self, image: processor.ImageInput, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def encode_image(
+        self, image: processor.ImageInput, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
         """Pixels -> (N, hidden) image embeddings in splice order (SPEC §6)."""
         m = self.model
-        g = encode_views(m.sam_model, m.vision_model, m.projector, image.global_view.to(device=device, dtype=dtype))
+        g = encode_views(
+            m.sam_model, m.vision_model, m.projector, image.global_view.to(device=device, dtype=dtype)
+        )
         tiles = None
         if image.tiles is not None:
-            tiles = encode_views(m.sam_model, m.vision_model, m.projector, image.tiles.to(device=device, dtype=dtype))
+            tiles = encode_views(
+                m.sam_model, m.vision_model, m.projector, image.tiles.to(device=device, dtype=dtype)
+            )
         return arrange_image_embeddings(g[0], tiles, image.grid, m.image_newline, m.view_seperator)
 
 
@@ -129,7 +135,9 @@ def load_weights(module: nn.Module, weights: Path) -> None:
     if bad_shape:
         errors.append(f"wrong shapes: {_fmt(bad_shape)}")
     if errors:
-        raise ModelLoadError(f"checkpoint {weights} does not match the DeepSeek-OCR layout: " + "; ".join(errors))
+        raise ModelLoadError(
+            f"checkpoint {weights} does not match the DeepSeek-OCR layout: " + "; ".join(errors)
+        )
     by_file: dict[Path, list[str]] = {}
     for k in params:
         by_file.setdefault(found[k][0], []).append(k)
@@ -253,7 +261,9 @@ class DeepseekOcrModel(OcrModel):
         pre: list[processor.ImageInput] = []
         for img in images:
             try:
-                pre.append(processor.preprocess(img, settings.base_size, settings.image_size, settings.crop_mode))
+                pre.append(
+                    processor.preprocess(img, settings.base_size, settings.image_size, settings.crop_mode)
+                )
             except (OSError, ValueError) as exc:
                 raise InputError(f"cannot process image: {exc}") from exc
         ids = [self.bos_token_id]
@@ -280,9 +290,7 @@ class DeepseekOcrModel(OcrModel):
             emb = torch.cat([self.net.encode_image(img, self.dtype, self.device) for img in images], dim=0)
             mask = ids == self.image_token_id
             if int(mask.sum()) != emb.shape[0]:
-                raise InputError(
-                    f"{int(mask.sum())} image placeholders but {emb.shape[0]} image embeddings"
-                )
+                raise InputError(f"{int(mask.sum())} image placeholders but {emb.shape[0]} image embeddings")
             h[mask] = emb.to(h.dtype)
         return h
 

@@ -84,7 +84,10 @@ class SamAttention(nn.Module):
             rel_w = torch.einsum("bhwc,wkc->bhwk", qr, rw)
             bias = (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(-1, n, n)
             out[s : s + step] = F.scaled_dot_product_attention(
-                qs.unsqueeze(1), k[s : s + step].unsqueeze(1), v[s : s + step].unsqueeze(1), attn_mask=bias.unsqueeze(1)
+                qs.unsqueeze(1),
+                k[s : s + step].unsqueeze(1),
+                v[s : s + step].unsqueeze(1),
+                attn_mask=bias.unsqueeze(1),
             ).squeeze(1)
         out = out.reshape(b, self.heads, h, w, self.head_dim).permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
         return self.proj(out)
@@ -111,7 +114,9 @@ def window_partition(x: torch.Tensor, ws: int) -> tuple[torch.Tensor, tuple[int,
     return x, (hp, wp)
 
 
-def window_unpartition(x: torch.Tensor, ws: int, padded: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+def window_unpartition(
+    x: torch.Tensor, ws: int, padded: tuple[int, int], size: tuple[int, int]
+) -> torch.Tensor:
     hp, wp = padded
     h, w = size
     b = x.shape[0] // (hp * wp // ws // ws)
@@ -152,7 +157,9 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+        return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps).permute(
+            0, 3, 1, 2
+        )
 
 
 class SamEncoder(nn.Module):
@@ -201,7 +208,9 @@ class ClipEmbeddings(nn.Module):
         super().__init__()
         self.class_embedding = nn.Parameter(torch.empty(cfg.width))
         # present in the checkpoint but never applied: the SAM map replaces it (SPEC §6.2, pitfall 5)
-        self.patch_embedding = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.patch_embedding = nn.Conv2d(
+            3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False
+        )
         self.position_embedding = nn.Embedding(cfg.num_positions, cfg.width)
         self._pos_cache: dict[int, torch.Tensor] = {}
 
@@ -232,7 +241,9 @@ class ClipAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv_proj(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (
+            self.qkv_proj(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        )
         out = F.scaled_dot_product_attention(q, k, v)  # bidirectional, no mask
         return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
 
