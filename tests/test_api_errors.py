@@ -8,13 +8,24 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+import time
 from collections.abc import AsyncIterator
 
 import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
-from fixtures.server import API_KEY, FAKE_OPTIONS, RunningServer, data_url, free_port, png_bytes
+from fixtures.server import (
+    API_KEY,
+    FAKE_OPTIONS,
+    RunningServer,
+    data_url,
+    fake_settings,
+    free_port,
+    png_bytes,
+    serve,
+)
 
 from deepseek_ocr_server.api.app import create_app
 from deepseek_ocr_server.engine.manager import ModelManager, ModelUnavailable, Overloaded, QueueTimeout
@@ -273,6 +284,50 @@ def test_cors_preflight(strict_server: RunningServer, strict_http: httpx.Client)
     # errors carry CORS headers too, so browsers can read them
     r = strict_http.get(strict_server.v1 + "/models", headers={"Origin": "http://ui.example"})
     assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "http://ui.example"
+
+
+# --- a full queue through the real engine -> 429 ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def busy_server(fake_checkpoints, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001, ANN201
+    root = tmp_path_factory.mktemp("busy-server")
+    yield from serve(fake_settings(root, fake_checkpoints, max_running=1, max_queued=1))
+
+
+def test_full_queue_is_429_with_retry_after(busy_server: RunningServer) -> None:
+    slow = {"model": "fake-slow", "messages": _img_msgs(), "max_tokens": 6000, "stream": True}
+    queued_result: list[int] = []
+    with httpx.Client(timeout=120) as http:
+        with http.stream("POST", busy_server.v1 + "/chat/completions", json=slow) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()  # kept referenced: dropping it would close the connection
+            for line in lines:  # the slow request holds the only running slot
+                if '"content":"' in line and '"content":""' not in line:
+                    break
+
+            def queued() -> None:
+                with httpx.Client(timeout=120) as h:
+                    r = h.post(busy_server.v1 + "/chat/completions",
+                               json={"model": "fake-slow", "messages": _img_msgs(), "max_tokens": 2})
+                    queued_result.append(r.status_code)
+
+            t = threading.Thread(target=queued)
+            t.start()
+            deadline = time.monotonic() + 30
+            while http.get(busy_server.base_url + "/health").json()["queued"] < 1:
+                assert time.monotonic() < deadline, "the second request never got queued"
+                time.sleep(0.02)
+            r = http.post(busy_server.v1 + "/chat/completions", json=_chat(model="fake-slow"))
+            _check_error(r, 429, type_="rate_limit_error", code="server_overloaded")
+            assert int(r.headers["retry-after"]) >= 1
+            r = http.post(busy_server.v1 + "/responses", json={"model": "fake-slow", "input": [_img_msgs()[0]],
+                                                               "stream": True})
+            _check_error(r, 429, type_="rate_limit_error")
+            assert queued_result == []  # still waiting behind the slow stream
+        # the slow stream is gone: the queued request gets the slot
+        t.join(timeout=120)
+        assert queued_result == [200]
 
 
 # --- engine errors -> HTTP (a manager whose submit fails in scripted ways) --------------------------
