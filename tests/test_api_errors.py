@@ -330,6 +330,29 @@ def test_full_queue_is_429_with_retry_after(busy_server: RunningServer) -> None:
         assert queued_result == [200]
 
 
+def test_client_leaving_the_queue_cancels_its_request(busy_server: RunningServer) -> None:
+    slow = {"model": "fake-slow", "messages": _img_msgs(), "max_tokens": 6000, "stream": True}
+
+    def health() -> dict:
+        return httpx.get(busy_server.base_url + "/health", timeout=30).json()
+
+    with httpx.Client(timeout=120) as http:
+        with http.stream("POST", busy_server.v1 + "/chat/completions", json=slow) as resp:
+            lines = resp.iter_lines()  # kept referenced: dropping it would close the connection
+            for line in lines:
+                if '"content":"' in line and '"content":""' not in line:
+                    break
+            for stream in (True, False):
+                # a request that waits for the slot; its client gives up before the first token
+                with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=httpx.Timeout(30, read=0.5)) as h:
+                    h.post(busy_server.v1 + "/chat/completions", json={**slow, "stream": stream, "max_tokens": 2})
+                deadline = time.monotonic() + 30
+                while (state := health())["queued"] > 0:
+                    assert time.monotonic() < deadline, "the abandoned request stayed queued"
+                    time.sleep(0.02)
+                assert state["running"] == 1  # the slow stream still runs: the waiter left on its own
+
+
 # --- engine errors -> HTTP (a manager whose submit fails in scripted ways) --------------------------
 
 
