@@ -242,7 +242,7 @@ def replace_dtype(inf: InferenceDefaults, dtype: str) -> InferenceDefaults:
         ("[inference]\ntop_p = 1.5\n", "inference.top_p", "must be <= 1.0"),
         ('[inference]\ndevice = "tpu"\n', "inference.device", "must be one of cpu, cuda, metal"),
         ('[inference]\ndtype = "f8"\n', "inference.dtype", "must be one of f32, f16, bf16"),
-        ("[inference]\nmax_new_token = 5\n", "inference.max_new_token", "unknown key"),
+        ("[inference]\nmax_new_token = 5\n", "inference.max_new_token", "unknown key (did you mean 'max_new_tokens'?"),
         ("[server]\nport = 70000\n", "server.port", "must be <= 65535"),
         ("[server]\nbogus = true\n", "server.bogus", "unknown key"),
         ("[extra]\na = 1\n", "extra", "unknown key"),

@@ -16,6 +16,7 @@ Everything else (api/, engine/, assets) reads the result through :class:`Setting
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import tomllib
@@ -484,7 +485,9 @@ def _check(ctx: _FileErrors, where: str, key: str, value: Any) -> Any:
 
 
 def _unknown(ctx: _FileErrors, where: str, key: str, allowed: set[str] | tuple[str, ...]) -> ConfigError:
-    return ctx.error(f"{where}{key}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
+    close = difflib.get_close_matches(key, list(allowed), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return ctx.error(f"{where}{key}", f"unknown key ({hint}allowed: {', '.join(sorted(allowed))})")
 
 
 def _path(ctx: _FileErrors, where: str, v: Any) -> Path | None:
