@@ -90,20 +90,21 @@ def run(settings: Settings) -> int:
         stop_signals.append(sig)
         server.should_exit = True
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-
     # Bind before anything else so that a busy port fails fast, before a model load/download starts.
     try:
         sock = config.bind_socket()
     except SystemExit:  # uvicorn has logged the OSError
         log.error("cannot listen on %s:%s (port in use? try --port)", settings.server.host, settings.server.port)
         return 1
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     async def serve() -> None:
         await manager.preload(settings.active)
         try:
             await server.serve(sockets=[sock])
         finally:
+            if manager.status().state == "loading":
+                _exit_now(0 if server.started or stop_signals else 1)
             await manager.shutdown()
 
     try:
@@ -114,11 +115,14 @@ def run(settings: Settings) -> int:
         sock.close()
     code = 0 if server.started or stop_signals else 1
     log.info("stopped")
-    if manager.status().state == "loading":
-        # A load/download is still running in a worker thread; waiting for it would delay the exit by
-        # minutes. Nothing is left to clean up (downloads are atomic), so leave now.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
     return code
+
+
+def _exit_now(code: int) -> None:
+    """Leave while a model load/download still runs in a worker thread: waiting for it could take
+    minutes, and nothing needs cleaning up (downloads are atomic, a half-loaded model is just memory)."""
+    log.info("stopped (a model load was still running; not waiting for it)")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
