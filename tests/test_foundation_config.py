@@ -261,3 +261,24 @@ def test_malformed_config_names_file_key_and_problem(tmp_path: Path, text: str, 
     msg = str(err.value)
     assert msg.startswith(f"{path}: "), msg
     assert key in msg and problem in msg, msg
+
+
+def test_platform_paths_macos(monkeypatch: pytest.MonkeyPatch) -> None:
+    import platformdirs
+    import platformdirs.macos
+
+    monkeypatch.setattr(platformdirs, "PlatformDirs", platformdirs.macos.MacOS)
+    home = Path.home()
+    assert cfg.default_config_path() == home / "Library/Application Support/deepseek-ocr/config.toml"
+    assert cfg.default_cache_dir() == home / "Library/Caches/deepseek-ocr"
+
+
+def test_platform_paths_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    import platformdirs
+    import platformdirs.windows
+
+    folders = {"CSIDL_APPDATA": "/win/Roaming", "CSIDL_LOCAL_APPDATA": "/win/Local"}
+    monkeypatch.setattr(platformdirs.windows, "get_win_folder", folders.__getitem__)
+    monkeypatch.setattr(platformdirs, "PlatformDirs", platformdirs.windows.Windows)
+    assert cfg.default_config_path() == Path("/win/Roaming/deepseek-ocr/config.toml")  # %APPDATA%
+    assert cfg.default_cache_dir() == Path("/win/Local/deepseek-ocr")  # %LOCALAPPDATA%, no "Cache" below
