@@ -261,3 +261,18 @@ def test_disk_full_is_explained(tmp_path: Path, hub: FakeHub, monkeypatch: pytes
     monkeypatch.setattr(assets, "_place", full)
     with pytest.raises(AssetError, match=r"config\.json of model repo acme/tiny-ocr: no space left"):
         resolve_model_files(settings_for(tmp_path), "tiny")
+
+
+def test_switching_repo_removes_the_previous_fill(tmp_path: Path, hub: FakeHub) -> None:
+    """Sharded repo first, then a single-file repo: the old index must not shadow the new weights."""
+    resolve_model_files(settings_for(tmp_path, repo=SHARDED), "tiny")
+    d = tmp_path / "cache" / "models" / "tiny"
+    (d / "notes.txt").write_text("mine")  # a file put there by hand survives
+    files = resolve_model_files(settings_for(tmp_path, repo=REPO), "tiny")
+    assert files.weights == d / "model.safetensors"
+    assert not (d / "model.safetensors.index.json").exists()
+    assert not (d / "model-00001-of-000002.safetensors").exists()
+    assert (d / "notes.txt").is_file()
+    hub.requests.clear()
+    assert resolve_model_files(settings_for(tmp_path, repo=REPO), "tiny").weights == d / "model.safetensors"
+    assert hub.requests == []

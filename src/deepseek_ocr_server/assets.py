@@ -104,6 +104,25 @@ def _cache_is_current(settings: Settings, model_id: str) -> bool:
     return src.get("repo") == entry.repo and src.get("revision") == entry.revision
 
 
+def _forget_previous_fill(settings: Settings, model_id: str) -> list[str]:
+    """Files fetched earlier into the model dir from the entry's current repo/revision (per the marker).
+
+    When the dir was filled from another repo/revision, those files are removed first (so that e.g. an
+    old shard index never shadows a new model.safetensors) and the list is empty. Files put there by
+    hand are never listed and stay."""
+    d = settings.model_dir(model_id)
+    try:
+        old = json.loads((d / SOURCE_MARKER).read_text(encoding="utf-8")).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        old = []
+    old = [n for n in old if isinstance(n, str) and n and "/" not in n and "\\" not in n and n not in (".", "..")]
+    if _cache_is_current(settings, model_id):
+        return old
+    for name in old:
+        (d / name).unlink(missing_ok=True)
+    return []
+
+
 def _from_cache(settings: Settings, model_id: str) -> _Wanted:
     d = settings.model_dir(model_id)
     if not d.is_dir() or not _cache_is_current(settings, model_id):
@@ -261,7 +280,13 @@ def _fetch(settings: Settings, model_id: str, need: set[str], target: Path) -> d
     # fill is never mistaken for another revision's files.
     target.mkdir(parents=True, exist_ok=True)
     marker_path = target / SOURCE_MARKER
-    marker_path.write_text(json.dumps({"repo": repo, "revision": revision}) + "\n", encoding="utf-8")
+    fetched: list[str] = _forget_previous_fill(settings, model_id)
+
+    def save_marker(commit: str | None = None) -> None:  # rewritten as files land (tiny JSON)
+        marker = {"repo": repo, "revision": revision, "commit": commit, "files": fetched}
+        marker_path.write_text(json.dumps(marker) + "\n", encoding="utf-8")
+
+    save_marker()
     plan: dict[str, list[str]] = {}
     if "config" in need:
         plan["config"] = [CONFIG_FILE]
@@ -286,6 +311,9 @@ def _fetch(settings: Settings, model_id: str, need: set[str], target: Path) -> d
             except Exception as exc:  # noqa: BLE001 - turned into a helpful AssetError
                 raise _explain(exc, repo, revision, name, _how_to_supply(settings, model_id, what)) from exc
             commit = commit or src.parent.name
+            if name not in fetched:
+                fetched.append(name)
+            save_marker()
             if name.endswith(".safetensors.index.json"):
                 shards = _index_shards(target / name)
                 if not shards:
@@ -295,10 +323,11 @@ def _fetch(settings: Settings, model_id: str, need: set[str], target: Path) -> d
     for name in side:
         try:
             _place(_download(repo, revision, name), target / name)
+            if name not in fetched:
+                fetched.append(name)
         except Exception as exc:  # noqa: BLE001 - optional file
             log.warning("optional file %s of %s not fetched: %s", name, repo, _short(exc))
-    marker = {"repo": repo, "revision": revision, "commit": commit}
-    marker_path.write_text(json.dumps(marker) + "\n", encoding="utf-8")
+    save_marker(commit)
     return got
 
 
