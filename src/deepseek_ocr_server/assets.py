@@ -143,6 +143,16 @@ def _hub_cache_dir() -> str | None:
     return None
 
 
+def describe_hub() -> str:
+    """One line for the start-up log: where downloads come from and where the HF cache is."""
+    from huggingface_hub import constants
+
+    where = _endpoint() or constants.ENDPOINT
+    cache = _hub_cache_dir() or constants.HF_HUB_CACHE
+    source = "off (HF_HUB_OFFLINE=1)" if _offline() else f"from {where}"
+    return f"{source}, Hugging Face cache {cache}"
+
+
 def _endpoint() -> str | None:
     ep = os.environ.get("HF_ENDPOINT")
     return ep.rstrip("/") if ep else None

@@ -64,7 +64,9 @@ def run(settings: Settings) -> int:
 
     inf = settings.inference_for(settings.active)
     log.info("config file: %s", settings.config_path)
-    log.info("model cache: %s", settings.model_dir(settings.active).parent)
+    from .assets import describe_hub
+
+    log.info("model cache: %s; downloads: %s", settings.model_dir(settings.active).parent, describe_hub())
     log.info(
         "active model: %s (%s); models: %s", settings.active, settings.entry(settings.active).kind,
         ", ".join(settings.models),
