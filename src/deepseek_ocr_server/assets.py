@@ -82,6 +82,8 @@ def _weights_in(directory: Path) -> Path | None:
     single = directory / WEIGHTS_FILE
     if single.is_file():
         return single
+    if any(directory.glob("*.safetensors.index.json")):
+        return None  # an index with missing shards: fetch them, never guess
     lone = [p for p in directory.glob("*.safetensors") if not p.name.startswith(".")]
     return lone[0] if len(lone) == 1 else None  # e.g. model-00001-of-000001.safetensors without its index
 
