@@ -5,7 +5,7 @@ Per file (config.json, tokenizer.json, the weights):
 1. an explicit path: ``--model-config`` / ``--tokenizer`` / ``--weights`` (they apply to the model chosen
    by ``--model``) or the entry's ``config`` / ``tokenizer`` / ``weights`` in config.toml (the flags are
    merged over the entry by :func:`~.config.load_settings`, so a flag wins);
-2. the file in ``<cache>/models/<id>/`` (``model.safetensors``, or ``*.safetensors.index.json`` + shards);
+2. the file in ``<cache>/models/<id>/`` (``model.safetensors``, or ``*.safetensors.index.json`` + shards, or one lone ``*.safetensors``);
 3. a download from the entry's Hugging Face repo with ``huggingface_hub`` (honours ``HF_HOME``,
    ``HF_HUB_CACHE``, ``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``; progress bars; atomic: a partial
    download is a ``.incomplete`` file that is never taken for a finished one). The downloaded file is
@@ -80,7 +80,12 @@ def _weights_in(directory: Path) -> Path | None:
         if shards and all((directory / s).is_file() for s in shards):
             return index
     single = directory / WEIGHTS_FILE
-    return single if single.is_file() else None
+    if single.is_file():
+        return single
+    if any(directory.glob("*.safetensors.index.json")):
+        return None  # an index with missing shards: fetch them, never guess
+    lone = [p for p in directory.glob("*.safetensors") if not p.name.startswith(".")]
+    return lone[0] if len(lone) == 1 else None  # e.g. model-00001-of-000001.safetensors without its index
 
 
 def _index_shards(index: Path) -> list[str]:
