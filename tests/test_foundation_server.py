@@ -151,3 +151,11 @@ def test_sigterm_during_a_download_exits_0_without_waiting(tmp_path: Path) -> No
     assert proc.returncode == 0, out
     assert "not waiting for it" in out
     assert not (tmp_path / "cache" / "models" / "deepseek-ocr" / "config.json").exists()
+
+
+def test_server_limits_reach_the_engine(tmp_path: Path) -> None:
+    settings = load_settings({"max_running": 3, "max_queued": 5, "queue_timeout": 7.0, "cache_dir": tmp_path},
+                             tmp_path / "c.toml")
+    _, manager = server.build_app(settings)
+    sch = manager.scheduler
+    assert (sch.max_running, sch.max_queued, sch.queue_timeout_s) == (3, 5, 7.0)

@@ -8,7 +8,6 @@ stop the server gracefully and the process exits 0.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import signal
@@ -49,11 +48,13 @@ def build_app(settings: Settings):  # -> (FastAPI, ModelManager)
     from .engine.manager import ModelManager
 
     srv = settings.server
-    limits = {"max_running": srv.max_running, "max_queued": srv.max_queued, "queue_timeout_s": srv.queue_timeout_s}
-    # Pass only the limits this ModelManager knows (older skeletons take just ids + loader).
-    accepted = inspect.signature(ModelManager).parameters
-    limits = {k: v for k, v in limits.items() if k in accepted}
-    manager = ModelManager(list(settings.models), build_loader(settings), **limits)
+    manager = ModelManager(
+        list(settings.models),
+        build_loader(settings),
+        max_running=srv.max_running,
+        max_queued=srv.max_queued,
+        queue_timeout_s=srv.queue_timeout_s,
+    )
     app = create_app(manager, settings)
     return app, manager
 
