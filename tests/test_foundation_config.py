@@ -242,7 +242,7 @@ def replace_dtype(inf: InferenceDefaults, dtype: str) -> InferenceDefaults:
         ("[inference]\ntop_p = 1.5\n", "inference.top_p", "must be <= 1.0"),
         ('[inference]\ndevice = "tpu"\n', "inference.device", "must be one of cpu, cuda, metal"),
         ('[inference]\ndtype = "f8"\n', "inference.dtype", "must be one of f32, f16, bf16"),
-        ("[inference]\nmax_new_token = 5\n", "inference.max_new_token", "unknown key"),
+        ("[inference]\nmax_new_token = 5\n", "inference.max_new_token", "unknown key (did you mean 'max_new_tokens'?"),
         ("[server]\nport = 70000\n", "server.port", "must be <= 65535"),
         ("[server]\nbogus = true\n", "server.bogus", "unknown key"),
         ("[extra]\na = 1\n", "extra", "unknown key"),
@@ -261,3 +261,24 @@ def test_malformed_config_names_file_key_and_problem(tmp_path: Path, text: str, 
     msg = str(err.value)
     assert msg.startswith(f"{path}: "), msg
     assert key in msg and problem in msg, msg
+
+
+def test_platform_paths_macos(monkeypatch: pytest.MonkeyPatch) -> None:
+    import platformdirs
+    import platformdirs.macos
+
+    monkeypatch.setattr(platformdirs, "PlatformDirs", platformdirs.macos.MacOS)
+    home = Path.home()
+    assert cfg.default_config_path() == home / "Library/Application Support/deepseek-ocr/config.toml"
+    assert cfg.default_cache_dir() == home / "Library/Caches/deepseek-ocr"
+
+
+def test_platform_paths_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    import platformdirs
+    import platformdirs.windows
+
+    folders = {"CSIDL_APPDATA": "/win/Roaming", "CSIDL_LOCAL_APPDATA": "/win/Local"}
+    monkeypatch.setattr(platformdirs.windows, "get_win_folder", folders.__getitem__)
+    monkeypatch.setattr(platformdirs, "PlatformDirs", platformdirs.windows.Windows)
+    assert cfg.default_config_path() == Path("/win/Roaming/deepseek-ocr/config.toml")  # %APPDATA%
+    assert cfg.default_cache_dir() == Path("/win/Local/deepseek-ocr")  # %LOCALAPPDATA%, no "Cache" below

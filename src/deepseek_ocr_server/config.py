@@ -16,6 +16,7 @@ Everything else (api/, engine/, assets) reads the result through :class:`Setting
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import tomllib
@@ -198,16 +199,22 @@ class Settings:
 # --------------------------------------------------------------------------------------------------
 # platform paths
 # --------------------------------------------------------------------------------------------------
+def _platform_dirs() -> platformdirs.PlatformDirsABC:
+    # roaming: %APPDATA% (not %LOCALAPPDATA%) for the config on Windows; opinion=False: no extra
+    # "Cache" folder under %LOCALAPPDATA%\deepseek-ocr.
+    return platformdirs.PlatformDirs(APP_NAME, appauthor=False, roaming=True, opinion=False)
+
+
 def default_config_path() -> Path:
     """Linux ``$XDG_CONFIG_HOME/deepseek-ocr/config.toml`` (``~/.config``), macOS
     ``~/Library/Application Support/deepseek-ocr/config.toml``, Windows ``%APPDATA%\\deepseek-ocr\\config.toml``."""
-    return Path(platformdirs.user_config_dir(APP_NAME, appauthor=False, roaming=True)) / "config.toml"
+    return Path(_platform_dirs().user_config_dir) / "config.toml"
 
 
 def default_cache_dir() -> Path:
     """Linux ``$XDG_CACHE_HOME/deepseek-ocr`` (``~/.cache``), macOS ``~/Library/Caches/deepseek-ocr``,
     Windows ``%LOCALAPPDATA%\\deepseek-ocr``."""
-    return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False, opinion=False))
+    return Path(_platform_dirs().user_cache_dir)
 
 
 def default_dtype(device: str) -> str:
@@ -484,7 +491,9 @@ def _check(ctx: _FileErrors, where: str, key: str, value: Any) -> Any:
 
 
 def _unknown(ctx: _FileErrors, where: str, key: str, allowed: set[str] | tuple[str, ...]) -> ConfigError:
-    return ctx.error(f"{where}{key}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
+    close = difflib.get_close_matches(key, list(allowed), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return ctx.error(f"{where}{key}", f"unknown key ({hint}allowed: {', '.join(sorted(allowed))})")
 
 
 def _path(ctx: _FileErrors, where: str, v: Any) -> Path | None:
