@@ -434,3 +434,12 @@ def test_engine_errors_mid_stream(scripted: tuple[ScriptedManager, TestClient]) 
         assert [e["sequence_number"] for e in events] == list(range(len(events)))
         assert [e["type"] for e in events][-2:] == ["error", "response.failed"]
         assert m.closed == closed + 3  # every engine iterator was closed
+
+
+def test_json_body_accepted_whatever_the_content_type(api_server: RunningServer, http: httpx.Client) -> None:
+    raw = json.dumps({"model": "fake-a", "messages": _img_msgs(), "max_tokens": 2}).encode()
+    for ctype in ("application/x-www-form-urlencoded", "text/plain", None):  # curl -d sends a form type
+        headers = {"content-type": ctype} if ctype else {}
+        r = http.post(api_server.v1 + "/chat/completions", content=raw, headers=headers)
+        assert r.status_code == 200, (ctype, r.text)
+    assert "/v1/chat/completions" in http.get(api_server.base_url + "/openapi.json").json()["paths"]

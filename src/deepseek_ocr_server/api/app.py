@@ -18,6 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from openai.types import Model
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..engine import metrics
@@ -27,7 +28,7 @@ from . import chat, responses, sse
 from .errors import ApiError, error_body, install_exception_handlers
 from .messages import collapse_chat, collapse_responses
 from .options import ApiOptions
-from .schemas import ChatCompletionRequest, ResponsesRequest
+from .schemas import ChatCompletionRequest, ResponsesRequest, parse_body
 from .service import Generation, build_request, check_model, start
 
 _ENDPOINTS = {"/v1/models", "/v1/chat/completions", "/v1/responses", "/health", "/metrics"}
@@ -150,6 +151,24 @@ async def _collect(request: Request, gen: Generation) -> tuple[str, Finished]:
         await gen.aclose()
 
 
+def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """Document the JSON body in /docs (the handlers parse it themselves, see ``parse_body``)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:  # the request models are not recursive: inlining terminates
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
 def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
     opts = ApiOptions.from_settings(settings)
     app = FastAPI(title="deepseek-ocr-server")
@@ -187,8 +206,9 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
         ]
         return {"object": "list", "data": data}
 
-    @v1.post("/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    @v1.post("/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+    async def chat_completions(request: Request) -> Response:
+        body = parse_body(await request.body(), ChatCompletionRequest)
         check_model(manager, body.model)
         conv = collapse_chat(body.messages)
         cid = "chatcmpl-" + uuid.uuid4().hex
@@ -205,8 +225,9 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
         text, fin = await _collect(request, gen)
         return JSONResponse(sse.dump(chat.completion(cid, body.model, text, fin)))
 
-    @v1.post("/responses")
-    async def create_response(body: ResponsesRequest, request: Request) -> Response:
+    @v1.post("/responses", openapi_extra=_body_schema(ResponsesRequest))
+    async def create_response(request: Request) -> Response:
+        body = parse_body(await request.body(), ResponsesRequest)
         check_model(manager, body.model)
         conv = collapse_responses(body.input, body.instructions)
         rid = "resp_" + uuid.uuid4().hex
