@@ -54,13 +54,15 @@ def test_default_file_equals_builtin_defaults(tmp_path: Path) -> None:
             assert value in ("auto", "none")
         else:
             assert value == expected, key
-    assert set(builtin) - set(data["inference"]) == {"top_k", "seed"}  # unset = None, commented out
+    # unset = None, commented out; no_repeat_ngram_size is left to the per-kind built-in (KIND_DEFAULTS)
+    assert set(builtin) - set(data["inference"]) == {"top_k", "seed", "no_repeat_ngram_size"}
     assert data["server"] == {k: v for k, v in asdict(ServerSettings()).items() if k != "api_key"}
     assert set(data["models"]["entries"]) == {"deepseek-ocr", "paddleocr-vl"}
     # and parsing it gives the same Settings as no file at all
     a = load_settings({}, write(tmp_path / "full.toml", DEFAULT_CONFIG_TOML))
     b = load_settings({}, write(tmp_path / "empty.toml", ""))
     assert a.inference == b.inference and a.server == b.server and a.models == b.models
+    assert all(a.inference_for(m) == b.inference_for(m) for m in ("deepseek-ocr", "paddleocr-vl"))
 
 
 def test_default_config_path_honours_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -282,3 +284,18 @@ def test_platform_paths_windows(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(platformdirs, "PlatformDirs", platformdirs.windows.Windows)
     assert cfg.default_config_path() == Path("/win/Roaming/deepseek-ocr/config.toml")  # %APPDATA%
     assert cfg.default_cache_dir() == Path("/win/Local/deepseek-ocr")  # %LOCALAPPDATA%, no "Cache" below
+
+
+def test_kind_defaults_are_the_lowest_layer(tmp_path: Path) -> None:
+    """PaddleOCR-VL decodes without the n-gram ban by default (its reference has none); [inference] and
+    flags still override that built-in."""
+    s = load_settings({}, write(tmp_path / "c.toml", ""))
+    assert s.inference_for("paddleocr-vl").no_repeat_ngram_size == 0
+    assert s.inference_for("deepseek-ocr").no_repeat_ngram_size == 20
+    # the default file written on first start leaves it unset, so the kind default holds there too
+    s = load_settings({}, tmp_path / "new" / "config.toml")
+    assert s.inference_for("paddleocr-vl").no_repeat_ngram_size == 0
+    s = load_settings({}, write(tmp_path / "d.toml", "[inference]\nno_repeat_ngram_size = 30\n"))
+    assert s.inference_for("paddleocr-vl").no_repeat_ngram_size == 30
+    s = load_settings({"no_repeat_ngram_size": 5}, write(tmp_path / "e.toml", ""))
+    assert s.inference_for("paddleocr-vl").no_repeat_ngram_size == 5

@@ -153,6 +153,11 @@ class ServerSettings:
 
 SERVER_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerSettings))
 
+#: Built-in defaults that differ by model kind (the lowest layer: ``[inference]`` and everything above
+#: still override them). PaddleOCR-VL's reference decodes plain greedy with no n-gram ban (SPEC §9): a
+#: 20-gram ban would break long legitimate repeats (``<ecel>`` runs in tables, dot leaders).
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {"paddleocr-vl": {"no_repeat_ngram_size": 0}}
+
 BUILTIN_MODELS: dict[str, ModelEntry] = {
     "deepseek-ocr": ModelEntry(id="deepseek-ocr", kind="deepseek-ocr", repo="deepseek-ai/DeepSeek-OCR"),
     "paddleocr-vl": ModelEntry(id="paddleocr-vl", kind="paddleocr-vl", repo="PaddlePaddle/PaddleOCR-VL"),
@@ -174,6 +179,8 @@ class Settings:
     inference: InferenceDefaults = field(default_factory=InferenceDefaults)
     server: ServerSettings = field(default_factory=ServerSettings)
     cli_inference: dict[str, Any] = field(default_factory=dict)
+    #: the keys ``[inference]`` of the file sets (over the kind's built-in defaults)
+    file_inference: dict[str, Any] = field(default_factory=dict)
 
     def entry(self, model_id: str) -> ModelEntry:
         try:
@@ -183,7 +190,10 @@ class Settings:
 
     def inference_for(self, model_id: str) -> InferenceDefaults:
         """CLI flag > per-model entry value > ``[inference]`` > built-in; ``dtype`` resolved."""
-        merged = replace(self.inference, **self.entry(model_id).overrides)
+        entry = self.entry(model_id)
+        merged = replace(self.inference, **KIND_DEFAULTS.get(entry.kind, {}))
+        merged = replace(merged, **self.file_inference)
+        merged = replace(merged, **entry.overrides)
         merged = replace(merged, **self.cli_inference)
         return replace(merged, dtype=merged.effective_dtype)
 
@@ -416,7 +426,7 @@ temperature = 0.0
 top_p = 1.0
 # top_k = 50                # unset: no top-k cut
 repetition_penalty = 1.0
-no_repeat_ngram_size = 20   # 0 disables
+# no_repeat_ngram_size = 20 # unset: 20 for deepseek-ocr, 0 for paddleocr-vl; 0 disables
 # seed = 0                  # unset: random
 quantize = "none"           # none | int8 (weight-only int8 linear layers)
 
@@ -642,6 +652,7 @@ def load_settings(cli_overrides: dict[str, Any] | None = None, config_path: Path
         inference=inference,
         server=server,
         cli_inference=cli_inference,
+        file_inference=dict(parsed["inference"]),
     )
 
 
