@@ -1,0 +1,253 @@
+"""DeepSeek-V2 decoder without MLA, as used by DeepSeek-OCR (SPEC §8).
+
+Plain MHA with rotate-half RoPE over the full head dim, layer 0 dense, the others MoE (softmax top-k
+routing without renormalisation + one always-on shared expert). Names mirror the checkpoint
+(``model.layers.{L}.self_attn.q_proj`` ...). The KV cache is preallocated per sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..base import SequenceCache
+from .config import LanguageConfig
+
+
+class RMSNorm(nn.Module):
+    """y = x * rsqrt(mean(x^2) + eps) in float32, cast back, times weight (HF-V2 DeepseekV2RMSNorm)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(torch.float32)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Mlp(nn.Module):
+    """down(silu(gate(x)) * up(x)) without biases (dense layer, shared experts, routed experts)."""
+
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEGate(nn.Module):
+    """Router: f32 logits, softmax, greedy top-k (SPEC §8.2 MoE steps 1-2)."""
+
+    def __init__(self, cfg: LanguageConfig) -> None:
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.scaling = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.linear(x.to(torch.float32), self.weight.to(torch.float32)).softmax(dim=-1)
+        weights, idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+        if self.top_k > 1 and self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, idx
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: LanguageConfig) -> None:
+        super().__init__()
+        self.gate = MoEGate(cfg)
+        self.experts = nn.ModuleList(
+            Mlp(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts)
+        )
+        self.shared_experts = (
+            Mlp(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+            if cfg.n_shared_experts
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (T, H). Tokens are grouped by expert; only the experts some token selected run."""
+        weights, idx = self.gate(x)  # (T, k) f32, (T, k)
+        k = idx.shape[1]
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
+        token_of = order // k
+        w_sorted = weights.reshape(-1)[order]
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        start = 0
+        for e, c in zip(experts.tolist(), counts.tolist(), strict=True):
+            tok = token_of[start : start + c]
+            y = self.experts[e](x[tok])
+            # expert outputs weighted and summed in float32, cast back once (HF-V2 moe_infer)
+            out.index_add_(0, tok, y.to(torch.float32) * w_sorted[start : start + c, None])
+            start += c
+        y = out.to(x.dtype)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LanguageConfig) -> None:
+        super().__init__()
+        self.heads = cfg.num_attention_heads
+        self.head_dim = cfg.head_dim
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, h, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, h, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, h, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(h, h, bias=cfg.attention_bias)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x (T, H) -> q, k, v as (T, heads, hd), RoPE applied to q and k (cos/sin: (T, hd))."""
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.heads, self.head_dim)
+        c, s = cos[:, None, :], sin[:, None, :]
+        q = q * c + rotate_half(q) * s
+        k = k * c + rotate_half(k) * s
+        return q, k, v
+
+    def forward_prefill(
+        self, x, cos, sin, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        """Prompt of T tokens at positions start..start+T-1; k/v_cache: (heads, cap, hd) of this layer."""
+        t = x.shape[0]
+        q, k, v = self.qkv(x, cos, sin)
+        k_cache[:, start : start + t] = k.transpose(0, 1)
+        v_cache[:, start : start + t] = v.transpose(0, 1)
+        kk = k_cache[:, : start + t].unsqueeze(0)
+        vv = v_cache[:, : start + t].unsqueeze(0)
+        qq = q.transpose(0, 1).unsqueeze(0)
+        if start == 0:
+            out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True)
+        else:
+            mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask)
+        return self.o_proj(out[0].transpose(0, 1).reshape(t, -1))
+
+    def forward_decode(self, x, cos, sin, caches: list[KVCache], layer: int) -> torch.Tensor:
+        """One token for each of B sequences of different lengths; linears batched, attention per row."""
+        b = x.shape[0]
+        q, k, v = self.qkv(x, cos, sin)
+        outs = []
+        scale = self.head_dim**-0.5
+        for i, cache in enumerate(caches):
+            pos = cache.length
+            kc, vc = cache.k[layer], cache.v[layer]
+            kc[:, pos] = k[i]
+            vc[:, pos] = v[i]
+            # query length 1: matmul -> softmax in float32 -> matmul over the valid part of the cache
+            scores = torch.matmul(q[i].unsqueeze(1), kc[:, : pos + 1].transpose(1, 2))  # (heads, 1, L)
+            probs = torch.softmax(scores.to(torch.float32) * scale, dim=-1).to(x.dtype)
+            outs.append(torch.matmul(probs, vc[:, : pos + 1]).reshape(1, -1))  # (1, heads*hd)
+        return self.o_proj(torch.cat(outs, dim=0).reshape(b, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LanguageConfig, index: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp: nn.Module = (
+            MoE(cfg) if cfg.is_moe_layer(index) else Mlp(cfg.hidden_size, cfg.intermediate_size)
+        )
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class KVCache(SequenceCache):
+    """Preallocated K/V of one sequence: (layers, heads, capacity, head_dim) each."""
+
+    def __init__(self, layers: int, heads: int, head_dim: int, capacity: int, dtype, device) -> None:
+        self.k: torch.Tensor = torch.empty(layers, heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v: torch.Tensor = torch.empty(layers, heads, capacity, head_dim, dtype=dtype, device=device)
+        self.capacity = capacity
+        self._length = 0
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def advance(self, n: int) -> None:
+        self._length += n
+
+    def release(self) -> None:
+        self.k = self.v = torch.empty(0)
+        self.capacity = 0
+
+
+class Rope:
+    """cos/sin tables (float32 math, cast to the activation dtype) for positions 0..max-1."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int, dtype, device) -> None:
+        inv_freq = 1.0 / (
+            theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim)
+        )
+        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos = emb.cos().to(dtype=dtype, device=device)
+        self.sin = emb.sin().to(dtype=dtype, device=device)
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions], self.sin[positions]
+
+
+class DeepseekV2Decoder(nn.Module):
+    """The text stack under ``model.``: ``embed_tokens``, ``layers``, ``norm`` (lm_head lives at top level)."""
+
+    def __init__(self, cfg: LanguageConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)  # no padding_idx
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def new_cache(self, capacity: int, dtype, device) -> KVCache:
+        c = self.cfg
+        return KVCache(c.num_hidden_layers, c.num_attention_heads, c.head_dim, capacity, dtype, device)
+
+    def prefill(self, h: torch.Tensor, cache: KVCache, rope: Rope) -> torch.Tensor:
+        """h: (T, H) input embeddings; fills the cache from its current length; returns final-normed (T, H)."""
+        t = h.shape[0]
+        start = cache.length
+        if start + t > cache.capacity:
+            raise ValueError(f"prompt of {t} tokens does not fit the cache ({cache.capacity - start} free)")
+        pos = torch.arange(start, start + t, device=h.device)
+        cos, sin = rope(pos)
+        for i, layer in enumerate(self.layers):
+            a = layer.self_attn.forward_prefill(
+                layer.input_layernorm(h), cos, sin, cache.k[i], cache.v[i], start
+            )
+            h = h + a
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        cache.advance(t)
+        return self.norm(h)
+
+    def decode(self, h: torch.Tensor, caches: list[KVCache], rope: Rope) -> torch.Tensor:
+        """h: (B, H), one new token per sequence; returns final-normed (B, H) and advances every cache."""
+        for c in caches:
+            if c.length >= c.capacity:
+                raise ValueError("sequence cache is full (prompt + max_new_tokens reached)")
+        pos = torch.tensor([c.length for c in caches], device=h.device)
+        cos, sin = rope(pos)
+        for i, layer in enumerate(self.layers):
+            h = h + layer.self_attn.forward_decode(layer.input_layernorm(h), cos, sin, caches, i)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        for c in caches:
+            c.advance(1)
+        return self.norm(h)

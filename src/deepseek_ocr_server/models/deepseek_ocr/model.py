@@ -1,0 +1,335 @@
+"""DeepSeek-OCR (v1): strict loading of the original checkpoint and the engine protocol.
+
+Module tree == original key names::
+
+    model.embed_tokens / model.layers.{L}.* / model.norm      (language.DeepseekV2Decoder)
+    model.sam_model.*  model.vision_model.*  model.projector.layers.*   (vision)
+    model.image_newline  model.view_seperator                 (sic, SPEC §3.2)
+    lm_head.weight                                            (untied)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+from tokenizers import Tokenizer
+from torch import nn
+
+from ..base import InputError, ModelFiles, ModelLoadError, OcrModel, Prepared, SequenceCache, VisionSettings
+from ..quant import quantize_linears_int8, skip_vision
+from . import processor
+from .config import DeepseekOcrConfig
+from .language import DeepseekV2Decoder, KVCache, Rope
+from .vision import ClipVisionModel, Projector, SamEncoder, arrange_image_embeddings, encode_views
+
+#: Keys a re-saved checkpoint may carry that the model does not use (SPEC §3.4).
+IGNORED_KEYS = frozenset({"model.vision_model.embeddings.position_ids"})
+#: Open a fresh safetensors mapping after this many bytes so mapped pages do not pile up in RSS.
+_REOPEN_BYTES = 512 << 20
+
+
+class DeepseekOcrInner(DeepseekV2Decoder):
+    """``model.``: the text stack plus the vision towers, projector and the two special embeddings."""
+
+    def __init__(self, cfg: DeepseekOcrConfig) -> None:
+        super().__init__(cfg.language)
+        self.sam_model = SamEncoder(cfg.sam)
+        self.vision_model = ClipVisionModel(cfg.clip)
+        self.projector = Projector(cfg.projector_input_dim, cfg.projector_n_embed)
+        self.image_newline = nn.Parameter(torch.empty(cfg.projector_n_embed))
+        self.view_seperator = nn.Parameter(torch.empty(cfg.projector_n_embed))
+
+
+class DeepseekOcrForCausalLM(nn.Module):
+    def __init__(self, cfg: DeepseekOcrConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = DeepseekOcrInner(cfg)
+        self.lm_head = nn.Linear(cfg.language.hidden_size, cfg.language.vocab_size, bias=False)
+
+    def encode_image(
+        self, image: processor.ImageInput, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """Pixels -> (N, hidden) image embeddings in splice order (SPEC §6)."""
+        m = self.model
+        g = encode_views(
+            m.sam_model, m.vision_model, m.projector, image.global_view.to(device=device, dtype=dtype)
+        )
+        tiles = None
+        if image.tiles is not None:
+            tiles = encode_views(
+                m.sam_model, m.vision_model, m.projector, image.tiles.to(device=device, dtype=dtype)
+            )
+        return arrange_image_embeddings(g[0], tiles, image.grid, m.image_newline, m.view_seperator)
+
+
+# --------------------------------------------------------------------------------------- loading
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if path.name.endswith(".index.json"):
+        try:
+            index = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot read shard index {path}: {exc}") from exc
+        files = sorted(set(index.get("weight_map", {}).values()))
+        if not files:
+            raise ModelLoadError(f"shard index {path} lists no files")
+        out = [path.parent / f for f in files]
+    else:
+        out = [path]
+    for f in out:
+        if not f.is_file():
+            raise ModelLoadError(f"weights file not found: {f}")
+    return out
+
+
+def _fmt(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """key -> (file, shape), from the safetensors headers (key names come from the files, SPEC §3.5)."""
+    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    if key in found:
+                        raise ModelLoadError(f"tensor {key!r} appears in two weight files")
+                    found[key] = (f, tuple(st.get_slice(key).get_shape()))
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types
+            raise ModelLoadError(f"cannot read safetensors file {f}: {exc}") from exc
+    return found
+
+
+def load_weights(module: nn.Module, weights: Path) -> None:
+    """Strictly copy the original tensors into ``module``'s (preallocated) parameters.
+
+    Every parameter must be present with its exact shape; no unknown key may remain. Tensors are
+    read one by one from the memory-mapped file and converted into the target dtype in place.
+    """
+    files = _weight_files(weights)
+    found = _read_headers(files)
+    params = dict(module.named_parameters())
+    missing = sorted(k for k in params if k not in found)
+    unexpected = sorted(k for k in found if k not in params and k not in IGNORED_KEYS)
+    bad_shape = sorted(
+        f"{k} (checkpoint {list(found[k][1])}, expected {list(params[k].shape)})"
+        for k in params
+        if k in found and found[k][1] != tuple(params[k].shape)
+    )
+    errors = []
+    if missing:
+        errors.append(f"missing tensors: {_fmt(missing)}")
+    if unexpected:
+        errors.append(f"unexpected tensors: {_fmt(unexpected)}")
+    if bad_shape:
+        errors.append(f"wrong shapes: {_fmt(bad_shape)}")
+    if errors:
+        raise ModelLoadError(
+            f"checkpoint {weights} does not match the DeepSeek-OCR layout: " + "; ".join(errors)
+        )
+    by_file: dict[Path, list[str]] = {}
+    for k in params:
+        by_file.setdefault(found[k][0], []).append(k)
+    with torch.no_grad():
+        for f, keys in by_file.items():
+            for chunk in _chunks(keys, params):
+                with safe_open(str(f), framework="pt") as st:
+                    for k in chunk:
+                        params[k].copy_(st.get_tensor(k))
+
+
+def _chunks(keys: list[str], params: dict[str, nn.Parameter]) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    size = 0
+    for k in keys:
+        chunk.append(k)
+        size += params[k].numel() * 2
+        if size >= _REOPEN_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+# ---------------------------------------------------------------------------------- the protocol
+
+
+class DeepseekOcrModel(OcrModel):
+    kind: ClassVar[str] = "deepseek-ocr"
+
+    def __init__(
+        self,
+        cfg: DeepseekOcrConfig,
+        net: DeepseekOcrForCausalLM,
+        tokenizer: Tokenizer,
+        device: torch.device,
+        dtype: torch.dtype,
+        eos_token_ids: frozenset[int],
+        image_token_id: int,
+    ) -> None:
+        self.cfg = cfg
+        self.net = net
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = dtype
+        self.eos_token_ids = eos_token_ids
+        self.bos_token_id = cfg.language.bos_token_id
+        self.image_token_id = image_token_id
+        self.max_context = cfg.language.max_position_embeddings
+        self.rope = Rope(cfg.language.head_dim, cfg.language.rope_theta, self.max_context, dtype, device)
+
+    # ---------------------------------------------------------------- load
+    @classmethod
+    def load(
+        cls,
+        files: ModelFiles,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+        quantize: str | None = None,
+    ) -> DeepseekOcrModel:
+        if quantize not in (None, "int8"):
+            raise ModelLoadError(f"quantize={quantize!r} is not supported (None or 'int8')")
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ModelLoadError(f"unsupported dtype {dtype} (float32, bfloat16, float16)")
+        dev = torch.device(device)
+        cfg = DeepseekOcrConfig.from_file(files.config)
+        if not files.tokenizer.is_file():
+            raise ModelLoadError(f"tokenizer file not found: {files.tokenizer}")
+        try:
+            tokenizer = Tokenizer.from_file(str(files.tokenizer))
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load tokenizer {files.tokenizer}: {exc}") from exc
+        image_id = tokenizer.token_to_id(cls.image_placeholder)
+        if image_id is None:
+            raise ModelLoadError(f"tokenizer has no {cls.image_placeholder!r} token")
+        vocab = cfg.language.vocab_size
+        if image_id >= vocab or cfg.language.bos_token_id >= vocab:
+            raise ModelLoadError("image/BOS token id outside the embedding table")
+        eos = set(cfg.language.eos_token_id)
+        gen = files.read_json("generation_config.json")
+        if gen and gen.get("eos_token_id") is not None:
+            e = gen["eos_token_id"]
+            eos = set(e) if isinstance(e, list) else {int(e)}
+
+        # Build on the meta device, then allocate uninitialised storage once in the target dtype.
+        with torch.device("meta"):
+            net = DeepseekOcrForCausalLM(cfg)
+        net = net.to(dtype=dtype).to_empty(device=dev)
+        load_weights(net, files.weights)
+        net.eval().requires_grad_(False)
+        if quantize == "int8":  # decoder linears + lm_head; vision and the f32 router stay as loaded
+            quantize_linears_int8(net, skip=skip_vision)
+        return cls(cfg, net, tokenizer, dev, dtype, frozenset(int(x) for x in eos), int(image_id))
+
+    # ------------------------------------------------------------- prepare
+    def prepare(
+        self,
+        text: str,
+        images: list[Image.Image],
+        settings: VisionSettings | None = None,
+        system: str | None = None,
+    ) -> Prepared:
+        settings = settings or VisionSettings()
+        marker = self.image_placeholder
+        if len(images) > 1:
+            raise InputError(
+                f"deepseek-ocr serves at most one image per request, got {len(images)} "
+                "(the reference handles a single image per prompt, SPEC §7.4)"
+            )
+        n_markers = text.count(marker)
+        if n_markers > len(images):
+            raise InputError(f"prompt has {n_markers} {marker} markers but {len(images)} image(s) were given")
+        # "plain" template: the content is stripped (HF format_messages), no role tags (SPEC §7.1).
+        text = text.strip()
+        if n_markers < len(images):
+            text = f"{marker}\n" * (len(images) - n_markers) + text
+        if system and system.strip():
+            text = system.strip() + "\n" + text
+        for name in ("base_size", "image_size"):
+            v = getattr(settings, name)
+            if v < processor.PIXELS_PER_TOKEN or v % processor.PIXELS_PER_TOKEN or v > 4096:
+                raise InputError(f"{name} must be a multiple of 64 between 64 and 4096, got {v}")
+        pre: list[processor.ImageInput] = []
+        for img in images:
+            try:
+                pre.append(
+                    processor.preprocess(img, settings.base_size, settings.image_size, settings.crop_mode)
+                )
+            except (OSError, ValueError) as exc:
+                raise InputError(f"cannot process image: {exc}") from exc
+        ids = [self.bos_token_id]
+        pieces = text.split(marker)
+        for i, piece in enumerate(pieces):
+            if piece:
+                ids.extend(self.tokenizer.encode(piece, add_special_tokens=False).ids)
+            if i < len(pieces) - 1:
+                ids.extend([self.image_token_id] * pre[i].num_tokens)
+        if len(ids) >= self.max_context:
+            raise InputError(
+                f"prompt is {len(ids)} tokens; the model's context is {self.max_context} positions"
+            )
+        return Prepared(input_ids=ids, inputs={"images": pre})
+
+    # ------------------------------------------------------------- prefill
+    @torch.inference_mode()
+    def embed_prompt(self, prepared: Prepared) -> torch.Tensor:
+        """Token embeddings with the image rows overwritten by the vision output (SPEC §8.1)."""
+        ids = torch.tensor(prepared.input_ids, dtype=torch.long, device=self.device)
+        h = self.net.model.embed_tokens(ids)
+        images: list[processor.ImageInput] = prepared.inputs.get("images", [])
+        if images:
+            emb = torch.cat([self.net.encode_image(img, self.dtype, self.device) for img in images], dim=0)
+            mask = ids == self.image_token_id
+            if int(mask.sum()) != emb.shape[0]:
+                raise InputError(f"{int(mask.sum())} image placeholders but {emb.shape[0]} image embeddings")
+            h[mask] = emb.to(h.dtype)
+        return h
+
+    @torch.inference_mode()
+    def prefill(self, prepared: Prepared, max_new_tokens: int) -> tuple[torch.Tensor, SequenceCache]:
+        n = prepared.num_prompt_tokens
+        if n >= self.max_context:
+            raise InputError(f"prompt is {n} tokens; the model's context is {self.max_context} positions")
+        capacity = min(self.max_context, n + max(1, max_new_tokens))
+        cache = self.net.model.new_cache(capacity, self.dtype, self.device)
+        h = self.embed_prompt(prepared)
+        out = self.net.model.prefill(h, cache, self.rope)
+        logits = self.net.lm_head(out[-1:]).to(torch.float32)[0]
+        return logits, cache
+
+    # -------------------------------------------------------------- decode
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], caches: list[SequenceCache]) -> torch.Tensor:
+        if len(tokens) != len(caches):
+            raise ValueError("decode needs one token per cache")
+        kv: list[KVCache] = []
+        for c in caches:
+            if not isinstance(c, KVCache):
+                raise TypeError("decode got a cache that does not belong to deepseek-ocr")
+            kv.append(c)
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        h = self.net.model.embed_tokens(ids)
+        out = self.net.model.decode(h, kv, self.rope)
+        return self.net.lm_head(out).to(torch.float32)
+
+    # ------------------------------------------------------------- helpers
+    def info(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "max_context": self.max_context,
+            "image_token_id": self.image_token_id,
+        }

@@ -1,0 +1,128 @@
+"""Weight-only int8 quantization of ``nn.Linear`` layers (decode is bound by reading the weights).
+
+Each weight row (output channel) gets one symmetric scale, ``scale = max|w| / 127``, and is stored as
+int8: half the bytes of bf16. The layer keeps computing in the activation dtype:
+
+- few rows (decode: one row per running sequence, up to ``Int8Linear.gemv_max_rows``) on CPU:
+  ``torch._weight_int8pack_mm``, the int8 weight-only GEMV kernel (reads int8, scales per channel);
+- many rows (prefill, vision) or other devices: the weight is dequantized to the activation dtype and
+  a normal ``F.linear`` runs (compute-bound there; the dequantization is amortised over the rows).
+
+``quantize_linears_int8(model.language_model)`` is what the model families' ``load(quantize="int8")``
+calls after loading the original (bf16/f32) weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def quantize_weight_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8: returns ``(q [N, K] int8, scales [N] float32)``."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scales
+
+
+class Int8Linear(nn.Module):
+    """Drop-in for ``nn.Linear`` with an int8 weight and float32 per-channel scales."""
+
+    #: up to this many rows the int8 GEMV kernel is used; above it, dequantize + F.linear
+    gemv_max_rows: int = 32
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype or torch.float32)) if bias else None
+        self._scales_cast: dict[torch.dtype, torch.Tensor] = {}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        q, scales = quantize_weight_int8(linear.weight)
+        mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, dtype=linear.weight.dtype)
+        mod.weight = q.to(linear.weight.device)
+        mod.scales = scales.to(linear.weight.device)
+        if linear.bias is not None:
+            mod.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return mod
+
+    def _scales_for(self, dtype: torch.dtype) -> torch.Tensor:
+        s = self._scales_cast.get(dtype)
+        if s is None or s.device != self.scales.device:
+            s = self._scales_cast[dtype] = self.scales.to(dtype)
+        return s
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight.to(dtype) * self._scales_for(dtype)[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        rows = x2.shape[0]
+        if x2.device.type == "cpu" and x2.dtype in _KERNEL_DTYPES and 0 < rows <= self.gemv_max_rows:
+            y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self._scales_for(x2.dtype))
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        else:
+            bias = self.bias.to(x2.dtype) if self.bias is not None else None
+            y = F.linear(x2, self.dequantized(x2.dtype), bias)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+#: module names (path components) of the vision side of both families, kept in the model dtype
+VISION_MODULES = frozenset({"sam_model", "vision_model", "projector", "visual", "mlp_AR"})
+
+
+def skip_vision(name: str, linear: nn.Linear) -> bool:
+    """``skip`` predicate for :func:`quantize_linears_int8` that quantizes only the language model
+    (decoder layers + lm_head) of DeepSeek-OCR and PaddleOCR-VL: ``quantize_linears_int8(net, skip=skip_vision)``."""
+    return not VISION_MODULES.isdisjoint(name.split("."))
+
+
+def quantize_linears_int8(
+    module: nn.Module, *, skip: Callable[[str, nn.Linear], bool] | None = None, min_features: int = 0
+) -> int:
+    """Replace every ``nn.Linear`` under ``module`` (in place) by an :class:`Int8Linear`.
+
+    ``skip(qualified_name, linear)`` keeps a layer in full precision when it returns True (e.g. a router
+    whose top-k choice is sensitive, or an lm_head); layers with ``min(in, out) < min_features`` are kept
+    too. Returns the number of layers replaced. The full-precision weights are freed layer by layer.
+    """
+    targets: list[tuple[nn.Module, str, str, nn.Linear]] = []
+    for name, mod in module.named_modules():
+        for child_name, child in mod._modules.items():  # not named_children(): it hides shared modules
+            if type(child) is nn.Linear:
+                full = f"{name}.{child_name}" if name else child_name
+                if skip is not None and skip(full, child):
+                    continue
+                if min(child.in_features, child.out_features) < min_features:
+                    continue
+                targets.append((mod, child_name, full, child))
+    done: dict[int, Int8Linear] = {}  # a Linear shared by two parents stays shared
+    for parent, child_name, _full, child in targets:
+        if id(child) not in done:
+            done[id(child)] = Int8Linear.from_linear(child)
+        setattr(parent, child_name, done[id(child)])
+    return len(done)
+
+
+def int8_weight_bytes(module: nn.Module) -> int:
+    """Bytes of int8 weights + scales held by the quantized layers of ``module``."""
+    n = 0
+    for mod in module.modules():
+        if isinstance(mod, Int8Linear):
+            n += mod.weight.numel() + mod.scales.numel() * 4
+    return n

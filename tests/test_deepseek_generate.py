@@ -1,0 +1,136 @@
+"""KV-cached decoding, batched decoding of different-length sequences, and end-to-end generation on
+the tiny DeepSeek-OCR checkpoint (f32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from deepseek_ocr_server.engine.generate import generate, generate_batch, generate_stream
+from deepseek_ocr_server.models.base import Prepared, VisionSettings
+from deepseek_ocr_server.sampling import SamplingParams
+
+TINY = VisionSettings(base_size=512, image_size=512, crop_mode=False)
+
+
+def _page(w: int = 300, h: int = 200) -> Image.Image:
+    img = Image.new("RGB", (w, h), (250, 250, 245))
+    d = ImageDraw.Draw(img)
+    for y in range(10, h - 10, 24):
+        d.rectangle((12, y, w - 30, y + 8), fill=(20, 20, 20))
+    return img
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    err = (a - b).abs().max().item()
+    assert err <= 1e-4 * max(1.0, b.abs().max().item()), err
+
+
+def test_cached_decode_equals_full_recompute(deepseek_model_f32):
+    m = deepseek_model_f32
+    prep = m.prepare("Free OCR.", [_page()], TINY)
+    logits, cache = m.prefill(prep, max_new_tokens=8)
+    tokens = [5, 77, 130, 4, 200]
+    for i, t in enumerate(tokens):
+        step = m.decode([t], [cache])[0]
+        full = Prepared(input_ids=prep.input_ids + tokens[: i + 1], inputs=prep.inputs)
+        want, _ = m.prefill(full, max_new_tokens=1)
+        _close(step, want)
+    assert cache.length == len(prep.input_ids) + len(tokens)
+
+
+def test_batch_of_different_lengths_equals_each_alone(deepseek_model_f32):
+    m = deepseek_model_f32
+    a = m.prepare("Free OCR.", [_page()], TINY)
+    b = m.prepare("the other, longer prompt without an image", [])
+    assert a.num_prompt_tokens != b.num_prompt_tokens
+    _, ca = m.prefill(a, 6)
+    _, cb = m.prefill(b, 6)
+    _, ca1 = m.prefill(a, 6)
+    _, cb1 = m.prefill(b, 6)
+    for ta, tb in [(5, 9), (100, 3), (7, 250)]:
+        both = m.decode([ta, tb], [ca, cb])
+        alone_a = m.decode([ta], [ca1])[0]
+        alone_b = m.decode([tb], [cb1])[0]
+        assert both.shape == (2, m.cfg.language.vocab_size) and both.dtype == torch.float32
+        _close(both[0], alone_a)
+        _close(both[1], alone_b)
+    assert ca.length == ca1.length and cb.length == cb1.length
+
+
+def test_decode_rejects_full_cache(deepseek_model_f32):
+    m = deepseek_model_f32
+    _, c = m.prefill(m.prepare("hi", []), max_new_tokens=1)
+    m.decode([5], [c])
+    with pytest.raises(ValueError, match="full"):
+        m.decode([5], [c])
+
+
+def test_generate_end_to_end_with_image(deepseek_model_f32):
+    m = deepseek_model_f32
+    prep = m.prepare("<image>\n<|grounding|>Convert the document to markdown.", [_page(800, 800)])
+    assert prep.inputs["images"][0].grid == (2, 2)  # tiled Gundam request
+    res = generate(m, prep, SamplingParams(no_repeat_ngram_size=0), max_new_tokens=12)
+    assert res.finish_reason in ("stop", "length")
+    assert res.prompt_tokens == len(prep.input_ids)
+    assert res.completion_tokens == len(res.token_ids) <= 12
+    # greedy from the same prefill reproduces the same ids; text is the decoding minus EOS
+    again = generate(m, prep, SamplingParams(no_repeat_ngram_size=0), max_new_tokens=12)
+    assert again.token_ids == res.token_ids
+    ids = [t for t in res.token_ids if t not in m.eos_token_ids and t < m.vocab_size()]
+    assert res.text == m.tokenizer.decode(ids, skip_special_tokens=False)
+    # streamed text == final text
+    parts = list(generate_stream(m, prep, SamplingParams(no_repeat_ngram_size=0), max_new_tokens=12))
+    final = parts[-1]
+    assert "".join(p for p in parts[:-1] if isinstance(p, str)) == final.text == res.text
+
+
+def test_finish_reasons_stop_and_length(deepseek_model_f32):
+    m = deepseek_model_f32
+    prep = m.prepare("Free OCR.", [_page()], TINY)
+    logits, cache = m.prefill(prep, 3)
+    cache.release()
+    first = int(torch.argmax(logits))
+    res = generate(m, prep, SamplingParams(no_repeat_ngram_size=0), max_new_tokens=3)
+    assert res.token_ids[0] == first
+    if res.finish_reason == "length":
+        assert res.completion_tokens == 3
+    # force EOS: a model whose eos set contains the greedy first token stops right away
+    orig = m.eos_token_ids
+    try:
+        m.eos_token_ids = frozenset({first})
+        res = generate(m, prep, SamplingParams(no_repeat_ngram_size=0), max_new_tokens=3)
+        assert (res.finish_reason, res.token_ids, res.completion_tokens, res.text) == ("stop", [first], 1, "")
+    finally:
+        m.eos_token_ids = orig
+
+
+def test_generate_batch_equals_single_and_seeded_sampling(deepseek_model_f32):
+    m = deepseek_model_f32
+    a = m.prepare("Free OCR.", [_page()], TINY)
+    b = m.prepare("the text only prompt", [])
+    greedy = SamplingParams(no_repeat_ngram_size=3)
+    batch = generate_batch(m, [a, b], greedy, max_new_tokens=[6, 4])
+    assert [r.token_ids for r in batch] == [
+        generate(m, a, greedy, 6).token_ids,
+        generate(m, b, greedy, 4).token_ids,
+    ]
+    sp = SamplingParams(
+        do_sample=True, temperature=0.9, top_p=0.9, top_k=50, seed=1234, no_repeat_ngram_size=0
+    )
+    assert generate(m, a, sp, 6).token_ids == generate(m, a, sp, 6).token_ids
+
+
+def test_bf16_model_runs(deepseek_ckpt):
+    from deepseek_ocr_server.models.base import ModelFiles
+    from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
+
+    m = DeepseekOcrModel.load(ModelFiles.from_dir(deepseek_ckpt), dtype=torch.bfloat16)
+    m32 = DeepseekOcrModel.load(ModelFiles.from_dir(deepseek_ckpt), dtype=torch.float32)
+    prep = m.prepare("Free OCR.", [_page()], TINY)
+    l16, c = m.prefill(prep, 4)
+    l32, _ = m32.prefill(prep, 4)
+    assert l16.dtype == torch.float32 and torch.isfinite(l16).all()
+    assert torch.corrcoef(torch.stack([l16, l32]))[0, 1] > 0.98
+    assert torch.isfinite(m.decode([5], [c])).all()
