@@ -202,3 +202,17 @@ def test_real_config_module_has_the_608_used_tensors() -> None:
     assert state["visual.vision_model.encoder.layers.26.mlp.fc1.weight"].shape == (4304, 1152)
     assert state["lm_head.weight"].shape == (103424, 1024)
     assert not any("packing_position_embedding" in k or ".head." in k for k in state)
+
+
+def test_int8_load_decodes(paddle_ckpt: Path) -> None:
+    from deepseek_ocr_server.models.quant import Int8Linear
+
+    m = PaddleOcrVlModel.load(ModelFiles.from_dir(paddle_ckpt), dtype=torch.bfloat16, quantize="int8")
+    assert isinstance(m.net.model.layers[0].mlp.down_proj, Int8Linear)
+    assert isinstance(m.net.lm_head, Int8Linear)
+    assert not isinstance(m.net.mlp_AR.linear_1, Int8Linear)
+    assert m.decode_dtype is None  # no float16 copies next to int8 weights
+    prepared = m.prepare("OCR:", [])
+    logits, cache = m.prefill(prepared, 2)
+    step = m.decode([int(torch.argmax(logits))], [cache])
+    assert step.shape == (1, m.config.vocab_size) and torch.isfinite(step).all()

@@ -83,24 +83,21 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` that may keep a second copy of its weight for decode steps (``decode_weight``).
+def decode_linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a linear layer in a decode step, using its ``decode_weight`` copy when it has one.
 
     On CPU, torch's float16 matrix-vector kernel reads weights about twice as fast as the bfloat16 one
-    (PERF-NOTES), so a bfloat16 model decodes with float16 copies (bf16 -> f16 is exact for weights of
-    ordinary magnitude). An overflowing float16 result is recomputed with the model-dtype weight.
+    (PERF-NOTES), so a bfloat16 model decodes with float16 copies of its decoder weights (bf16 -> f16 is
+    exact for weights of ordinary magnitude); an overflowing float16 result is recomputed with the
+    model-dtype weight. Layers without a copy (e.g. int8-quantized ones) run as they are.
     """
-
-    decode_weight: torch.Tensor | None = None
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.decode_weight
-        if w is None:
-            return self(x)
-        y = F.linear(x.to(w.dtype), w)
-        if not bool(torch.isfinite(y).all()):
-            return self(x)
-        return y.to(x.dtype)
+    w = getattr(mod, "decode_weight", None)
+    if w is None:
+        return mod(x)
+    y = F.linear(x.to(w.dtype), w)
+    if not bool(torch.isfinite(y).all()):
+        return mod(x)
+    return y.to(x.dtype)
 
 
 class ErnieAttention(nn.Module):
@@ -109,15 +106,19 @@ class ErnieAttention(nn.Module):
         self.num_heads = cfg.num_attention_heads
         self.num_kv = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        self.q_proj = Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = Linear(cfg.hidden_size, self.num_kv * self.head_dim, bias=False)
-        self.v_proj = Linear(cfg.hidden_size, self.num_kv * self.head_dim, bias=False)
-        self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def _qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, decode: bool = False):
         n = h.shape[0]
         if decode:
-            q, k, v = self.q_proj.decode(h), self.k_proj.decode(h), self.v_proj.decode(h)
+            q, k, v = (
+                decode_linear(self.q_proj, h),
+                decode_linear(self.k_proj, h),
+                decode_linear(self.v_proj, h),
+            )
         else:
             q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
         q = q.view(n, self.num_heads, self.head_dim)
@@ -158,21 +159,22 @@ class ErnieAttention(nn.Module):
             qb = q[b].view(self.num_kv, g, self.head_dim).to(kc.dtype)
             outs.append(decode_attention(qb, kc[:, : pos + 1], vc[:, : pos + 1], scale).reshape(-1))
         o = torch.stack(outs).to(h.dtype)
-        return self.o_proj.decode(o)
+        return decode_linear(self.o_proj, o)
 
 
 class ErnieMLP(nn.Module):
     def __init__(self, cfg: PaddleOcrVlConfig) -> None:
         super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj.decode(F.silu(self.gate_proj.decode(x)) * self.up_proj.decode(x))
+        gate = decode_linear(self.gate_proj, x)
+        return decode_linear(self.down_proj, F.silu(gate) * decode_linear(self.up_proj, x))
 
 
 class DecoderLayer(nn.Module):

@@ -18,7 +18,7 @@ from torch import nn
 from ..base import InputError, ModelFiles, ModelLoadError, OcrModel, Prepared, SequenceCache, VisionSettings
 from ..quant import quantize_linears_int8, skip_vision
 from .config import PaddleOcrVlConfig
-from .language import ErnieModel, KVCache, Linear
+from .language import ErnieModel, KVCache, decode_linear
 from .processor import (
     FALLBACK_CHAT_TEMPLATE,
     IMAGE_PLACEHOLDER,
@@ -52,7 +52,7 @@ class PaddleOcrVlNet(nn.Module):
         self.visual = VisualModel(cfg.vision)
         self.mlp_AR = Projector(cfg)
         self.model = ErnieModel(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
 
 def _weight_files(weights: Path) -> list[Path]:
@@ -219,10 +219,13 @@ class PaddleOcrVlModel(OcrModel):
         """Weights used by decode steps of the language model: None = the model dtype; float16 on CPU
         (default for bfloat16 models) keeps a float16 copy of the decoder linears and lm_head
         (+0.7 GB for the real model) because its matrix-vector kernel is about twice as fast."""
-        self.decode_dtype = dtype
-        mods = [m for m in self.net.model.modules() if isinstance(m, Linear)] + [self.net.lm_head]
-        for m in mods:
-            m.decode_weight = None if dtype is None or dtype == self.dtype else m.weight.to(dtype)
+        copy = dtype is not None and dtype != self.dtype
+        converted = 0
+        for m in [*self.net.model.modules(), self.net.lm_head]:
+            if type(m) is nn.Linear:  # int8-quantized layers keep their own decode kernel
+                m.decode_weight = m.weight.to(dtype) if copy else None
+                converted += 1
+        self.decode_dtype = dtype if copy and converted else None
 
     # ------------------------------------------------------------------------------------ loading
 
@@ -406,4 +409,4 @@ class PaddleOcrVlModel(OcrModel):
             x = layer.decode(x, cos, sin, kv, i)
         for c in kv:
             c.advance()
-        return self.net.lm_head.decode(lm.norm(x)).float()
+        return decode_linear(self.net.lm_head, lm.norm(x)).float()
