@@ -185,6 +185,9 @@ def main() -> None:
         "--max-pixels", type=int, default=None, help="override the checkpoint's max_pixels (quick runs)"
     )
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument(
+        "--repeat", type=int, default=1, help="alternate the sides N times, keep each side's fastest"
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--worker", choices=["ours", "transformers"], help=argparse.SUPPRESS)
     p.add_argument("--dtype", choices=list(DTYPES), help=argparse.SUPPRESS)
@@ -198,38 +201,38 @@ def main() -> None:
     build_full_checkpoint(args.ckpt)
     print(f"checkpoint {args.ckpt} ready ({time.perf_counter() - t:.1f} s)", flush=True)
     results: dict[tuple[str, str], dict] = {}
-    for dtype in args.dtypes.split(","):
-        for impl in args.impls.split(","):
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                impl,
-                "--dtype",
-                dtype,
-                "--ckpt",
-                str(args.ckpt),
-                "--new-tokens",
-                str(args.new_tokens),
-                "--threads",
-                str(args.threads),
-            ]
-            if args.max_pixels:
-                cmd += ["--max-pixels", str(args.max_pixels)]
-            env = dict(
-                os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
-            )
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not line:
-                print(f"{impl} {dtype} FAILED:\n{proc.stderr[-3000:]}", file=sys.stderr)
-                continue
-            results[(impl, dtype)] = r = json.loads(line[-1][7:])
-            print(
-                f"{impl:>12} {dtype}: "
-                + ", ".join(f"{k}={v:.3f}" for k, v in r.items() if isinstance(v, float)),
-                flush=True,
-            )
+    runs = [(d, i) for d in args.dtypes.split(",") for _ in range(args.repeat) for i in args.impls.split(",")]
+    for dtype, impl in runs:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            impl,
+            "--dtype",
+            dtype,
+            "--ckpt",
+            str(args.ckpt),
+            "--new-tokens",
+            str(args.new_tokens),
+            "--threads",
+            str(args.threads),
+        ]
+        if args.max_pixels:
+            cmd += ["--max-pixels", str(args.max_pixels)]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            print(f"{impl} {dtype} FAILED:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        r = json.loads(line[-1][7:])
+        best = results.get((impl, dtype))
+        if best is None or r["total_s"] < best["total_s"]:  # keep the fastest of --repeat runs
+            results[(impl, dtype)] = r
+        print(
+            f"{impl:>12} {dtype}: " + ", ".join(f"{k}={v:.3f}" for k, v in r.items() if isinstance(v, float)),
+            flush=True,
+        )
     rows = [
         ("preprocess_s", "preprocess (s)"),
         ("vision_s", "vision+projector (s)"),

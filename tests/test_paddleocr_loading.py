@@ -112,6 +112,14 @@ def test_transformers_key_names_accepted(
 
 def test_dtype_conversion_once_and_quantize_rejected(paddle_ckpt: Path) -> None:
     m = PaddleOcrVlModel.load(ModelFiles.from_dir(paddle_ckpt), dtype=torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in m.net.named_parameters()}
+    # decode storage: decoder linears and lm_head in float16 (CPU), everything else bfloat16
+    f16 = {n for n, d in dtypes.items() if d == torch.float16}
+    assert f16 == {
+        n for n in dtypes if n == "lm_head.weight" or (n.startswith("model.layers.") and "_proj" in n)
+    }
+    assert {d for n, d in dtypes.items() if n not in f16} == {torch.bfloat16}
+    m.set_decode_dtype(None)
     assert {p.dtype for p in m.net.parameters()} == {torch.bfloat16}
     with pytest.raises(ModelLoadError, match="quantize"):
         _load(paddle_ckpt, quantize="int4")

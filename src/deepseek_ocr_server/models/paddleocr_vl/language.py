@@ -83,20 +83,29 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a linear layer to many rows (prefill). A weight stored in another dtype (the float16 decode
+    storage of a bfloat16 model, see ``decode_linear``) is converted to the activation dtype on the fly."""
+    w = mod.weight
+    if type(mod) is nn.Linear and w.dtype != x.dtype:
+        return F.linear(x, w.to(x.dtype), None if mod.bias is None else mod.bias.to(x.dtype))
+    return mod(x)
+
+
 def decode_linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a linear layer in a decode step, using its ``decode_weight`` copy when it has one.
+    """Apply a linear layer in a decode step (one row per sequence).
 
     On CPU, torch's float16 matrix-vector kernel reads weights about twice as fast as the bfloat16 one
-    (PERF-NOTES), so a bfloat16 model decodes with float16 copies of its decoder weights (bf16 -> f16 is
-    exact for weights of ordinary magnitude); an overflowing float16 result is recomputed with the
-    model-dtype weight. Layers without a copy (e.g. int8-quantized ones) run as they are.
+    (PERF-NOTES), so a bfloat16 model stores its decoder linears and lm_head in float16 (exact for
+    weights of ordinary magnitude) and runs decode steps in float16; an overflowing float16 result is
+    recomputed in the activation dtype. Other layers (same dtype, int8-quantized) run as they are.
     """
-    w = getattr(mod, "decode_weight", None)
-    if w is None:
+    w = mod.weight
+    if type(mod) is not nn.Linear or w.dtype == x.dtype:
         return mod(x)
     y = F.linear(x.to(w.dtype), w)
     if not bool(torch.isfinite(y).all()):
-        return mod(x)
+        return linear(mod, x)
     return y.to(x.dtype)
 
 
@@ -120,7 +129,7 @@ class ErnieAttention(nn.Module):
                 decode_linear(self.v_proj, h),
             )
         else:
-            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+            q, k, v = linear(self.q_proj, h), linear(self.k_proj, h), linear(self.v_proj, h)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv, self.head_dim)
         v = v.view(n, self.num_kv, self.head_dim)
@@ -140,7 +149,7 @@ class ErnieAttention(nn.Module):
         g = self.num_heads // self.num_kv
         qg = q.transpose(0, 1).reshape(self.num_kv, g, s, self.head_dim)
         o = tiled_attention(qg, k, v, self.head_dim**-0.5, causal=True)  # [Hkv, G, S, d]
-        return self.o_proj(o.reshape(self.num_heads, s, self.head_dim).transpose(0, 1).reshape(s, -1))
+        return linear(self.o_proj, o.reshape(self.num_heads, s, self.head_dim).transpose(0, 1).reshape(s, -1))
 
     def decode(
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache], layer: int
@@ -170,7 +179,7 @@ class ErnieMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return linear(self.down_proj, F.silu(linear(self.gate_proj, x)) * linear(self.up_proj, x))
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         gate = decode_linear(self.gate_proj, x)
