@@ -67,10 +67,13 @@ def _weight_files(weights: Path) -> list[Path]:
 
 
 def load_state(
-    weights: Path, expected: dict[str, tuple[int, ...]], dtype: torch.dtype
+    weights: Path,
+    expected: dict[str, tuple[int, ...]],
+    dtype: torch.dtype,
+    overrides: dict[str, torch.dtype] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read exactly the ``expected`` tensors (header checked through safetensors first) and convert each
-    once to ``dtype``.
+    once to ``dtype`` (or to ``overrides[name]``).
 
     Raises :class:`ModelLoadError` naming every missing, unexpected or mis-shaped key. The documented
     unused keys are skipped; ``lm_head.weight`` may be absent (tied to ``model.embed_tokens.weight``).
@@ -120,7 +123,7 @@ def load_state(
     for name, (path, raw, _) in found.items():
         by_file.setdefault(path, []).append((name, raw))
     for path, items in by_file.items():
-        state.update(_read_tensors(path, items, dtype))
+        state.update(_read_tensors(path, items, dtype, overrides or {}))
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return state
@@ -140,7 +143,9 @@ _ST_DTYPES = {
 }
 
 
-def _read_tensors(path: Path, items: list[tuple[str, str]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _read_tensors(
+    path: Path, items: list[tuple[str, str]], dtype: torch.dtype, overrides: dict[str, torch.dtype]
+) -> dict[str, torch.Tensor]:
     """Read tensors of one safetensors file straight into freshly allocated (aligned, process-owned)
     memory, converting each once to ``dtype``.
 
@@ -166,7 +171,8 @@ def _read_tensors(path: Path, items: list[tuple[str, str]], dtype: torch.dtype) 
                 f.seek(base + begin)
                 if f.readinto(memoryview(buf)) != buf.nbytes:
                     raise ModelLoadError(f"{raw}: file truncated")
-            out[name] = t if src_dtype == dtype else t.to(dtype)
+            want = overrides.get(name, dtype)
+            out[name] = t if src_dtype == want else t.to(want)
     return out
 
 
@@ -174,6 +180,10 @@ def strip_image_markers(text: str, marker: str) -> str:
     """Remove ``marker``s (the template puts images first anyway) with one newline right after each, and
     leading whitespace: ``"<image>\nOCR:"`` -> ``"OCR:"`` (the trained prompt)."""
     return re.sub(re.escape(marker) + r"\r?\n?", "", text).lstrip()
+
+
+def _is_decoder_linear(name: str) -> bool:
+    return name == "lm_head.weight" or (name.startswith("model.layers.") and name.endswith("_proj.weight"))
 
 
 def _special_token(cfg: dict[str, Any] | None, name: str) -> str | None:
@@ -250,7 +260,11 @@ class PaddleOcrVlModel(OcrModel):
         with torch.device("meta"):
             net = PaddleOcrVlNet(config)
         expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-        state = load_state(files.weights, expected, dtype)
+        overrides: dict[str, torch.dtype] = {}
+        if dev.type == "cpu" and dtype == torch.bfloat16 and quantize is None:
+            # decode storage (see set_decode_dtype), converted while reading: no transient second copy
+            overrides = {k: torch.float16 for k in expected if _is_decoder_linear(k)}
+        state = load_state(files.weights, expected, dtype, overrides)
         if dev.type != "cpu":
             state = {k: v.to(dev) for k, v in state.items()}
         net.load_state_dict(state, strict=True, assign=True)
