@@ -42,3 +42,15 @@ def test_decode_attention_matches_sdpa() -> None:
     out = attention.decode_attention(q, k, v, 32**-0.5)
     ref = _reference(q[:, :, None], k, v, 32**-0.5, False)[:, :, 0]
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_tiled_attention_prescaled_single_group(monkeypatch) -> None:
+    # vision path: one query head per kv head, q already multiplied by the scale, strided views
+    monkeypatch.setattr(attention, "TILE_ELEMENTS", 4000)
+    gen = torch.Generator().manual_seed(2)
+    n, h, d = 90, 3, 16
+    qkv = torch.randn(n, 3, h, d, generator=gen).bfloat16()
+    q, k, v = (qkv[:, i].transpose(0, 1) for i in range(3))  # [H, N, d] non-contiguous, like the encoder
+    out = attention.tiled_attention((q * d**-0.5)[:, None], k, v, 1.0)
+    ref = _reference(q[:, None], k, v, d**-0.5, False)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)

@@ -51,10 +51,13 @@ def tiled_attention(
             s1 = min(s, s0 + chunk)
             t = s1 - s0
             lim = s1 if causal else length
-            qs = q_buf[: g * t * d].view(g, t, d)
-            torch.mul(q[h, :, s0:s1], scale, out=qs)
+            if scale == 1.0 and g == 1:  # q already scaled (vision): use it in place
+                qs = q[h, :, s0:s1]
+            else:
+                qs = q_buf[: g * t * d].view(g, t, d)
+                torch.mul(q[h, :, s0:s1], scale, out=qs)
             scores = s_buf[: g * t * lim].view(g * t, lim)
-            torch.mm(qs.view(g * t, d), kt[:, :lim], out=scores)
+            torch.mm(qs.reshape(g * t, d), kt[:, :lim], out=scores)
             if causal:
                 mask = torch.ones(t, lim, dtype=torch.bool, device=q.device).triu_(s0 + 1)
                 scores.view(g, t, lim).masked_fill_(mask, float("-inf"))
