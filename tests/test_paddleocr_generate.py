@@ -136,3 +136,13 @@ def test_bfloat16_close_to_float32(paddle_ckpt, paddle_model: PaddleOcrVlModel) 
     _, cache2 = bf.prefill(prepared, 2)
     plain = bf.decode([tok], [cache2])
     assert torch.corrcoef(torch.cat([step, plain]))[0, 1] > 0.999
+
+
+def test_float16_close_to_float32(paddle_ckpt, paddle_model: PaddleOcrVlModel) -> None:
+    half = PaddleOcrVlModel.load(ModelFiles.from_dir(paddle_ckpt), dtype=torch.float16)
+    prepared = paddle_model.prepare("OCR:", [_img(150, 90, 10)])
+    l32, _ = paddle_model.prefill(prepared, 2)
+    l16, cache = half.prefill(prepared, 2)
+    assert l16.dtype == torch.float32 and torch.isfinite(l16).all()
+    assert torch.corrcoef(torch.stack([l32, l16]))[0, 1] > 0.999
+    assert torch.isfinite(half.decode([int(torch.argmax(l16))], [cache])).all()
