@@ -44,16 +44,8 @@ KINDS = {
     "fake": ("deepseek_ocr_server.testing.fake", ""),  # harness smoke test (--in-process)
 }
 # prefixes of tensors that are not read per decoded token (vision side; embeddings read one row)
-NOT_DECODE = (
-    "model.sam_model.",
-    "model.vision_model.",
-    "model.projector.",
-    "model.image_newline",
-    "model.view_seperator",
-    "visual.",
-    "mlp_AR.",
-    "model.embed_tokens.",
-)
+NOT_DECODE = ("model.sam_model.", "model.vision_model.", "model.projector.", "model.image_newline",
+              "model.view_seperator", "visual.", "mlp_AR.", "model.embed_tokens.")
 
 
 # --- the bound -----------------------------------------------------------------------------------
@@ -74,11 +66,8 @@ def measure_bandwidth_gbs(threads: int, size_mb: int = 1024, repeats: int = 7) -
 
 def _safetensors_headers(ckpt: Path) -> dict[str, dict]:
     index = sorted(ckpt.glob("*.safetensors.index.json"))
-    files = (
-        sorted({ckpt / f for f in json.loads(index[0].read_text())["weight_map"].values()})
-        if index
-        else sorted(ckpt.glob("*.safetensors"))
-    )
+    files = sorted({ckpt / f for f in json.loads(index[0].read_text())["weight_map"].values()}) if index else sorted(
+        ckpt.glob("*.safetensors"))
     out: dict[str, dict] = {}
     for f in files:
         with open(f, "rb") as fh:
@@ -139,30 +128,12 @@ def start_server(args: argparse.Namespace, tmp: Path, quantize: str | None) -> t
     cfg = tmp / "config.toml"
     write_config(cfg, args.model, args.ckpt, args.max_running, args.max_queued)
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepseek_ocr_server",
-        "--config",
-        str(cfg),
-        "--model",
-        args.model,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--cache-dir",
-        str(tmp / "cache"),
-        "--dtype",
-        args.dtype,
-        "--log-level",
-        "WARNING",
-    ]
+    cmd = [sys.executable, "-m", "deepseek_ocr_server", "--config", str(cfg), "--model", args.model,
+           "--host", "127.0.0.1", "--port", str(port), "--cache-dir", str(tmp / "cache"),
+           "--dtype", args.dtype, "--log-level", "WARNING"]
     if quantize:
         cmd += ["--quantize", quantize]
-    env = dict(
-        os.environ, PYTHONPATH=str(REPO / "src"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads)
-    )
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads))
     proc = subprocess.Popen(cmd, env=env, stdout=sys.stderr, stderr=sys.stderr)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.load_timeout
@@ -233,15 +204,10 @@ async def one_stream(client: httpx.AsyncClient, base: str, body: dict) -> Stream
 def request_body(args: argparse.Namespace, i: int) -> dict:
     body = {
         "model": args.model,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": image_data_url(i, args.image_px)}},
-                    {"type": "text", "text": "Free OCR." if args.model == "deepseek-ocr" else "OCR:"},
-                ],
-            }
-        ],
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image_data_url(i, args.image_px)}},
+            {"type": "text", "text": "Free OCR." if args.model == "deepseek-ocr" else "OCR:"},
+        ]}],
         "max_tokens": args.max_tokens,
         "temperature": 0,
         "stream": True,
@@ -269,8 +235,7 @@ async def run_level(args: argparse.Namespace, base: str, n: int) -> dict:
 def summarize(results: list[StreamResult], n: int, wall: float) -> dict:
     toks = [r.completion_tokens or len(r.chunk_times) for r in results]
     per_stream = [
-        (t - 1) / (r.t_end - r.t_first)
-        for r, t in zip(results, toks, strict=True)
+        (t - 1) / (r.t_end - r.t_first) for r, t in zip(results, toks, strict=True)
         if r.t_first is not None and t > 1 and r.t_end > r.t_first
     ]
     # steady state: every stream has started and none has finished
@@ -331,9 +296,7 @@ async def run_level_in_process(args: argparse.Namespace, manager, n: int) -> dic
         img = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
         text = "<image>\nFree OCR." if args.model == "deepseek-ocr" else "OCR:"
         vis = VisionSettings(base_size=args.base_size, image_size=args.base_size, crop_mode=False)
-        return OcrRequest(
-            model_id=args.model, text=text, images=[img], vision=vis, max_new_tokens=args.max_tokens
-        )
+        return OcrRequest(model_id=args.model, text=text, images=[img], vision=vis, max_new_tokens=args.max_tokens)
 
     async def one(r: OcrRequest) -> StreamResult:
         res = StreamResult(time.monotonic())
@@ -358,13 +321,8 @@ def bench_in_process(args: argparse.Namespace, quantize: str | None) -> list[dic
     from deepseek_ocr_server.engine.manager import ModelManager
 
     async def main() -> list[dict]:
-        mgr = ModelManager(
-            [args.model],
-            lambda _id: load_in_process(args, quantize),
-            max_running=args.max_running,
-            max_queued=args.max_queued,
-            queue_timeout_s=3600,
-        )
+        mgr = ModelManager([args.model], lambda _id: load_in_process(args, quantize),
+                           max_running=args.max_running, max_queued=args.max_queued, queue_timeout_s=3600)
         await run_level_in_process(args, mgr, 1)  # load + warm-up
         print(f"# model loaded in {mgr.status().load_seconds:.1f} s", file=sys.stderr)
         rows = []
@@ -408,33 +366,23 @@ def report(args: argparse.Namespace, rows: list[dict], bound: dict) -> None:
     bytes_per_param = {"none": {"bf16": 2, "f16": 2, "f32": 4}[args.dtype], "int8": 1}[q]
     bound_tok_s = bound["bandwidth_gbs"] * 1e9 / (bound["params"] * bytes_per_param)
     mode = "in-process engine" if args.in_process else "HTTP server"
-    print(
-        f"\n## {args.model} ({mode})  dtype={args.dtype} quantize={q}  max_tokens={args.max_tokens}  "
-        f"image={args.image_px}px  threads={args.threads}"
-    )
-    print(
-        f"decoder weights read per token: {bound['params'] / 1e6:.0f} M params = "
-        f"{bound['params'] * bytes_per_param / 1e9:.2f} GB; read bandwidth {bound['bandwidth_gbs']:.1f} GB/s "
-        f"-> bound {bound_tok_s:.1f} tok/s"
-    )
-    print(
-        "| clients | agg decode tok/s (steady) | agg e2e tok/s | per-stream tok/s | TTFT p50 s | TTFT p95 s "
-        "| peak RSS MiB | finish |"
-    )
+    print(f"\n## {args.model} ({mode})  dtype={args.dtype} quantize={q}  max_tokens={args.max_tokens}  "
+          f"image={args.image_px}px  threads={args.threads}")
+    print(f"decoder weights read per token: {bound['params'] / 1e6:.0f} M params = "
+          f"{bound['params'] * bytes_per_param / 1e9:.2f} GB; read bandwidth {bound['bandwidth_gbs']:.1f} GB/s "
+          f"-> bound {bound_tok_s:.1f} tok/s")
+    print("| clients | agg decode tok/s (steady) | agg e2e tok/s | per-stream tok/s | TTFT p50 s | TTFT p95 s "
+          "| peak RSS MiB | finish |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(
-            f"| {r['clients']} | {r['agg_steady_tok_s']:.2f} | {r['agg_e2e_tok_s']:.2f} | "
-            f"{r['per_stream_tok_s']:.2f} | {r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} | "
-            f"{r['peak_rss_mib']:.0f} | {','.join(r['finish'])} |"
-        )
+        print(f"| {r['clients']} | {r['agg_steady_tok_s']:.2f} | {r['agg_e2e_tok_s']:.2f} | "
+              f"{r['per_stream_tok_s']:.2f} | {r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} | "
+              f"{r['peak_rss_mib']:.0f} | {','.join(r['finish'])} |")
     by_n = {r["clients"]: r for r in rows}
     if 1 in by_n:
         single = by_n[1]["per_stream_tok_s"]
-        print(
-            f"single stream vs bound: {single:.2f} / {bound_tok_s:.1f} = {single / bound_tok_s:.0%} "
-            f"(target >= 60% in bf16)"
-        )
+        print(f"single stream vs bound: {single:.2f} / {bound_tok_s:.1f} = {single / bound_tok_s:.0%} "
+              f"(target >= 60% in bf16)")
         if 8 in by_n:
             agg8 = by_n[8]["agg_steady_tok_s"]
             print(f"aggregate at 8 vs 1: {agg8:.2f} / {single:.2f} = {agg8 / single:.2f}x (target >= 4x)")
@@ -455,11 +403,8 @@ def main() -> None:
     p.add_argument("--max-queued", type=int, default=64)
     p.add_argument("--load-timeout", type=float, default=900)
     p.add_argument("--json", type=Path, help="also write all rows here")
-    p.add_argument(
-        "--in-process",
-        action="store_true",
-        help="drive the engine's ModelManager directly (no HTTP server; TTFT without HTTP/SSE)",
-    )
+    p.add_argument("--in-process", action="store_true",
+                   help="drive the engine's ModelManager directly (no HTTP server; TTFT without HTTP/SSE)")
     args = p.parse_args()
     module, default_dir = KINDS[args.model]
     if args.model == "fake":
@@ -475,10 +420,7 @@ def main() -> None:
     if args.model == "fake":
         bound = {"params": 1e9, "bandwidth_gbs": 1.0}  # meaningless: the fake sleeps 10 ms per step
     else:
-        bound = {
-            "params": decode_params_per_token(args.ckpt),
-            "bandwidth_gbs": measure_bandwidth_gbs(args.threads),
-        }
+        bound = {"params": decode_params_per_token(args.ckpt), "bandwidth_gbs": measure_bandwidth_gbs(args.threads)}
     modes = {"none": [None], "int8": ["int8"], "both": [None, "int8"]}[args.quantize]
     all_rows = []
     for q in modes:
