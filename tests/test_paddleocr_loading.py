@@ -224,3 +224,15 @@ def test_int8_load_decodes(paddle_ckpt: Path) -> None:
     logits, cache = m.prefill(prepared, 2)
     step = m.decode([int(torch.argmax(logits))], [cache])
     assert step.shape == (1, m.config.vocab_size) and torch.isfinite(step).all()
+
+
+def test_weight_outside_float16_range_keeps_bfloat16(tmp_path: Path) -> None:
+    d = build_tiny_checkpoint(tmp_path)
+    t = _tensors(d)
+    t["model.layers.0.mlp.up_proj.weight"][0, 0] = 1e6  # representable in bf16, not in f16
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    m = PaddleOcrVlModel.load(ModelFiles.from_dir(d), dtype=torch.bfloat16)
+    assert m.net.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert m.net.model.layers[0].mlp.gate_proj.weight.dtype == torch.float16
+    logits, cache = m.prefill(m.prepare("OCR:", []), 2)
+    assert torch.isfinite(m.decode([int(torch.argmax(logits))], [cache])).all()

@@ -172,7 +172,10 @@ def _read_tensors(
                 if f.readinto(memoryview(buf)) != buf.nbytes:
                     raise ModelLoadError(f"{raw}: file truncated")
             want = overrides.get(name, dtype)
-            out[name] = t if src_dtype == want else t.to(want)
+            conv = t if src_dtype == want else t.to(want)
+            if want != dtype and not bool(torch.isfinite(conv).all()):
+                conv = t if src_dtype == dtype else t.to(dtype)  # out of float16 range: keep the model dtype
+            out[name] = conv
     return out
 
 
@@ -235,8 +238,10 @@ class PaddleOcrVlModel(OcrModel):
         converted = 0
         for m in [*self.net.model.modules(), self.net.lm_head]:
             if type(m) is nn.Linear and m.weight.dtype != target:
-                m.weight = nn.Parameter(m.weight.detach().to(target), requires_grad=False)
-                converted += 1
+                w = m.weight.detach().to(target)
+                if bool(torch.isfinite(w).all()):  # a weight outside float16's range stays as it is
+                    m.weight = nn.Parameter(w, requires_grad=False)
+                    converted += 1
             elif type(m) is nn.Linear:
                 converted += 1
         self.decode_dtype = dtype if dtype is not None and dtype != self.dtype and converted else None
