@@ -338,6 +338,73 @@ def bench_in_process(args: argparse.Namespace, quantize: str | None) -> list[dic
     return asyncio.run(main())
 
 
+def int8_check(args: argparse.Namespace, bound: dict, steps: int = 64) -> None:
+    """Quality and speed of int8 vs the model dtype, in-process on ONE model copy (quantized in place):
+    greedy tokens free-running and teacher-forced over ``steps`` steps; decode tok/s at batch 1 and 8."""
+    import torch
+    from PIL import Image
+
+    from deepseek_ocr_server.engine.generate import generate
+    from deepseek_ocr_server.models import load_model
+    from deepseek_ocr_server.models.base import ModelFiles, VisionSettings
+    from deepseek_ocr_server.models.quant import int8_weight_bytes, quantize_linears_int8, skip_vision
+    from deepseek_ocr_server.sampling import SamplingParams
+
+    torch.set_num_threads(args.threads)
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[args.dtype]
+    model = load_model(args.model, ModelFiles.from_dir(args.ckpt), dtype=dtype)
+    url = image_data_url(0, args.image_px)
+    img = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+    text = "<image>\nFree OCR." if args.model == "deepseek-ocr" else "OCR:"
+    vis = VisionSettings(base_size=args.base_size, image_size=args.base_size, crop_mode=False)
+    prepared = model.prepare(text, [img], vis)
+    greedy = SamplingParams(no_repeat_ngram_size=0)
+
+    def decode_rate(batch: int) -> float:
+        logits, cache = model.prefill(prepared, steps + 2)
+        caches = [cache]
+        for _ in range(batch - 1):
+            caches.append(model.prefill(prepared, steps + 2)[1])
+        tok = [int(torch.argmax(logits))] * batch
+        model.decode(tok, caches)  # warm-up
+        t0 = time.perf_counter()
+        n = 16
+        for _ in range(n):
+            model.decode(tok, caches)
+        dt = time.perf_counter() - t0
+        for c in caches:
+            c.release()
+        return n * batch / dt
+
+    def forced(tokens: list[int]) -> float:
+        logits, cache = model.prefill(prepared, len(tokens) + 1)
+        same = 0
+        for t in tokens:
+            same += int(torch.argmax(logits).item() == t)
+            logits = model.decode([t], [cache])[0]
+        cache.release()
+        return same / len(tokens)
+
+    with torch.inference_mode():
+        ref = generate(model, prepared, greedy, steps).token_ids
+        base_rates = {b: decode_rate(b) for b in (1, 8)}
+        n = quantize_linears_int8(model.net, skip=skip_vision)
+        q = generate(model, prepared, greedy, steps).token_ids
+        q_rates = {b: decode_rate(b) for b in (1, 8)}
+        agree_forced = forced(ref)
+    prefix = next((i for i, (a, b) in enumerate(zip(ref, q, strict=False)) if a != b), min(len(ref), len(q)))
+    same_pos = sum(a == b for a, b in zip(ref, q, strict=False)) / max(1, len(ref))
+    print(f"\n## int8 check: {args.model}, {n} linear layers quantized ({int8_weight_bytes(model.net) / 1e9:.2f} GB int8)")
+    print(f"greedy {len(ref)} steps: identical positions {same_pos:.0%}, identical prefix {prefix} tokens, "
+          f"teacher-forced agreement {agree_forced:.0%} (target >= 90%)")
+    for b in (1, 8):
+        print(f"decode batch {b}: {args.dtype} {base_rates[b]:.2f} tok/s -> int8 {q_rates[b]:.2f} tok/s "
+              f"({q_rates[b] / base_rates[b]:.2f}x)")
+    bound1 = bound["bandwidth_gbs"] * 1e9 / bound["params"]
+    print(f"bounds at {bound['bandwidth_gbs']:.1f} GB/s: {args.dtype} {bound1 / 2:.1f} tok/s, int8 {bound1:.1f} tok/s; "
+          f"batch-1 decode at {base_rates[1] / (bound1 / 2):.0%} / {q_rates[1] / bound1:.0%} of them")
+
+
 def bench_one(args: argparse.Namespace, quantize: str | None, bound: dict) -> list[dict]:
     if args.in_process:
         return bench_in_process(args, quantize)
@@ -403,6 +470,8 @@ def main() -> None:
     p.add_argument("--max-queued", type=int, default=64)
     p.add_argument("--load-timeout", type=float, default=900)
     p.add_argument("--json", type=Path, help="also write all rows here")
+    p.add_argument("--int8-check", action="store_true",
+                   help="only compare int8 with --dtype in-process: greedy agreement over 64 steps, decode speed")
     p.add_argument("--in-process", action="store_true",
                    help="drive the engine's ModelManager directly (no HTTP server; TTFT without HTTP/SSE)")
     args = p.parse_args()
@@ -421,6 +490,9 @@ def main() -> None:
         bound = {"params": 1e9, "bandwidth_gbs": 1.0}  # meaningless: the fake sleeps 10 ms per step
     else:
         bound = {"params": decode_params_per_token(args.ckpt), "bandwidth_gbs": measure_bandwidth_gbs(args.threads)}
+    if args.int8_check:
+        int8_check(args, bound)
+        return
     modes = {"none": [None], "int8": ["int8"], "both": [None, "int8"]}[args.quantize]
     all_rows = []
     for q in modes:
