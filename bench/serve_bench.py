@@ -310,14 +310,10 @@ def load_in_process(args: argparse.Namespace, quantize: str | None):
         if not quantize:
             raise
     # the model family does not wire quantize yet: quantize its decoder linears here
-    from deepseek_ocr_server.models.quant import quantize_linears_int8
+    from deepseek_ocr_server.models.quant import quantize_linears_int8, skip_vision
 
     model = load_model(args.model, files, dtype=dtype)
-    vision = ("sam", "vision", "visual", "projector", "mlp_AR")
-    n = 0
-    for attr, mod in vars(model).items():
-        if isinstance(mod, torch.nn.Module) and not any(v in attr for v in vision):
-            n += quantize_linears_int8(mod, skip=lambda name, lin: any(v in name for v in vision))
+    n = quantize_linears_int8(model.net, skip=skip_vision)
     print(f"# quantized {n} linear layers in-process", file=sys.stderr)
     return model
 
