@@ -25,6 +25,9 @@ class FakeHub:
         self.repos = repos
         self.commit = hashlib.sha1(b"fake-commit").hexdigest()
         self.requests: list[tuple[str, str]] = []
+        #: while cleared, file GETs wait (an endless download); set on exit
+        self.gate = threading.Event()
+        self.gate.set()
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -49,6 +52,7 @@ class FakeHub:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.gate.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -100,6 +104,8 @@ class FakeHub:
             "Content-Type": "application/octet-stream",
         }
         status, body = 200, data
+        if not head:
+            self.gate.wait(120)
         rng = h.headers.get("Range")
         if rng and not head:
             start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1))  # type: ignore[union-attr]

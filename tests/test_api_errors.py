@@ -8,13 +8,24 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+import time
 from collections.abc import AsyncIterator
 
 import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
-from fixtures.server import API_KEY, FAKE_OPTIONS, RunningServer, data_url, free_port, png_bytes
+from fixtures.server import (
+    API_KEY,
+    FAKE_OPTIONS,
+    RunningServer,
+    data_url,
+    fake_settings,
+    free_port,
+    png_bytes,
+    serve,
+)
 
 from deepseek_ocr_server.api.app import create_app
 from deepseek_ocr_server.engine.manager import ModelManager, ModelUnavailable, Overloaded, QueueTimeout
@@ -91,6 +102,7 @@ BAD_CHAT_BODIES: list[tuple[str, object, int, str | None, str | None]] = [
     ("no_repeat_ngram_size -1", _chat(no_repeat_ngram_size=-1), 400, "invalid_value", "no_repeat_ngram_size"),
     ("base_size 0", _chat(base_size=0), 400, "invalid_value", "base_size"),
     ("crop_mode not bool", _chat(crop_mode="maybe"), 400, "invalid_value", "crop_mode"),
+    ("seed out of range", _chat(seed=2**70), 400, "invalid_value", "seed"),
     ("n 2", _chat(n=2), 400, "invalid_value", "n"),
     ("too many stops", _chat(stop=[str(i) for i in range(20)]), 400, "invalid_value", "stop"),
     ("stream not bool", _chat(stream="yes please"), 400, "invalid_value", "stream"),
@@ -155,6 +167,16 @@ def test_bad_responses_requests(api_server: RunningServer, http: httpx.Client) -
         err = _check_error(http.post(api_server.v1 + "/responses", json=body), status)
         if param is not None:
             assert err["param"] == param, (body, err)
+    _good(http, api_server.v1)
+
+
+def test_model_that_fails_to_load(api_server: RunningServer, http: httpx.Client) -> None:
+    for stream in (False, True):
+        r = http.post(api_server.v1 + "/chat/completions", json=_chat(model="fake-broken", stream=stream))
+        err = _check_error(r, 503, type_="server_error", code="model_unavailable")
+        assert "fake-broken" in err["message"] and "fail" in err["message"]
+    health = http.get(api_server.base_url + "/health").json()
+    assert "fake-broken" in str(health)
     _good(http, api_server.v1)
 
 
@@ -264,6 +286,73 @@ def test_cors_preflight(strict_server: RunningServer, strict_http: httpx.Client)
     assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "http://ui.example"
 
 
+# --- a full queue through the real engine -> 429 ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def busy_server(fake_checkpoints, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001, ANN201
+    root = tmp_path_factory.mktemp("busy-server")
+    yield from serve(fake_settings(root, fake_checkpoints, max_running=1, max_queued=1))
+
+
+def test_full_queue_is_429_with_retry_after(busy_server: RunningServer) -> None:
+    slow = {"model": "fake-slow", "messages": _img_msgs(), "max_tokens": 6000, "stream": True}
+    queued_result: list[int] = []
+    with httpx.Client(timeout=120) as http:
+        with http.stream("POST", busy_server.v1 + "/chat/completions", json=slow) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()  # kept referenced: dropping it would close the connection
+            for line in lines:  # the slow request holds the only running slot
+                if '"content":"' in line and '"content":""' not in line:
+                    break
+
+            def queued() -> None:
+                with httpx.Client(timeout=120) as h:
+                    r = h.post(busy_server.v1 + "/chat/completions",
+                               json={"model": "fake-slow", "messages": _img_msgs(), "max_tokens": 2})
+                    queued_result.append(r.status_code)
+
+            t = threading.Thread(target=queued)
+            t.start()
+            deadline = time.monotonic() + 30
+            while http.get(busy_server.base_url + "/health").json()["queued"] < 1:
+                assert time.monotonic() < deadline, "the second request never got queued"
+                time.sleep(0.02)
+            r = http.post(busy_server.v1 + "/chat/completions", json=_chat(model="fake-slow"))
+            _check_error(r, 429, type_="rate_limit_error", code="server_overloaded")
+            assert int(r.headers["retry-after"]) >= 1
+            r = http.post(busy_server.v1 + "/responses", json={"model": "fake-slow", "input": [_img_msgs()[0]],
+                                                               "stream": True})
+            _check_error(r, 429, type_="rate_limit_error")
+            assert queued_result == []  # still waiting behind the slow stream
+        # the slow stream is gone: the queued request gets the slot
+        t.join(timeout=120)
+        assert queued_result == [200]
+
+
+def test_client_leaving_the_queue_cancels_its_request(busy_server: RunningServer) -> None:
+    slow = {"model": "fake-slow", "messages": _img_msgs(), "max_tokens": 6000, "stream": True}
+
+    def health() -> dict:
+        return httpx.get(busy_server.base_url + "/health", timeout=30).json()
+
+    with httpx.Client(timeout=120) as http:
+        with http.stream("POST", busy_server.v1 + "/chat/completions", json=slow) as resp:
+            lines = resp.iter_lines()  # kept referenced: dropping it would close the connection
+            for line in lines:
+                if '"content":"' in line and '"content":""' not in line:
+                    break
+            for stream in (True, False):
+                # a request that waits for the slot; its client gives up before the first token
+                with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=httpx.Timeout(30, read=0.5)) as h:
+                    h.post(busy_server.v1 + "/chat/completions", json={**slow, "stream": stream, "max_tokens": 2})
+                deadline = time.monotonic() + 30
+                while (state := health())["queued"] > 0:
+                    assert time.monotonic() < deadline, "the abandoned request stayed queued"
+                    time.sleep(0.02)
+                assert state["running"] == 1  # the slow stream still runs: the waiter left on its own
+
+
 # --- engine errors -> HTTP (a manager whose submit fails in scripted ways) --------------------------
 
 
@@ -345,3 +434,12 @@ def test_engine_errors_mid_stream(scripted: tuple[ScriptedManager, TestClient]) 
         assert [e["sequence_number"] for e in events] == list(range(len(events)))
         assert [e["type"] for e in events][-2:] == ["error", "response.failed"]
         assert m.closed == closed + 3  # every engine iterator was closed
+
+
+def test_json_body_accepted_whatever_the_content_type(api_server: RunningServer, http: httpx.Client) -> None:
+    raw = json.dumps({"model": "fake-a", "messages": _img_msgs(), "max_tokens": 2}).encode()
+    for ctype in ("application/x-www-form-urlencoded", "text/plain", None):  # curl -d sends a form type
+        headers = {"content-type": ctype} if ctype else {}
+        r = http.post(api_server.v1 + "/chat/completions", content=raw, headers=headers)
+        assert r.status_code == 200, (ctype, r.text)
+    assert "/v1/chat/completions" in http.get(api_server.base_url + "/openapi.json").json()["paths"]

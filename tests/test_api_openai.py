@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 import time
@@ -287,3 +288,39 @@ def test_non_streaming_disconnect_cancels(api_server: RunningServer) -> None:
     assert r.status_code == 200
     model = api_server.manager.model
     assert model is not None and model.live_caches == 0  # type: ignore[attr-defined]
+
+
+def test_models_and_health_answer_while_a_model_loads(fake_checkpoints) -> None:  # noqa: ANN001
+    from fixtures.server import ServerThread
+
+    from deepseek_ocr_server.api.app import create_app
+    from deepseek_ocr_server.engine.manager import ModelManager
+    from deepseek_ocr_server.models import load_model
+
+    release = threading.Event()
+    entered = threading.Event()
+
+    def slow_loader(model_id: str):  # noqa: ANN202
+        entered.set()
+        assert release.wait(60), "test never released the loader"
+        return load_model("fake", fake_checkpoints[model_id])
+
+    manager = ModelManager(list(fake_checkpoints), slow_loader)
+    try:
+        with ServerThread(create_app(manager)) as srv, httpx.Client(timeout=60) as http:
+            base = f"http://127.0.0.1:{srv.port}"
+            result: list[httpx.Response] = []
+            t = threading.Thread(target=lambda: result.append(http.post(
+                base + "/v1/chat/completions", json={"model": "fake-a", "messages": _chat_image("x")})))
+            t.start()
+            assert entered.wait(60)
+            # the loader is blocked: the model list and health still answer at once
+            assert [m["id"] for m in http.get(base + "/v1/models").json()["data"]] == list(fake_checkpoints)
+            assert http.get(base + "/health").json()["state"] == "loading"
+            release.set()
+            t.join(60)
+            assert result and result[0].status_code == 200
+            assert result[0].json()["choices"][0]["message"]["content"] == expected_answer("fake-a", "x", [IMG])
+    finally:
+        release.set()
+        asyncio.run(manager.shutdown())

@@ -54,6 +54,19 @@ def test_normalise_16bit_scales_instead_of_clipping() -> None:
     assert [img.getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
 
 
+def test_normalise_16bit_holding_8bit_data_is_kept() -> None:
+    arr = np.array([[0, 100, 255]], dtype=np.uint16)
+    img = decode_image(_png(Image.fromarray(arr)), OPTS)
+    assert [img.getpixel((x, 0))[0] for x in range(3)] == [0, 100, 255]
+
+
+def test_normalise_colour_key_transparency_on_white() -> None:
+    grey = Image.new("L", (3, 1), 40)
+    grey.putpixel((1, 0), 90)
+    img = decode_image(_png(grey, transparency=90), OPTS)  # tRNS chunk: grey 90 is transparent
+    assert [img.getpixel((x, 0)) for x in range(3)] == [(40, 40, 40), (255, 255, 255), (40, 40, 40)]
+
+
 def test_exif_rotation_applied() -> None:
     img = Image.new("RGB", (6, 2), (1, 2, 3))
     exif = Image.Exif()

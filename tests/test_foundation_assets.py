@@ -261,3 +261,33 @@ def test_disk_full_is_explained(tmp_path: Path, hub: FakeHub, monkeypatch: pytes
     monkeypatch.setattr(assets, "_place", full)
     with pytest.raises(AssetError, match=r"config\.json of model repo acme/tiny-ocr: no space left"):
         resolve_model_files(settings_for(tmp_path), "tiny")
+
+
+def test_switching_repo_removes_the_previous_fill(tmp_path: Path, hub: FakeHub) -> None:
+    """Sharded repo first, then a single-file repo: the old index must not shadow the new weights."""
+    resolve_model_files(settings_for(tmp_path, repo=SHARDED), "tiny")
+    d = tmp_path / "cache" / "models" / "tiny"
+    (d / "notes.txt").write_text("mine")  # a file put there by hand survives
+    files = resolve_model_files(settings_for(tmp_path, repo=REPO), "tiny")
+    assert files.weights == d / "model.safetensors"
+    assert not (d / "model.safetensors.index.json").exists()
+    assert not (d / "model-00001-of-000002.safetensors").exists()
+    assert (d / "notes.txt").is_file()
+    hub.requests.clear()
+    assert resolve_model_files(settings_for(tmp_path, repo=REPO), "tiny").weights == d / "model.safetensors"
+    assert hub.requests == []
+
+
+def test_cache_dir_with_a_lone_shard_and_no_index(tmp_path: Path, offline: None) -> None:
+    """A hand-filled cache dir holding only DeepSeek-OCR's original single shard name is used as is."""
+    d = tmp_path / "cache" / "models" / "tiny"
+    d.mkdir(parents=True)
+    for name, data in (("config.json", CONFIG), ("tokenizer.json", TOKENIZER),
+                       ("model-00001-of-000001.safetensors", WEIGHTS)):
+        (d / name).write_bytes(data)
+    files = resolve_model_files(settings_for(tmp_path), "tiny")
+    assert files.weights == d / "model-00001-of-000001.safetensors"
+    # two unrelated lone files are ambiguous: not guessed (offline -> a clear error instead)
+    (d / "other.safetensors").write_bytes(WEIGHTS)
+    with pytest.raises(AssetError):
+        resolve_model_files(settings_for(tmp_path), "tiny")

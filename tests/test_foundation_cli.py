@@ -103,6 +103,7 @@ def test_help_via_console_entry_point() -> None:
         (["--queue-timeout", "0"], "--queue-timeout"),
         (["--allow-private-image-urls", "sure"], "--allow-private-image-urls"),
         (["--frobnicate"], "--frobnicate"),
+        (["--model", "nope"], "--model"),
     ],
 )
 def test_bad_flag_exits_2_with_one_line_naming_it(argv: list[str], flag: str, capsys: pytest.CaptureFixture[str],

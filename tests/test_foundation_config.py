@@ -54,13 +54,15 @@ def test_default_file_equals_builtin_defaults(tmp_path: Path) -> None:
             assert value in ("auto", "none")
         else:
             assert value == expected, key
-    assert set(builtin) - set(data["inference"]) == {"top_k", "seed"}  # unset = None, commented out
+    # unset = None, commented out; no_repeat_ngram_size is left to the per-kind built-in (KIND_DEFAULTS)
+    assert set(builtin) - set(data["inference"]) == {"top_k", "seed", "no_repeat_ngram_size"}
     assert data["server"] == {k: v for k, v in asdict(ServerSettings()).items() if k != "api_key"}
     assert set(data["models"]["entries"]) == {"deepseek-ocr", "paddleocr-vl"}
     # and parsing it gives the same Settings as no file at all
     a = load_settings({}, write(tmp_path / "full.toml", DEFAULT_CONFIG_TOML))
     b = load_settings({}, write(tmp_path / "empty.toml", ""))
     assert a.inference == b.inference and a.server == b.server and a.models == b.models
+    assert all(a.inference_for(m) == b.inference_for(m) for m in ("deepseek-ocr", "paddleocr-vl"))
 
 
 def test_default_config_path_honours_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -242,7 +244,7 @@ def replace_dtype(inf: InferenceDefaults, dtype: str) -> InferenceDefaults:
         ("[inference]\ntop_p = 1.5\n", "inference.top_p", "must be <= 1.0"),
         ('[inference]\ndevice = "tpu"\n', "inference.device", "must be one of cpu, cuda, metal"),
         ('[inference]\ndtype = "f8"\n', "inference.dtype", "must be one of f32, f16, bf16"),
-        ("[inference]\nmax_new_token = 5\n", "inference.max_new_token", "unknown key"),
+        ("[inference]\nmax_new_token = 5\n", "inference.max_new_token", "unknown key (did you mean 'max_new_tokens'?"),
         ("[server]\nport = 70000\n", "server.port", "must be <= 65535"),
         ("[server]\nbogus = true\n", "server.bogus", "unknown key"),
         ("[extra]\na = 1\n", "extra", "unknown key"),
@@ -261,3 +263,39 @@ def test_malformed_config_names_file_key_and_problem(tmp_path: Path, text: str, 
     msg = str(err.value)
     assert msg.startswith(f"{path}: "), msg
     assert key in msg and problem in msg, msg
+
+
+def test_platform_paths_macos(monkeypatch: pytest.MonkeyPatch) -> None:
+    import platformdirs
+    import platformdirs.macos
+
+    monkeypatch.setattr(platformdirs, "PlatformDirs", platformdirs.macos.MacOS)
+    home = Path.home()
+    assert cfg.default_config_path() == home / "Library/Application Support/deepseek-ocr/config.toml"
+    assert cfg.default_cache_dir() == home / "Library/Caches/deepseek-ocr"
+
+
+def test_platform_paths_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    import platformdirs
+    import platformdirs.windows
+
+    folders = {"CSIDL_APPDATA": "/win/Roaming", "CSIDL_LOCAL_APPDATA": "/win/Local"}
+    monkeypatch.setattr(platformdirs.windows, "get_win_folder", folders.__getitem__)
+    monkeypatch.setattr(platformdirs, "PlatformDirs", platformdirs.windows.Windows)
+    assert cfg.default_config_path() == Path("/win/Roaming/deepseek-ocr/config.toml")  # %APPDATA%
+    assert cfg.default_cache_dir() == Path("/win/Local/deepseek-ocr")  # %LOCALAPPDATA%, no "Cache" below
+
+
+def test_kind_defaults_are_the_lowest_layer(tmp_path: Path) -> None:
+    """PaddleOCR-VL decodes without the n-gram ban by default (its reference has none); [inference] and
+    flags still override that built-in."""
+    s = load_settings({}, write(tmp_path / "c.toml", ""))
+    assert s.inference_for("paddleocr-vl").no_repeat_ngram_size == 0
+    assert s.inference_for("deepseek-ocr").no_repeat_ngram_size == 20
+    # the default file written on first start leaves it unset, so the kind default holds there too
+    s = load_settings({}, tmp_path / "new" / "config.toml")
+    assert s.inference_for("paddleocr-vl").no_repeat_ngram_size == 0
+    s = load_settings({}, write(tmp_path / "d.toml", "[inference]\nno_repeat_ngram_size = 30\n"))
+    assert s.inference_for("paddleocr-vl").no_repeat_ngram_size == 30
+    s = load_settings({"no_repeat_ngram_size": 5}, write(tmp_path / "e.toml", ""))
+    assert s.inference_for("paddleocr-vl").no_repeat_ngram_size == 5

@@ -117,3 +117,45 @@ def test_busy_port_exits_1_before_loading_anything(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
     assert "fetching" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_sigterm_during_a_download_exits_0_without_waiting(tmp_path: Path) -> None:
+    """The model download hangs (the fake Hub holds the file); SIGTERM must still stop the server."""
+    from foundation_fakehub import FakeHub
+
+    files = {"config.json": b"{}", "tokenizer.json": b"{}", "model.safetensors": b"x" * 100}
+    with FakeHub({"deepseek-ai/DeepSeek-OCR": files}) as hub:
+        hub.gate.clear()  # every file download blocks until the test ends
+        port = free_port()
+        env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"),
+               "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+               "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "deepseek_ocr_server", "--host", "127.0.0.1", "--port", str(port),
+             "--config", str(tmp_path / "c.toml"), "--cache-dir", str(tmp_path / "cache")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        try:
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and not any(m == "GET" and "/resolve/" in p for m, p in hub.requests):
+                assert proc.poll() is None
+                time.sleep(0.05)
+            body = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+            assert body["state"] == "loading", body
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)  # far less than the held download (120 s)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, out
+    assert "not waiting for it" in out
+    assert not (tmp_path / "cache" / "models" / "deepseek-ocr" / "config.json").exists()
+
+
+def test_server_limits_reach_the_engine(tmp_path: Path) -> None:
+    settings = load_settings({"max_running": 3, "max_queued": 5, "queue_timeout": 7.0, "cache_dir": tmp_path},
+                             tmp_path / "c.toml")
+    _, manager = server.build_app(settings)
+    sch = manager.scheduler
+    assert (sch.max_running, sch.max_queued, sch.queue_timeout_s) == (3, 5, 7.0)

@@ -114,7 +114,7 @@ def test_dtype_conversion_once_and_quantize_rejected(paddle_ckpt: Path) -> None:
     m = PaddleOcrVlModel.load(ModelFiles.from_dir(paddle_ckpt), dtype=torch.bfloat16)
     assert {p.dtype for p in m.net.parameters()} == {torch.bfloat16}
     with pytest.raises(ModelLoadError, match="quantize"):
-        _load(paddle_ckpt, quantize="int8")
+        _load(paddle_ckpt, quantize="int4")
 
 
 def test_bad_config_is_a_load_error(paddle_ckpt: Path, tmp_path: Path) -> None:

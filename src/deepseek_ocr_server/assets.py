@@ -5,7 +5,7 @@ Per file (config.json, tokenizer.json, the weights):
 1. an explicit path: ``--model-config`` / ``--tokenizer`` / ``--weights`` (they apply to the model chosen
    by ``--model``) or the entry's ``config`` / ``tokenizer`` / ``weights`` in config.toml (the flags are
    merged over the entry by :func:`~.config.load_settings`, so a flag wins);
-2. the file in ``<cache>/models/<id>/`` (``model.safetensors``, or ``*.safetensors.index.json`` + shards);
+2. the file in ``<cache>/models/<id>/`` (``model.safetensors``, or ``*.safetensors.index.json`` + shards, or one lone ``*.safetensors``);
 3. a download from the entry's Hugging Face repo with ``huggingface_hub`` (honours ``HF_HOME``,
    ``HF_HUB_CACHE``, ``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``; progress bars; atomic: a partial
    download is a ``.incomplete`` file that is never taken for a finished one). The downloaded file is
@@ -80,7 +80,12 @@ def _weights_in(directory: Path) -> Path | None:
         if shards and all((directory / s).is_file() for s in shards):
             return index
     single = directory / WEIGHTS_FILE
-    return single if single.is_file() else None
+    if single.is_file():
+        return single
+    if any(directory.glob("*.safetensors.index.json")):
+        return None  # an index with missing shards: fetch them, never guess
+    lone = [p for p in directory.glob("*.safetensors") if not p.name.startswith(".")]
+    return lone[0] if len(lone) == 1 else None  # e.g. model-00001-of-000001.safetensors without its index
 
 
 def _index_shards(index: Path) -> list[str]:
@@ -104,6 +109,25 @@ def _cache_is_current(settings: Settings, model_id: str) -> bool:
     return src.get("repo") == entry.repo and src.get("revision") == entry.revision
 
 
+def _forget_previous_fill(settings: Settings, model_id: str) -> list[str]:
+    """Files fetched earlier into the model dir from the entry's current repo/revision (per the marker).
+
+    When the dir was filled from another repo/revision, those files are removed first (so that e.g. an
+    old shard index never shadows a new model.safetensors) and the list is empty. Files put there by
+    hand are never listed and stay."""
+    d = settings.model_dir(model_id)
+    try:
+        old = json.loads((d / SOURCE_MARKER).read_text(encoding="utf-8")).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        old = []
+    old = [n for n in old if isinstance(n, str) and n and "/" not in n and "\\" not in n and n not in (".", "..")]
+    if _cache_is_current(settings, model_id):
+        return old
+    for name in old:
+        (d / name).unlink(missing_ok=True)
+    return []
+
+
 def _from_cache(settings: Settings, model_id: str) -> _Wanted:
     d = settings.model_dir(model_id)
     if not d.is_dir() or not _cache_is_current(settings, model_id):
@@ -122,6 +146,16 @@ def _hub_cache_dir() -> str | None:
     if os.environ.get("HF_HOME"):
         return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
     return None
+
+
+def describe_hub() -> str:
+    """One line for the start-up log: where downloads come from and where the HF cache is."""
+    from huggingface_hub import constants
+
+    where = _endpoint() or constants.ENDPOINT
+    cache = _hub_cache_dir() or constants.HF_HUB_CACHE
+    source = "off (HF_HUB_OFFLINE=1)" if _offline() else f"from {where}"
+    return f"{source}, Hugging Face cache {cache}"
 
 
 def _endpoint() -> str | None:
@@ -261,7 +295,13 @@ def _fetch(settings: Settings, model_id: str, need: set[str], target: Path) -> d
     # fill is never mistaken for another revision's files.
     target.mkdir(parents=True, exist_ok=True)
     marker_path = target / SOURCE_MARKER
-    marker_path.write_text(json.dumps({"repo": repo, "revision": revision}) + "\n", encoding="utf-8")
+    fetched: list[str] = _forget_previous_fill(settings, model_id)
+
+    def save_marker(commit: str | None = None) -> None:  # rewritten as files land (tiny JSON)
+        marker = {"repo": repo, "revision": revision, "commit": commit, "files": fetched}
+        marker_path.write_text(json.dumps(marker) + "\n", encoding="utf-8")
+
+    save_marker()
     plan: dict[str, list[str]] = {}
     if "config" in need:
         plan["config"] = [CONFIG_FILE]
@@ -286,6 +326,9 @@ def _fetch(settings: Settings, model_id: str, need: set[str], target: Path) -> d
             except Exception as exc:  # noqa: BLE001 - turned into a helpful AssetError
                 raise _explain(exc, repo, revision, name, _how_to_supply(settings, model_id, what)) from exc
             commit = commit or src.parent.name
+            if name not in fetched:
+                fetched.append(name)
+            save_marker()
             if name.endswith(".safetensors.index.json"):
                 shards = _index_shards(target / name)
                 if not shards:
@@ -295,10 +338,11 @@ def _fetch(settings: Settings, model_id: str, need: set[str], target: Path) -> d
     for name in side:
         try:
             _place(_download(repo, revision, name), target / name)
+            if name not in fetched:
+                fetched.append(name)
         except Exception as exc:  # noqa: BLE001 - optional file
             log.warning("optional file %s of %s not fetched: %s", name, repo, _short(exc))
-    marker = {"repo": repo, "revision": revision, "commit": commit}
-    marker_path.write_text(json.dumps(marker) + "\n", encoding="utf-8")
+    save_marker(commit)
     return got
 
 

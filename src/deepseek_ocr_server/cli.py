@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", metavar="R", type=_typed("repetition_penalty", float),
                    help=f"> 1 discourages repeats (default: {_INF.repetition_penalty})")
     g.add_argument("--no-repeat-ngram-size", metavar="N", type=_typed("no_repeat_ngram_size", int),
-                   help=f"global no-repeat n-gram size; 0 disables (default: {_INF.no_repeat_ngram_size})")
+                   help=f"global no-repeat n-gram size; 0 disables (default: {_INF.no_repeat_ngram_size}; "
+                        "paddleocr-vl: 0, as its reference decodes)")
     g.add_argument("--seed", metavar="N", type=_typed("seed", _optional(int)),
                    help="sampling RNG seed, for reproducible sampling (default: none)")
 

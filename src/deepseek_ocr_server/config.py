@@ -16,6 +16,7 @@ Everything else (api/, engine/, assets) reads the result through :class:`Setting
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import tomllib
@@ -152,6 +153,11 @@ class ServerSettings:
 
 SERVER_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerSettings))
 
+#: Built-in defaults that differ by model kind (the lowest layer: ``[inference]`` and everything above
+#: still override them). PaddleOCR-VL's reference decodes plain greedy with no n-gram ban (SPEC §9): a
+#: 20-gram ban would break long legitimate repeats (``<ecel>`` runs in tables, dot leaders).
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {"paddleocr-vl": {"no_repeat_ngram_size": 0}}
+
 BUILTIN_MODELS: dict[str, ModelEntry] = {
     "deepseek-ocr": ModelEntry(id="deepseek-ocr", kind="deepseek-ocr", repo="deepseek-ai/DeepSeek-OCR"),
     "paddleocr-vl": ModelEntry(id="paddleocr-vl", kind="paddleocr-vl", repo="PaddlePaddle/PaddleOCR-VL"),
@@ -173,6 +179,8 @@ class Settings:
     inference: InferenceDefaults = field(default_factory=InferenceDefaults)
     server: ServerSettings = field(default_factory=ServerSettings)
     cli_inference: dict[str, Any] = field(default_factory=dict)
+    #: the keys ``[inference]`` of the file sets (over the kind's built-in defaults)
+    file_inference: dict[str, Any] = field(default_factory=dict)
 
     def entry(self, model_id: str) -> ModelEntry:
         try:
@@ -182,7 +190,10 @@ class Settings:
 
     def inference_for(self, model_id: str) -> InferenceDefaults:
         """CLI flag > per-model entry value > ``[inference]`` > built-in; ``dtype`` resolved."""
-        merged = replace(self.inference, **self.entry(model_id).overrides)
+        entry = self.entry(model_id)
+        merged = replace(self.inference, **KIND_DEFAULTS.get(entry.kind, {}))
+        merged = replace(merged, **self.file_inference)
+        merged = replace(merged, **entry.overrides)
         merged = replace(merged, **self.cli_inference)
         return replace(merged, dtype=merged.effective_dtype)
 
@@ -198,16 +209,22 @@ class Settings:
 # --------------------------------------------------------------------------------------------------
 # platform paths
 # --------------------------------------------------------------------------------------------------
+def _platform_dirs() -> platformdirs.PlatformDirsABC:
+    # roaming: %APPDATA% (not %LOCALAPPDATA%) for the config on Windows; opinion=False: no extra
+    # "Cache" folder under %LOCALAPPDATA%\deepseek-ocr.
+    return platformdirs.PlatformDirs(APP_NAME, appauthor=False, roaming=True, opinion=False)
+
+
 def default_config_path() -> Path:
     """Linux ``$XDG_CONFIG_HOME/deepseek-ocr/config.toml`` (``~/.config``), macOS
     ``~/Library/Application Support/deepseek-ocr/config.toml``, Windows ``%APPDATA%\\deepseek-ocr\\config.toml``."""
-    return Path(platformdirs.user_config_dir(APP_NAME, appauthor=False, roaming=True)) / "config.toml"
+    return Path(_platform_dirs().user_config_dir) / "config.toml"
 
 
 def default_cache_dir() -> Path:
     """Linux ``$XDG_CACHE_HOME/deepseek-ocr`` (``~/.cache``), macOS ``~/Library/Caches/deepseek-ocr``,
     Windows ``%LOCALAPPDATA%\\deepseek-ocr``."""
-    return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False, opinion=False))
+    return Path(_platform_dirs().user_cache_dir)
 
 
 def default_dtype(device: str) -> str:
@@ -409,7 +426,7 @@ temperature = 0.0
 top_p = 1.0
 # top_k = 50                # unset: no top-k cut
 repetition_penalty = 1.0
-no_repeat_ngram_size = 20   # 0 disables
+# no_repeat_ngram_size = 20 # unset: 20 for deepseek-ocr, 0 for paddleocr-vl; 0 disables
 # seed = 0                  # unset: random
 quantize = "none"           # none | int8 (weight-only int8 linear layers)
 
@@ -484,7 +501,9 @@ def _check(ctx: _FileErrors, where: str, key: str, value: Any) -> Any:
 
 
 def _unknown(ctx: _FileErrors, where: str, key: str, allowed: set[str] | tuple[str, ...]) -> ConfigError:
-    return ctx.error(f"{where}{key}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
+    close = difflib.get_close_matches(key, list(allowed), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return ctx.error(f"{where}{key}", f"unknown key ({hint}allowed: {', '.join(sorted(allowed))})")
 
 
 def _path(ctx: _FileErrors, where: str, v: Any) -> Path | None:
@@ -633,6 +652,7 @@ def load_settings(cli_overrides: dict[str, Any] | None = None, config_path: Path
         inference=inference,
         server=server,
         cli_inference=cli_inference,
+        file_inference=dict(parsed["inference"]),
     )
 
 

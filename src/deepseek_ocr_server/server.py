@@ -8,7 +8,6 @@ stop the server gracefully and the process exits 0.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import signal
@@ -49,11 +48,13 @@ def build_app(settings: Settings):  # -> (FastAPI, ModelManager)
     from .engine.manager import ModelManager
 
     srv = settings.server
-    limits = {"max_running": srv.max_running, "max_queued": srv.max_queued, "queue_timeout_s": srv.queue_timeout_s}
-    # Pass only the limits this ModelManager knows (older skeletons take just ids + loader).
-    accepted = inspect.signature(ModelManager).parameters
-    limits = {k: v for k, v in limits.items() if k in accepted}
-    manager = ModelManager(list(settings.models), build_loader(settings), **limits)
+    manager = ModelManager(
+        list(settings.models),
+        build_loader(settings),
+        max_running=srv.max_running,
+        max_queued=srv.max_queued,
+        queue_timeout_s=srv.queue_timeout_s,
+    )
     app = create_app(manager, settings)
     return app, manager
 
@@ -64,7 +65,9 @@ def run(settings: Settings) -> int:
 
     inf = settings.inference_for(settings.active)
     log.info("config file: %s", settings.config_path)
-    log.info("model cache: %s", settings.model_dir(settings.active).parent)
+    from .assets import describe_hub
+
+    log.info("model cache: %s; downloads: %s", settings.model_dir(settings.active).parent, describe_hub())
     log.info(
         "active model: %s (%s); models: %s", settings.active, settings.entry(settings.active).kind,
         ", ".join(settings.models),
@@ -90,20 +93,21 @@ def run(settings: Settings) -> int:
         stop_signals.append(sig)
         server.should_exit = True
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-
     # Bind before anything else so that a busy port fails fast, before a model load/download starts.
     try:
         sock = config.bind_socket()
     except SystemExit:  # uvicorn has logged the OSError
         log.error("cannot listen on %s:%s (port in use? try --port)", settings.server.host, settings.server.port)
         return 1
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     async def serve() -> None:
         await manager.preload(settings.active)
         try:
             await server.serve(sockets=[sock])
         finally:
+            if manager.status().state == "loading":
+                _exit_now(0 if server.started or stop_signals else 1)
             await manager.shutdown()
 
     try:
@@ -114,11 +118,14 @@ def run(settings: Settings) -> int:
         sock.close()
     code = 0 if server.started or stop_signals else 1
     log.info("stopped")
-    if manager.status().state == "loading":
-        # A load/download is still running in a worker thread; waiting for it would delay the exit by
-        # minutes. Nothing is left to clean up (downloads are atomic), so leave now.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
     return code
+
+
+def _exit_now(code: int) -> None:
+    """Leave while a model load/download still runs in a worker thread: waiting for it could take
+    minutes, and nothing needs cleaning up (downloads are atomic, a half-loaded model is just memory)."""
+    log.info("stopped (a model load was still running; not waiting for it)")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

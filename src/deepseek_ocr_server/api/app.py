@@ -10,26 +10,30 @@ import asyncio
 import secrets
 import time
 import uuid
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from openai.types import Model
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..engine import metrics
 from ..engine.manager import ModelManager
+from ..engine.types import Finished
 from . import chat, responses, sse
 from .errors import ApiError, error_body, install_exception_handlers
 from .messages import collapse_chat, collapse_responses
 from .options import ApiOptions
-from .schemas import ChatCompletionRequest, ResponsesRequest
+from .schemas import ChatCompletionRequest, ResponsesRequest, parse_body
 from .service import Generation, build_request, check_model, start
 
 _ENDPOINTS = {"/v1/models", "/v1/chat/completions", "/v1/responses", "/health", "/metrics"}
 _STARTED = int(time.time())
+T = TypeVar("T")
 
 
 class LimitsAndMetrics:
@@ -123,21 +127,46 @@ async def _until_disconnect(request: Request) -> None:
             return
 
 
-async def _collect_unless_disconnected(request: Request, gen: Generation) -> Any:
-    """Run a non-streaming generation; if the client goes away first, cancel it."""
-    work = asyncio.ensure_future(gen.collect())
+async def _unless_disconnected(request: Request, aw: Awaitable[T]) -> T:
+    """Await ``aw`` (waiting for a queue slot, or a whole non-streaming generation); if the client goes
+    away first, cancel it, which cancels the request in the engine."""
+    work = asyncio.ensure_future(aw)
     gone = asyncio.ensure_future(_until_disconnect(request))
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
         if not work.done():
-            work.cancel()  # Generation closes the engine iterator on the way out
+            work.cancel()
             await asyncio.gather(work, return_exceptions=True)
-            await gen.aclose()
     if work.cancelled():
         raise ApiError("client disconnected", status=499, code="client_disconnected")
     return work.result()
+
+
+async def _collect(request: Request, gen: Generation) -> tuple[str, Finished]:
+    try:
+        return await _unless_disconnected(request, gen.collect())
+    finally:
+        await gen.aclose()
+
+
+def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """Document the JSON body in /docs (the handlers parse it themselves, see ``parse_body``)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:  # the request models are not recursive: inlining terminates
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
 def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
@@ -177,8 +206,9 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
         ]
         return {"object": "list", "data": data}
 
-    @v1.post("/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    @v1.post("/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+    async def chat_completions(request: Request) -> Response:
+        body = parse_body(await request.body(), ChatCompletionRequest)
         check_model(manager, body.model)
         conv = collapse_chat(body.messages)
         cid = "chatcmpl-" + uuid.uuid4().hex
@@ -188,15 +218,16 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
             manager=manager, settings=settings, opts=opts, model_id=body.model, conv=conv, body=body,
             max_new_tokens=budget, budget_param=budget_param, stop=body.stop, request_id=cid,
         )
-        gen = await start(manager, req, body.model)
+        gen = await _unless_disconnected(request, start(manager, req, body.model))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return sse.SSEResponse(chat.stream(gen, cid, body.model, include_usage))
-        text, fin = await _collect_unless_disconnected(request, gen)
+        text, fin = await _collect(request, gen)
         return JSONResponse(sse.dump(chat.completion(cid, body.model, text, fin)))
 
-    @v1.post("/responses")
-    async def create_response(body: ResponsesRequest, request: Request) -> Response:
+    @v1.post("/responses", openapi_extra=_body_schema(ResponsesRequest))
+    async def create_response(request: Request) -> Response:
+        body = parse_body(await request.body(), ResponsesRequest)
         check_model(manager, body.model)
         conv = collapse_responses(body.input, body.instructions)
         rid = "resp_" + uuid.uuid4().hex
@@ -207,10 +238,10 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
         temperature = req.sampling.temperature if req is not None else (body.temperature or 0.0)
         top_p = req.sampling.top_p if req is not None else (body.top_p or 1.0)
         rb = responses.ResponseBuilder(rid, body.model, body, temperature, top_p)
-        gen = await start(manager, req, body.model)
+        gen = await _unless_disconnected(request, start(manager, req, body.model))
         if body.stream:
             return sse.SSEResponse(responses.stream(gen, rb))
-        text, fin = await _collect_unless_disconnected(request, gen)
+        text, fin = await _collect(request, gen)
         return JSONResponse(sse.dump(rb.final(text, fin)))
 
     app.include_router(v1)

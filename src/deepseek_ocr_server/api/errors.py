@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -82,8 +83,8 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
     return out or None
 
 
-def _validation_error(exc: RequestValidationError) -> ApiError:
-    errors = exc.errors()
+def validation_error(errors: Sequence[Any]) -> ApiError:
+    """The first pydantic/FastAPI validation error as an OpenAI-style 400."""
     if not errors:
         return ApiError("invalid request body")
     first = errors[0]
@@ -119,7 +120,7 @@ def install_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
+        return validation_error(exc.errors()).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

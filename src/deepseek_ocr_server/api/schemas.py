@@ -9,9 +9,12 @@ Range checks live here (400 with the field as ``param``); values are never clamp
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import json
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+
+from .errors import ApiError, validation_error
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
@@ -27,7 +30,7 @@ class DecodeFields(_Body):
 
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None  # torch.Generator's range
     # extensions (send them as extra body fields, e.g. ``extra_body={...}`` in the openai SDK)
     do_sample: StrictBool | None = None
     top_k: PositiveInt | None = None
@@ -81,3 +84,23 @@ class ResponsesRequest(DecodeFields):
     store: bool | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
+
+
+B = TypeVar("B", bound=BaseModel)
+
+
+def parse_body(raw: bytes, model: type[B]) -> B:
+    """JSON body -> request model, whatever the Content-Type (curl -d sends a form type by default).
+
+    Every failure is a 400 with an OpenAI error body naming the offending field."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        reason = "the body is empty" if not raw.strip() else str(exc)
+        raise ApiError(f"We could not parse the JSON body of your request: {reason}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError("The request body must be a JSON object.", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from None

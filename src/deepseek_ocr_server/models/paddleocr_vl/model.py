@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from ..base import InputError, ModelFiles, ModelLoadError, OcrModel, Prepared, SequenceCache, VisionSettings
+from ..quant import quantize_linears_int8, skip_vision
 from .config import PaddleOcrVlConfig
 from .language import ErnieModel, KVCache
 from .processor import (
@@ -165,8 +166,8 @@ class PaddleOcrVlModel(OcrModel):
         dtype: torch.dtype = torch.bfloat16,
         quantize: str | None = None,
     ) -> PaddleOcrVlModel:
-        if quantize is not None:
-            raise ModelLoadError(f"paddleocr-vl: quantize={quantize!r} is not supported (only None)")
+        if quantize not in (None, "int8"):
+            raise ModelLoadError(f"paddleocr-vl: quantize={quantize!r} is not supported (None or 'int8')")
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ModelLoadError(f"unsupported dtype {dtype}")
         dev = torch.device(device)
@@ -190,6 +191,8 @@ class PaddleOcrVlModel(OcrModel):
         axis[t : t + h] = 1
         lm.rope_axis = axis
         net.eval().requires_grad_(False)
+        if quantize == "int8":  # decoder linears + lm_head; vision tower and projector stay as loaded
+            quantize_linears_int8(net, skip=skip_vision)
 
         try:
             tokenizer = Tokenizer.from_file(str(files.tokenizer))
