@@ -100,7 +100,10 @@ def free_port() -> int:
 
 
 def write_config(path: Path, model: str, ckpt: Path, max_running: int, max_queued: int) -> None:
-    weights = sorted(ckpt.glob("*.safetensors.index.json")) or [ckpt / "model.safetensors"]
+    sys.path.insert(0, str(REPO / "src"))
+    from deepseek_ocr_server.models.base import ModelFiles
+
+    weights = [ModelFiles.from_dir(ckpt).weights]
     path.write_text(
         "[models]\n"
         f'active = "{model}"\n'
