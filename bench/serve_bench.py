@@ -430,17 +430,24 @@ def int8_check(args: argparse.Namespace, bound: dict, steps: int = 64) -> None:
     with torch.inference_mode():
         ref = generate(model, prepared, greedy, steps).token_ids
         base_rates = {b: decode_rate(b) for b in (1, 8)}
-        n = quantize_linears_int8(model.net, skip=skip_vision)
+        if args.f16_decode:
+            from deepseek_ocr_server.models.quant import f16_decode_linears
+
+            n = f16_decode_linears(model.net, skip=skip_vision)
+            label = "f16-decode"
+        else:
+            n = quantize_linears_int8(model.net, skip=skip_vision)
+            label = "int8"
         q = generate(model, prepared, greedy, steps).token_ids
         q_rates = {b: decode_rate(b) for b in (1, 8)}
         agree_forced = forced(ref)
     prefix = next((i for i, (a, b) in enumerate(zip(ref, q, strict=False)) if a != b), min(len(ref), len(q)))
     same_pos = sum(a == b for a, b in zip(ref, q, strict=False)) / max(1, len(ref))
-    print(f"\n## int8 check: {args.model}, {n} linear layers quantized ({int8_weight_bytes(model.net) / 1e9:.2f} GB int8)")
+    print(f"\n## {label} check: {args.model}, {n} linear layers converted ({int8_weight_bytes(model.net) / 1e9:.2f} GB int8)")
     print(f"greedy {len(ref)} steps: identical positions {same_pos:.0%}, identical prefix {prefix} tokens, "
           f"teacher-forced agreement {agree_forced:.0%} (target >= 90%)")
     for b in (1, 8):
-        print(f"decode batch {b}: {args.dtype} {base_rates[b]:.2f} tok/s -> int8 {q_rates[b]:.2f} tok/s "
+        print(f"decode batch {b}: {args.dtype} {base_rates[b]:.2f} tok/s -> {label} {q_rates[b]:.2f} tok/s "
               f"({q_rates[b] / base_rates[b]:.2f}x)")
     bound1 = bound["bandwidth_gbs"] * 1e9 / bound["params"]
     print(f"bounds at {bound['bandwidth_gbs']:.1f} GB/s: {args.dtype} {bound1 / 2:.1f} tok/s, int8 {bound1:.1f} tok/s; "
@@ -518,6 +525,8 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="also write all rows here")
     p.add_argument("--int8-check", action="store_true",
                    help="only compare int8 with --dtype in-process: greedy agreement over 64 steps, decode speed")
+    p.add_argument("--f16-decode", action="store_true",
+                   help="with --int8-check: try f16-stored decoder weights (experimental) instead of int8")
     p.add_argument("--in-process", action="store_true",
                    help="drive the engine's ModelManager directly (no HTTP server; TTFT without HTTP/SSE)")
     args = p.parse_args()

@@ -131,3 +131,51 @@ def int8_weight_bytes(module: nn.Module) -> int:
         if isinstance(mod, Int8Linear):
             n += mod.weight.numel() + mod.scales.numel() * 4
     return n
+
+
+class F16DecodeLinear(nn.Module):
+    """Experimental: a bf16 layer whose weight is stored in float16 for the decode GEMV.
+
+    On this CPU class torch's f16 matrix-vector product reads weights near DRAM speed while the bf16 one
+    reaches about half of it (PERF-NOTES). Few rows (<= ``gemv_max_rows``) run in f16 when the input fits
+    the f16 range comfortably; anything else converts the weight back to the activation dtype (exact for
+    weights within f16's range: bf16 -> f16 keeps every bf16 value of magnitude 6e-5 .. 65504).
+    """
+
+    gemv_max_rows: int = 16
+    _f16_limit = 3.0e4
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", linear.weight.detach().to(torch.float16).contiguous())
+        self.bias = (
+            nn.Parameter(linear.bias.detach().clone(), requires_grad=False) if linear.bias is not None else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if x.dtype != torch.float16 and rows <= self.gemv_max_rows and float(x.abs().amax()) < self._f16_limit:
+            y = F.linear(x.to(torch.float16), self.weight).to(x.dtype)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+
+def f16_decode_linears(module: nn.Module, *, skip: Callable[[str, nn.Linear], bool] | None = None) -> int:
+    """Replace ``nn.Linear`` layers by :class:`F16DecodeLinear` (experimental; same contract as
+    :func:`quantize_linears_int8`)."""
+    done: dict[int, nn.Module] = {}
+    for name, mod in list(module.named_modules()):
+        for child_name, child in list(mod._modules.items()):
+            if type(child) is not nn.Linear:
+                continue
+            full = f"{name}.{child_name}" if name else child_name
+            if skip is not None and skip(full, child):
+                continue
+            if id(child) not in done:
+                done[id(child)] = F16DecodeLinear(child)
+            setattr(mod, child_name, done[id(child)])
+    return len(done)
