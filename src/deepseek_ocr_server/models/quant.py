@@ -106,22 +106,47 @@ def quantize_linears_int8(
     whose top-k choice is sensitive, or an lm_head); layers with ``min(in, out) < min_features`` are kept
     too. Returns the number of layers replaced. The full-precision weights are freed layer by layer.
     """
-    targets: list[tuple[nn.Module, str, str, nn.Linear]] = []
+    return _replace_linears(module, Int8Linear.from_linear, skip, min_features)
+
+
+def _replace_linears(
+    module: nn.Module,
+    convert: Callable[[nn.Linear], nn.Module],
+    skip: Callable[[str, nn.Linear], bool] | None,
+    min_features: int = 0,
+) -> int:
+    # Only names are collected first: each full-precision Linear is dropped as soon as it is replaced,
+    # so the peak memory is the model plus ONE layer, not the model twice.
+    targets: list[tuple[nn.Module, str]] = []
+    seen: dict[int, int] = {}
     for name, mod in module.named_modules():
         for child_name, child in mod._modules.items():  # not named_children(): it hides shared modules
-            if type(child) is nn.Linear:
-                full = f"{name}.{child_name}" if name else child_name
-                if skip is not None and skip(full, child):
-                    continue
-                if min(child.in_features, child.out_features) < min_features:
-                    continue
-                targets.append((mod, child_name, full, child))
-    done: dict[int, Int8Linear] = {}  # a Linear shared by two parents stays shared
-    for parent, child_name, _full, child in targets:
-        if id(child) not in done:
-            done[id(child)] = Int8Linear.from_linear(child)
-        setattr(parent, child_name, done[id(child)])
-    return len(done)
+            if type(child) is not nn.Linear:
+                continue
+            full = f"{name}.{child_name}" if name else child_name
+            if skip is not None and skip(full, child):
+                continue
+            if min(child.in_features, child.out_features) < min_features:
+                continue
+            targets.append((mod, child_name))
+            seen[id(child)] = seen.get(id(child), 0) + 1
+    # a Linear shared by several parents stays shared (its id is stable: it stays alive until its last
+    # parent is rewired, and ids of live objects are unique)
+    shared: dict[int, nn.Module] = {}
+    n = 0
+    for parent, child_name in targets:
+        child = parent._modules[child_name]
+        key = id(child)
+        if key in shared:
+            new = shared[key]
+        else:
+            new = convert(child)
+            n += 1
+            if seen[key] > 1:
+                shared[key] = new
+        parent._modules[child_name] = new
+        del child
+    return n
 
 
 def int8_weight_bytes(module: nn.Module) -> int:
@@ -142,7 +167,7 @@ class F16DecodeLinear(nn.Module):
     weights within f16's range: bf16 -> f16 keeps every bf16 value of magnitude 6e-5 .. 65504).
     """
 
-    gemv_max_rows: int = 16
+    gemv_max_rows: int = 1  # f16 GEMM is slow on CPUs without native f16 math: only single rows
     _f16_limit = 3.0e4
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -167,15 +192,4 @@ class F16DecodeLinear(nn.Module):
 def f16_decode_linears(module: nn.Module, *, skip: Callable[[str, nn.Linear], bool] | None = None) -> int:
     """Replace ``nn.Linear`` layers by :class:`F16DecodeLinear` (experimental; same contract as
     :func:`quantize_linears_int8`)."""
-    done: dict[int, nn.Module] = {}
-    for name, mod in list(module.named_modules()):
-        for child_name, child in list(mod._modules.items()):
-            if type(child) is not nn.Linear:
-                continue
-            full = f"{name}.{child_name}" if name else child_name
-            if skip is not None and skip(full, child):
-                continue
-            if id(child) not in done:
-                done[id(child)] = F16DecodeLinear(child)
-            setattr(mod, child_name, done[id(child)])
-    return len(done)
+    return _replace_linears(module, F16DecodeLinear, skip)
