@@ -25,12 +25,31 @@ from torch import nn
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def quantize_weight_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric int8: returns ``(q [N, K] int8, scales [N] float32)``."""
-    w = weight.detach().float()
-    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q.contiguous(), scales
+def quantize_weight_int8(weight: torch.Tensor, rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8: returns ``(q [N, K] int8, scales [N] float32)``.
+
+    Works on ``rows_per_chunk`` rows at a time so that the float32 temporaries stay small (a 129k-row
+    lm_head would otherwise need ~2 GB of them)."""
+    w_all = weight.detach()
+    n = w_all.shape[0]
+    q = torch.empty(w_all.shape, dtype=torch.int8, device=w_all.device)
+    scales = torch.empty(n, dtype=torch.float32, device=w_all.device)
+    for start in range(0, n, rows_per_chunk):
+        w = w_all[start : start + rows_per_chunk].to(torch.float32, copy=True)  # never edit the source
+        s = w.abs().amax(dim=1).clamp_(min=1e-12).div_(127.0)
+        q[start : start + rows_per_chunk] = w.div_(s[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        scales[start : start + rows_per_chunk] = s
+    return q, scales
+
+
+def _release_freed_memory() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise; RSS would stay at its peak)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 class Int8Linear(nn.Module):
@@ -146,6 +165,7 @@ def _replace_linears(
                 shared[key] = new
         parent._modules[child_name] = new
         del child
+    _release_freed_memory()
     return n
 
 
