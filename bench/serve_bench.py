@@ -430,14 +430,8 @@ def int8_check(args: argparse.Namespace, bound: dict, steps: int = 64) -> None:
     with torch.inference_mode():
         ref = generate(model, prepared, greedy, steps).token_ids
         base_rates = {b: decode_rate(b) for b in (1, 8)}
-        if args.f16_decode:
-            from deepseek_ocr_server.models.quant import f16_decode_linears
-
-            n = f16_decode_linears(model.net, skip=skip_vision)
-            label = "f16-decode"
-        else:
-            n = quantize_linears_int8(model.net, skip=skip_vision)
-            label = "int8"
+        n = quantize_linears_int8(model.net, skip=skip_vision)
+        label = "int8"
         q = generate(model, prepared, greedy, steps).token_ids
         q_rates = {b: decode_rate(b) for b in (1, 8)}
         agree_forced = forced(ref)
@@ -525,8 +519,6 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="also write all rows here")
     p.add_argument("--int8-check", action="store_true",
                    help="only compare int8 with --dtype in-process: greedy agreement over 64 steps, decode speed")
-    p.add_argument("--f16-decode", action="store_true",
-                   help="with --int8-check: try f16-stored decoder weights (experimental) instead of int8")
     p.add_argument("--in-process", action="store_true",
                    help="drive the engine's ModelManager directly (no HTTP server; TTFT without HTTP/SSE)")
     args = p.parse_args()
