@@ -403,6 +403,8 @@ def test_metrics_change_when_serving():
     ttft0 = sample("ocr_time_to_first_token_seconds_count")
     lat0 = sample("ocr_request_latency_seconds_count")
     load0 = sample("ocr_model_load_seconds_count", model="m1")
+    prefill0 = sample("ocr_prefill_seconds_count")
+    steps0 = sum(sample("ocr_decode_steps_total", batch=str(b)) for b in range(1, 9))
 
     async def main():
         return await collect(mgr.submit(req("count me", model="m1")))
@@ -414,4 +416,32 @@ def test_metrics_change_when_serving():
     assert sample("ocr_request_latency_seconds_count") == lat0 + 1
     assert sample("ocr_model_load_seconds_count", model="m1") == load0 + 1
     assert sample("ocr_queue_depth") == 0 and sample("ocr_running_sequences") == 0
+    assert sample("ocr_prefill_seconds_count") == prefill0 + 1
+    # one decode step per token after the first (the prefill chose the first)
+    assert sum(sample("ocr_decode_steps_total", batch=str(b)) for b in range(1, 9)) == steps0 + fin.completion_tokens - 1
+    run(mgr.shutdown())
+
+
+class SplitCharFake(FakeOcrModel):
+    """Answers start with "一" (3 UTF-8 bytes = 3 tokens): the first token alone has no text."""
+
+    def _target(self, cache):
+        i = cache.length - cache.prompt_len
+        return (0xE4, 0xB8, 0x80)[i] if i < 3 else super()._target(cache)
+
+
+def test_first_token_makes_an_event_even_without_text():
+    gate = Gate()
+    model = SplitCharFake(name="a", min_answer=6, answer_span=1, on_decode=gate)
+    mgr = manager_for({"a": model})
+
+    async def main():
+        s = mgr.submit(req("x"))
+        first = await s.__anext__()  # the worker is blocked in its first decode step: prefill only
+        assert isinstance(first, TextDelta) and first.text == ""
+        gate.release(1000)
+        return await collect(s)
+
+    text, fin = run(main())
+    assert text.startswith("一") and fin.finish_reason == "stop"
     run(mgr.shutdown())

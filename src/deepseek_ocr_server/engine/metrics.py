@@ -44,3 +44,12 @@ BATCH_SIZE = Histogram(
 REJECTED = Counter("ocr_rejected_requests_total", "Requests refused by the engine", ["reason"])
 CANCELLED = Counter("ocr_cancelled_requests_total", "Requests whose client went away before the end")
 SWAPS = Counter("ocr_model_swaps_total", "Successful model loads (initial load included)")
+DECODE_SECONDS = Counter(
+    "ocr_decode_seconds_total", "Wall time spent in decode steps, by batch size (sequences per step)", ["batch"]
+)
+DECODE_STEPS = Counter("ocr_decode_steps_total", "Decode steps, by batch size", ["batch"])
+PREFILL_SECONDS = Histogram(
+    "ocr_prefill_seconds",
+    "Wall time of one admission: preprocessing + vision + prompt prefill",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160),
+)

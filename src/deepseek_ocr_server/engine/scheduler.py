@@ -382,6 +382,7 @@ class Scheduler:
         metrics.QUEUE_WAIT.observe(time.monotonic() - job.t_submit)
         self._set_running(len(self._running) + 1)
         seq: Sequence | None = None
+        t0 = time.perf_counter()
         try:
             prepared = model.prepare(req.text, req.images, req.vision, req.system)
             room = model.max_context - prepared.num_prompt_tokens
@@ -404,6 +405,7 @@ class Scheduler:
                 seq.release()
             job.send(EngineError(f"prefill failed: {type(exc).__name__}: {exc}"))
             return
+        metrics.PREFILL_SECONDS.observe(time.perf_counter() - t0)
         metrics.PROMPT_TOKENS.labels(model=job.model_id).inc(prepared.num_prompt_tokens)
         run = Running(job, seq, job.model_id)
         self._running.append(run)
@@ -418,12 +420,16 @@ class Scheduler:
         assert model is not None
         batch = list(self._running)
         metrics.BATCH_SIZE.observe(len(batch))
+        t0 = time.perf_counter()
         try:
             logits = model.decode([r.seq.last_token for r in batch], [r.seq.cache for r in batch])  # type: ignore[misc]
         except Exception as exc:  # noqa: BLE001
             log.exception("decode step failed")
             self._fail_running(f"decode failed: {type(exc).__name__}: {exc}")
             return
+        label = str(len(batch))
+        metrics.DECODE_SECONDS.labels(batch=label).inc(time.perf_counter() - t0)
+        metrics.DECODE_STEPS.labels(batch=label).inc()
         for row, run in zip(logits, batch, strict=True):
             self._accept(run, row, first=False)
         self._sweep()
@@ -436,7 +442,9 @@ class Scheduler:
             metrics.TTFT.observe(time.monotonic() - job.t_submit)
         if job.cancelled:
             return
-        if step.text and not step.finished:
+        if (step.text or first) and not step.finished:
+            # the first token always makes an event (maybe empty text): the API can start its response
+            # as soon as generation has started, not when the first visible character appears
             job.send(TextDelta(step.text))
         elif step.finished:
             # release and account BEFORE the last event, so that a client that saw Finished also sees
