@@ -190,6 +190,8 @@ class DeepseekOcrModel(OcrModel):
         self.max_context = cfg.language.max_position_embeddings
         #: Wall times of the last prefill: "vision_s" (image encoders) and "prefill_s" (decoder).
         self.last_timings: dict[str, float] = {}
+        #: KV layout override for new caches (None: the fastest for the dtype/device; tests force both).
+        self.kv_v_transposed: bool | None = None
         self.rope = Rope(cfg.language.head_dim, cfg.language.rope_theta, self.max_context, dtype, device)
 
     # ---------------------------------------------------------------- load
@@ -305,7 +307,7 @@ class DeepseekOcrModel(OcrModel):
         if n >= self.max_context:
             raise InputError(f"prompt is {n} tokens; the model's context is {self.max_context} positions")
         capacity = min(self.max_context, n + max(1, max_new_tokens))
-        cache = self.net.model.new_cache(capacity, self.dtype, self.device)
+        cache = self.net.model.new_cache(capacity, self.dtype, self.device, self.kv_v_transposed)
         self.last_timings = {"vision_s": 0.0}
         h = self.embed_prompt(prepared)
         t0 = time.perf_counter()
