@@ -131,17 +131,20 @@ class Attention(nn.Module):
         t = x.shape[0]
         q, k, v = self.qkv(x, cos, sin)
         k_cache[:, start : start + t] = k.transpose(0, 1)
-        kk = k_cache[:, : start + t].unsqueeze(0)
         if v_transposed:
             v_cache[:, :, start : start + t] = v.permute(1, 2, 0)
-            vv = v_cache[:, :, : start + t].transpose(1, 2).unsqueeze(0)
         else:
             v_cache[:, start : start + t] = v.transpose(0, 1)
-            vv = v_cache[:, : start + t].unsqueeze(0)
-        qq = q.transpose(0, 1).unsqueeze(0)
+        qq = q.transpose(0, 1).contiguous().unsqueeze(0)
+        # SDPA wants contiguous (heads, T, hd) operands: a strided V is several times slower on CPU
         if start == 0:
+            kk = k.transpose(0, 1).contiguous().unsqueeze(0)
+            vv = v.transpose(0, 1).contiguous().unsqueeze(0)
             out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True)
         else:
+            kk = k_cache[:, : start + t].unsqueeze(0)
+            vv = v_cache[:, :, : start + t].transpose(1, 2) if v_transposed else v_cache[:, : start + t]
+            vv = vv.contiguous().unsqueeze(0)
             mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
             out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask)
         return self.o_proj(out[0].transpose(0, 1).reshape(t, -1))
