@@ -108,7 +108,7 @@ def test_sharded_index_loads_same_weights(tmp_path, deepseek_model_f32):
 
 def test_quantize_and_bad_dtype_rejected(deepseek_ckpt):
     with pytest.raises(ModelLoadError, match="quantize"):
-        _load(deepseek_ckpt, quantize="int8")
+        _load(deepseek_ckpt, quantize="int4")
     with pytest.raises(ModelLoadError, match="dtype"):
         DeepseekOcrModel.load(ModelFiles.from_dir(deepseek_ckpt), dtype=torch.int8)
 

@@ -81,3 +81,21 @@ def test_greedy_when_temperature_zero_even_with_do_sample():
 def test_validate_rejects(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs).validate()
+
+
+def test_generate_caps_the_budget_at_the_context():
+    """A budget beyond the model's context ends with 'length' at the context edge, never a cache error."""
+    from deepseek_ocr_server.engine.generate import generate
+    from deepseek_ocr_server.models.base import InputError
+    from deepseek_ocr_server.testing.fake import FakeOcrModel
+
+    m = FakeOcrModel()
+    prepared = m.prepare("a b c d e f g h i j k l m n o p", [])
+    assert m.answer_length(prepared) > 3  # the answer would be longer than the room left
+    m.max_context = prepared.num_prompt_tokens + 3
+    r = generate(m, prepared, SamplingParams(no_repeat_ngram_size=0), max_new_tokens=10_000)
+    assert (r.completion_tokens, r.finish_reason) == (3, "length")
+    assert r.token_ids == m.expected_greedy(prepared, 3)
+    m.max_context = prepared.num_prompt_tokens
+    with pytest.raises(InputError, match="context"):
+        generate(m, prepared, max_new_tokens=5)

@@ -26,11 +26,22 @@ class TextStream:
         if token_id < 0 or token_id >= self.vocab:
             return ""
         self.ids.append(token_id)
-        piece = self.stream.step(self.tokenizer, token_id)
+        try:
+            piece = self.stream.step(self.tokenizer, token_id)
+        except Exception:  # noqa: BLE001 - DecodeStream raises "Invalid prefix" on some invalid byte runs
+            piece = self._resync()
         if piece:
             self.emitted.append(piece)
             return piece
         return ""
+
+    def _resync(self) -> str:
+        """Fallback after a DecodeStream error: restart the stream and emit what the full decode has beyond
+        the text streamed so far (nothing if the two disagree)."""
+        self.stream = DecodeStream(skip_special_tokens=False)
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        done = "".join(self.emitted)
+        return full[len(done) :] if full.startswith(done) else ""
 
     def flush(self) -> str:
         """At the end: whatever the full decode has beyond what was streamed (e.g. a dangling byte)."""

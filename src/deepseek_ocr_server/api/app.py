@@ -1,21 +1,248 @@
-"""FastAPI application factory. Knows nothing about tensors: it talks to the ModelManager only."""
+"""FastAPI application factory. Knows nothing about tensors: it talks to the ModelManager only.
+
+Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/responses`` (OpenAI
+compatible, streaming and not), ``GET /health``, ``GET /metrics`` (Prometheus).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
-from fastapi import FastAPI
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from openai.types import Model
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..engine import metrics
 from ..engine.manager import ModelManager
+from ..engine.types import Finished
+from . import chat, responses, sse
+from .errors import ApiError, error_body, install_exception_handlers
+from .messages import collapse_chat, collapse_responses
+from .options import ApiOptions
+from .schemas import ChatCompletionRequest, ResponsesRequest, parse_body
+from .service import Generation, build_request, check_model, start
+
+_ENDPOINTS = {"/v1/models", "/v1/chat/completions", "/v1/responses", "/health", "/metrics"}
+_STARTED = int(time.time())
+T = TypeVar("T")
+
+
+class LimitsAndMetrics:
+    """ASGI middleware: request-body cap (413) and the per-response request counter."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = path if path in _ENDPOINTS else "other"
+        status_box = [0]
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_box[0] = int(message["status"])
+            await send(message)
+
+        try:
+            body_receive = await self._read_body(scope, receive)
+            if body_receive is None:
+                resp = JSONResponse(
+                    error_body(f"request body larger than {self.max_body} bytes", "invalid_request_error", None,
+                               "request_too_large"),
+                    status_code=413,
+                )
+                await resp(scope, receive, send_wrapper)
+                return
+            await self.app(scope, body_receive, send_wrapper)
+        finally:
+            if status_box[0]:
+                metrics.observe_request(endpoint, status_box[0])
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> Receive | None:
+        """Read the whole body up front (bounded); None when it exceeds the cap."""
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
+                return None
+        if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            return receive
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                pending: list[Message] = [message]
+                break
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_body:
+                return None
+            chunks.append(body)
+            if not message.get("more_body", False):
+                pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+                break
+
+        async def replay() -> Message:
+            if pending:
+                return pending.pop(0)
+            return await receive()
+
+        return replay
+
+
+def _auth_dependency(opts: ApiOptions) -> Any:
+    async def check(request: Request) -> None:
+        if not opts.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), opts.api_key.encode()):
+            raise ApiError(
+                "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
+                status=401,
+                type="invalid_request_error",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    return check
+
+
+async def _until_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _unless_disconnected(request: Request, aw: Awaitable[T]) -> T:
+    """Await ``aw`` (waiting for a queue slot, or a whole non-streaming generation); if the client goes
+    away first, cancel it, which cancels the request in the engine."""
+    work = asyncio.ensure_future(aw)
+    gone = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+    if work.cancelled():
+        raise ApiError("client disconnected", status=499, code="client_disconnected")
+    return work.result()
+
+
+async def _collect(request: Request, gen: Generation) -> tuple[str, Finished]:
+    try:
+        return await _unless_disconnected(request, gen.collect())
+    finally:
+        await gen.aclose()
+
+
+def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """Document the JSON body in /docs (the handlers parse it themselves, see ``parse_body``)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:  # the request models are not recursive: inlining terminates
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
 def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
+    opts = ApiOptions.from_settings(settings)
     app = FastAPI(title="deepseek-ocr-server")
     app.state.manager = manager
     app.state.settings = settings
+    app.state.options = opts
+    install_exception_handlers(app)
+
+    app.add_middleware(LimitsAndMetrics, max_body_bytes=opts.max_body_bytes)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=opts.cors_origins,
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["*"],
+        allow_credentials=False,
+        expose_headers=["Retry-After"],
+        max_age=600,
+    )
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", **manager.status().as_dict()}
 
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth_dependency(opts))])
+
+    @v1.get("/models")
+    async def list_models() -> dict[str, Any]:
+        data = [
+            sse.dump(Model(id=mid, object="model", created=_STARTED, owned_by="deepseek-ocr-server"))
+            for mid in manager.model_ids()
+        ]
+        return {"object": "list", "data": data}
+
+    @v1.post("/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+    async def chat_completions(request: Request) -> Response:
+        body = parse_body(await request.body(), ChatCompletionRequest)
+        check_model(manager, body.model)
+        conv = collapse_chat(body.messages)
+        cid = "chatcmpl-" + uuid.uuid4().hex
+        budget = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        budget_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        req = await build_request(
+            manager=manager, settings=settings, opts=opts, model_id=body.model, conv=conv, body=body,
+            max_new_tokens=budget, budget_param=budget_param, stop=body.stop, request_id=cid,
+        )
+        gen = await _unless_disconnected(request, start(manager, req, body.model))
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return sse.SSEResponse(chat.stream(gen, cid, body.model, include_usage))
+        text, fin = await _collect(request, gen)
+        return JSONResponse(sse.dump(chat.completion(cid, body.model, text, fin)))
+
+    @v1.post("/responses", openapi_extra=_body_schema(ResponsesRequest))
+    async def create_response(request: Request) -> Response:
+        body = parse_body(await request.body(), ResponsesRequest)
+        check_model(manager, body.model)
+        conv = collapse_responses(body.input, body.instructions)
+        rid = "resp_" + uuid.uuid4().hex
+        req = await build_request(
+            manager=manager, settings=settings, opts=opts, model_id=body.model, conv=conv, body=body,
+            max_new_tokens=body.max_output_tokens, budget_param="max_output_tokens", stop=None, request_id=rid,
+        )
+        temperature = req.sampling.temperature if req is not None else (body.temperature or 0.0)
+        top_p = req.sampling.top_p if req is not None else (body.top_p or 1.0)
+        rb = responses.ResponseBuilder(rid, body.model, body, temperature, top_p)
+        gen = await _unless_disconnected(request, start(manager, req, body.model))
+        if body.stream:
+            return sse.SSEResponse(responses.stream(gen, rb))
+        text, fin = await _collect(request, gen)
+        return JSONResponse(sse.dump(rb.final(text, fin)))
+
+    app.include_router(v1)
     return app

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..models.base import OcrModel, Prepared
+from ..models.base import InputError, OcrModel, Prepared
 from ..sampling import SamplingParams
 from .sequence import FinishReason, Sequence
 
@@ -34,6 +34,15 @@ def _result(seq: Sequence) -> GenerationResult:
     )
 
 
+def _fit(model: OcrModel, prepared: Prepared, max_new_tokens: int) -> int:
+    """The budget capped by the context left after the prompt (the cap ends with finish 'length')."""
+    left = model.max_context - prepared.num_prompt_tokens
+    if left < 1:
+        raise InputError(f"prompt of {prepared.num_prompt_tokens} tokens leaves no room in the "
+                         f"{model.max_context}-token context")
+    return max(1, min(max_new_tokens, left))
+
+
 def generate_stream(
     model: OcrModel,
     prepared: Prepared,
@@ -42,6 +51,7 @@ def generate_stream(
     stop: list[str] | None = None,
 ) -> Iterator[str | GenerationResult]:
     """Yield text increments as they are produced, then the final :class:`GenerationResult`."""
+    max_new_tokens = _fit(model, prepared, max_new_tokens)
     seq = Sequence(model, prepared, params or SamplingParams(), max_new_tokens, stop)
     try:
         logits, seq.cache = model.prefill(prepared, max_new_tokens)
@@ -81,7 +91,7 @@ def generate_batch(
     n = len(prepared)
     plist = params if isinstance(params, list) else [params or SamplingParams()] * n
     mlist = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * n
-    seqs = [Sequence(model, p, sp, m) for p, sp, m in zip(prepared, plist, mlist, strict=True)]
+    seqs = [Sequence(model, p, sp, _fit(model, p, m)) for p, sp, m in zip(prepared, plist, mlist, strict=True)]
     try:
         for seq in seqs:
             logits, seq.cache = model.prefill(seq.prepared, seq.max_new_tokens)

@@ -11,48 +11,31 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from ..models.base import OcrModel
+from . import metrics
+from .errors import BadRequest, EngineError, ModelUnavailable, Overloaded, QueueTimeout, UnknownModel
+from .scheduler import RequestStream, Scheduler
 from .types import Event, OcrRequest
+
+__all__ = [
+    "BadRequest",
+    "EngineError",
+    "Loader",
+    "ModelManager",
+    "ModelStatus",
+    "ModelUnavailable",
+    "Overloaded",
+    "QueueTimeout",
+    "RequestStream",
+    "UnknownModel",
+]
 
 log = logging.getLogger(__name__)
 
 ModelState = Literal["idle", "loading", "ready", "failed"]
-
-
-class EngineError(Exception):
-    """Base of errors the API maps to HTTP statuses."""
-
-    status: int = 500
-    type: str = "server_error"
-    code: str | None = None
-
-    def __init__(self, message: str, *, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-
-
-class UnknownModel(EngineError):
-    status, type, code = 404, "invalid_request_error", "model_not_found"
-
-
-class ModelUnavailable(EngineError):
-    status, type, code = 503, "server_error", "model_unavailable"
-
-
-class Overloaded(EngineError):
-    status, type, code = 429, "rate_limit_error", "server_overloaded"
-
-    def __init__(self, message: str, retry_after: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class QueueTimeout(EngineError):
-    status, type, code = 503, "server_error", "queue_timeout"
 
 
 @dataclass
@@ -61,39 +44,78 @@ class ModelStatus:
     state: ModelState
     error: str | None = None
     load_seconds: float | None = None
+    running: int = 0
+    queued: int = 0
+    #: models whose last load failed, with the reason (they answer 503 until retried)
+    failed: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
-        return {"model": self.model_id, "state": self.state, "error": self.error, "load_seconds": self.load_seconds}
+        return {
+            "model": self.model_id,
+            "state": self.state,
+            "error": self.error,
+            "load_seconds": self.load_seconds,
+            "running": self.running,
+            "queued": self.queued,
+            "failed": dict(self.failed),
+        }
 
 
 Loader = Callable[[str], OcrModel]
 
 
 class ModelManager:
-    """Owns the resident model. ``loader(model_id)`` resolves assets and builds the model (blocking)."""
+    """Owns the resident model. ``loader(model_id)`` resolves assets and builds the model (blocking).
 
-    def __init__(self, model_ids: list[str], loader: Loader) -> None:
+    Serving goes through a :class:`~.scheduler.Scheduler` (one worker thread, continuous batching,
+    admission control, model swaps); see that module for the rules.
+    """
+
+    def __init__(
+        self,
+        model_ids: list[str],
+        loader: Loader,
+        *,
+        max_running: int = 8,
+        max_queued: int = 32,
+        queue_timeout_s: float = 300.0,
+        failed_retry_s: float = 60.0,
+    ) -> None:
         self._ids = list(model_ids)
         self._loader = loader
         self._model: OcrModel | None = None
         self._status = ModelStatus(None, "idle")
         self._errors: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._scheduler = Scheduler(
+            self._ids,
+            self.load_sync,
+            max_running=max_running,
+            max_queued=max_queued,
+            queue_timeout_s=queue_timeout_s,
+            failed_retry_s=failed_retry_s,
+        )
 
     # --- queries -------------------------------------------------------------------------------
     def model_ids(self) -> list[str]:
         return list(self._ids)
 
     def status(self) -> ModelStatus:
-        return self._status
+        sch = self._scheduler
+        return replace(self._status, running=sch.running, queued=sch.queued, failed=sch.failures())
 
     @property
     def model(self) -> OcrModel | None:
         return self._model
 
+    @property
+    def scheduler(self) -> Scheduler:
+        return self._scheduler
+
     # --- loading -------------------------------------------------------------------------------
     def load_sync(self, model_id: str) -> OcrModel:
-        """Unload whatever is resident and load ``model_id`` (blocking; call from a worker thread)."""
+        """Unload whatever is resident and load ``model_id`` (blocking; the scheduler's worker thread
+        calls it between requests; call it yourself only when nothing is being served)."""
         if model_id not in self._ids:
             raise UnknownModel(f"model {model_id!r} not found; available: {', '.join(self._ids)}", param="model")
         with self._lock:
@@ -112,28 +134,39 @@ class ModelManager:
                 raise ModelUnavailable(f"model {model_id!r} failed to load: {msg}") from exc
             self._model = model
             self._errors.pop(model_id, None)
-            self._status = ModelStatus(model_id, "ready", load_seconds=time.perf_counter() - t0)
-            log.info("model %s ready in %.1f s", model_id, self._status.load_seconds)
+            seconds = time.perf_counter() - t0
+            self._status = ModelStatus(model_id, "ready", load_seconds=seconds)
+            metrics.MODEL_LOAD_SECONDS.labels(model=model_id).observe(seconds)
+            log.info("model %s ready in %.1f s", model_id, seconds)
             return model
 
     async def preload(self, model_id: str) -> None:
-        """Start loading in the background; failures are reported by ``status()``, never raised."""
-
-        async def _run() -> None:
-            try:
-                await asyncio.to_thread(self.load_sync, model_id)
-            except EngineError:
-                pass
-
-        self._preload_task = asyncio.get_running_loop().create_task(_run())
+        """Load ``model_id`` in the background (the worker does it when idle); failures are reported by
+        ``status()``, never raised."""
+        if model_id not in self._ids:
+            log.error("preload: unknown model %r", model_id)
+            return
+        self._scheduler.preload(model_id)
 
     # --- serving -------------------------------------------------------------------------------
     def submit(self, req: OcrRequest) -> AsyncIterator[Event]:
-        """Queue ``req`` and stream its events. Raises EngineError subclasses (404/429/503) before the
-        first event. Closing the iterator early cancels the generation.
+        """Queue ``req`` and stream its events: ``TextDelta``*, then ``Finished`` (or ``Failed`` when the
+        generation broke after its first event). Call from the event loop.
 
-        Implemented by the scheduler (engine issue)."""
-        raise NotImplementedError
+        Errors, always before the first event: raised at once by ``submit`` -- UnknownModel (404, the ids
+        listed), ModelUnavailable (503, the model failed to load recently), Overloaded (429,
+        ``retry_after`` seconds), BadRequest (400, invalid sampling values); raised by the first
+        ``__anext__`` -- QueueTimeout (503), BadRequest (400, the model refused the input), ModelUnavailable
+        (503, the model failed to load while the request waited), EngineError (500).
+        Closing the iterator early (``aclose()``, cancelling the awaiting task) cancels the generation.
+        """
+        if req.model_id not in self._ids:
+            metrics.REJECTED.labels(reason="unknown_model").inc()
+            raise UnknownModel(
+                f"model {req.model_id!r} not found; available: {', '.join(self._ids)}", param="model"
+            )
+        return self._scheduler.submit(req)
 
     async def shutdown(self) -> None:
+        await asyncio.to_thread(self._scheduler.shutdown)
         self._model = None

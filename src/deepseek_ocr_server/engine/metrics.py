@@ -31,3 +31,25 @@ MODEL_LOAD_SECONDS = Histogram(
 
 def observe_request(endpoint: str, status: int) -> None:
     REQUESTS.labels(endpoint=endpoint, status=str(status)).inc()
+
+# --- engine internals (scheduler) ------------------------------------------------------------------
+QUEUE_WAIT = Histogram(
+    "ocr_queue_wait_seconds",
+    "Time a request waited before its prefill started (model swaps included)",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320),
+)
+BATCH_SIZE = Histogram(
+    "ocr_decode_batch_size", "Sequences per decode step", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+)
+REJECTED = Counter("ocr_rejected_requests_total", "Requests refused by the engine", ["reason"])
+CANCELLED = Counter("ocr_cancelled_requests_total", "Requests whose client went away before the end")
+SWAPS = Counter("ocr_model_swaps_total", "Successful model loads (initial load included)")
+DECODE_SECONDS = Counter(
+    "ocr_decode_seconds_total", "Wall time spent in decode steps, by batch size (sequences per step)", ["batch"]
+)
+DECODE_STEPS = Counter("ocr_decode_steps_total", "Decode steps, by batch size", ["batch"])
+PREFILL_SECONDS = Histogram(
+    "ocr_prefill_seconds",
+    "Wall time of one admission: preprocessing + vision + prompt prefill",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160),
+)

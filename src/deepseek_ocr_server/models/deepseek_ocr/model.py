@@ -23,6 +23,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from ..base import InputError, ModelFiles, ModelLoadError, OcrModel, Prepared, SequenceCache, VisionSettings
+from ..quant import quantize_linears_int8, skip_vision
 from . import processor
 from .config import DeepseekOcrConfig
 from .language import DeepseekV2Decoder, KVCache, Rope
@@ -203,8 +204,8 @@ class DeepseekOcrModel(OcrModel):
         dtype: torch.dtype = torch.bfloat16,
         quantize: str | None = None,
     ) -> DeepseekOcrModel:
-        if quantize is not None:
-            raise ModelLoadError(f"quantize={quantize!r} is not supported by deepseek-ocr yet (only None)")
+        if quantize not in (None, "int8"):
+            raise ModelLoadError(f"quantize={quantize!r} is not supported (None or 'int8')")
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ModelLoadError(f"unsupported dtype {dtype} (float32, bfloat16, float16)")
         dev = torch.device(device)
@@ -233,6 +234,8 @@ class DeepseekOcrModel(OcrModel):
         net = net.to(dtype=dtype).to_empty(device=dev)
         load_weights(net, files.weights)
         net.eval().requires_grad_(False)
+        if quantize == "int8":  # decoder linears + lm_head; vision and the f32 router stay as loaded
+            quantize_linears_int8(net, skip=skip_vision)
         return cls(cfg, net, tokenizer, dev, dtype, frozenset(int(x) for x in eos), int(image_id))
 
     # ------------------------------------------------------------- prepare

@@ -1,0 +1,159 @@
+"""The part of a request both endpoints share: model check, conversation, images, defaults, engine call.
+
+``start`` returns a :class:`Generation` whose FIRST event is already fetched, so that admission errors
+(429 with Retry-After, queue timeout, model load failure, model input errors) become proper HTTP
+statuses even for streaming requests. Closing a Generation closes the engine's iterator, which cancels
+the sequence in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+
+from ..engine.manager import ModelManager, UnknownModel
+from ..engine.types import Event, Failed, Finished, OcrRequest, TextDelta
+from .errors import ApiError, as_api_error
+from .images import load_image
+from .messages import Conversation
+from .options import ApiOptions
+from .resolve import default_prompt, resolve, stop_list
+from .schemas import DecodeFields
+
+
+def check_model(manager: ModelManager, model_id: str) -> None:
+    ids = manager.model_ids()
+    if model_id not in ids:
+        raise as_api_error(
+            UnknownModel(
+                f"The model '{model_id}' does not exist. Available models: {', '.join(ids)}", param="model"
+            )
+        )
+
+
+def no_image_notice(model_id: str) -> str:
+    return (
+        f"{model_id} is an OCR model: it reads images. Attach an image (an image_url / input_image part, "
+        "as a data: URL or an http(s) URL) to your message, optionally with an instruction such as "
+        "\"Convert the document to markdown.\"; text-only requests are not sent to the model."
+    )
+
+
+def failed_error(ev: Failed) -> ApiError:
+    code = "invalid_input" if ev.status == 400 else None
+    return ApiError(ev.message, status=ev.status, type=ev.type, code=code)
+
+
+async def build_request(
+    *,
+    manager: ModelManager,
+    settings: Any,
+    opts: ApiOptions,
+    model_id: str,
+    conv: Conversation,
+    body: DecodeFields,
+    max_new_tokens: int | None,
+    budget_param: str,
+    stop: str | list[str] | None,
+    request_id: str,
+) -> OcrRequest | None:
+    """The engine request, or None when the message carries no image (answered without the model)."""
+    sampling, vision, budget = resolve(body, model_id, settings, max_new_tokens, budget_param=budget_param)
+    stops = stop_list(stop)
+    if not conv.images:
+        return None
+    if len(conv.images) > opts.max_images:
+        raise ApiError(
+            f"too many images: {len(conv.images)} (this server accepts at most {opts.max_images} per request)",
+            param=conv.images[opts.max_images].param,
+            code="too_many_images",
+        )
+    images = await asyncio.gather(*(load_image(ref.url, opts, ref.param) for ref in conv.images))
+    text = conv.text if conv.text.strip() else default_prompt(settings, model_id)
+    return OcrRequest(
+        model_id=model_id,
+        text=text,
+        images=list(images),
+        vision=vision,
+        sampling=sampling,
+        max_new_tokens=budget,
+        stop=stops,
+        system=conv.system,
+        request_id=request_id,
+    )
+
+
+async def _static(events: list[Event]) -> AsyncIterator[Event]:
+    for ev in events:
+        yield ev
+
+
+class Generation:
+    """An accepted generation: the first event fetched, the rest to come."""
+
+    def __init__(self, first: Event, it: AsyncIterator[Event]) -> None:
+        self.first = first
+        self._it = it
+        self._closed = False
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        try:
+            yield self.first
+            if isinstance(self.first, Finished | Failed):
+                return
+            async for ev in self._it:
+                yield ev
+                if isinstance(ev, Finished | Failed):
+                    return
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the engine iterator (cancels the sequence); safe to call twice and under cancellation."""
+        if self._closed:
+            return
+        self._closed = True
+        aclose = getattr(self._it, "aclose", None)
+        if aclose is not None:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await aclose()
+
+    async def collect(self) -> tuple[str, Finished]:
+        """Run to the end (non-streaming). Raises ApiError if the generation fails."""
+        parts: list[str] = []
+        async for ev in self:
+            if isinstance(ev, TextDelta):
+                parts.append(ev.text)
+            elif isinstance(ev, Finished):
+                return ev.text if ev.text else "".join(parts), ev
+            elif isinstance(ev, Failed):
+                raise failed_error(ev)
+        raise ApiError("generation ended without a result", status=500, type="server_error")
+
+
+async def start(manager: ModelManager, req: OcrRequest | None, model_id: str) -> Generation:
+    if req is None:
+        notice = no_image_notice(model_id)
+        return Generation(TextDelta(notice), _static([Finished("stop", 0, 0, notice)]))
+    try:
+        it = manager.submit(req)
+    except Exception as exc:  # noqa: BLE001 - mapped to the client's error
+        raise as_api_error(exc) from None
+    try:
+        first = await it.__anext__()
+    except StopAsyncIteration:
+        raise ApiError("generation ended without a result", status=500, type="server_error") from None
+    except BaseException as exc:
+        gen = Generation(TextDelta(""), it)
+        await gen.aclose()
+        if isinstance(exc, Exception):
+            raise as_api_error(exc) from None
+        raise
+    if isinstance(first, Failed):
+        await Generation(first, it).aclose()
+        raise failed_error(first)
+    return Generation(first, it)

@@ -1,0 +1,486 @@
+"""Continuous-batching scheduler for the resident model.
+
+One worker thread owns the model; torch work never runs on the event loop. Between two decode steps the
+worker may admit ONE waiting request (``prepare`` + ``prefill``) into the running batch; then it runs one
+``model.decode`` call for every running sequence. Finished and cancelled sequences leave at once and
+release their caches. Each sequence is an :class:`~.sequence.Sequence` (its own sampler, stop strings,
+budget and text stream), so its answer does not depend on what else is in the batch.
+
+Events go to the asyncio side through ``loop.call_soon_threadsafe`` into one ``asyncio.Queue`` per
+request; the caller reads them through a :class:`RequestStream`.
+
+Admission and model choice (the rules the README documents):
+
+- ``max_running`` sequences decode together; at most ``max_queued`` requests wait for a slot (beyond:
+  :class:`Overloaded`, HTTP 429 with ``Retry-After``); a request that waits longer than
+  ``queue_timeout_s`` for its prefill to start gets :class:`QueueTimeout`.
+- At most one prefill runs between two decode steps, so a running stream waits at most one prefill
+  between two of its tokens, however many requests arrive.
+- The oldest waiting request decides which model is wanted. Requests for the resident model are admitted
+  in arrival order, except that a request that arrived after a still-waiting request for ANOTHER model is
+  held back (unless it arrived before the resident model finished loading). When the oldest waiting
+  request wants another model, admission stops, the running sequences finish, and the worker swaps
+  (unload, then load); after the swap every request for the new model that arrived before the load
+  finished is admitted (batched) ahead of a swap back. So no request waits behind more than the requests
+  that arrived before it plus one swap cohort, and interleaved requests for two models cost two swaps,
+  not one per request.
+- A model that fails to load fails the requests waiting for it with :class:`ModelUnavailable` (503, the
+  reason included); new requests for it get the same 503 at once for ``failed_retry_s`` seconds, after
+  which a request tries to load it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..models.base import InputError, OcrModel
+from . import metrics
+from .errors import BadRequest, EngineError, ModelUnavailable, Overloaded, QueueTimeout
+from .sequence import Sequence
+from .types import Event, Failed, Finished, OcrRequest, TextDelta
+
+log = logging.getLogger(__name__)
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Job:
+    """One request from submission to its last event."""
+
+    req: OcrRequest
+    loop: asyncio.AbstractEventLoop
+    scheduler: Scheduler
+    queue: asyncio.Queue[Event | EngineError] = field(default_factory=asyncio.Queue)
+    t_submit: float = field(default_factory=time.monotonic)
+    id: int = field(default_factory=lambda: next(_ids))
+    cancelled: bool = False
+    done: bool = False  # its last event was sent (or it was cancelled)
+    started: bool = False  # its first event was sent
+    timer: asyncio.TimerHandle | None = None
+
+    @property
+    def model_id(self) -> str:
+        return self.req.model_id
+
+    def send(self, item: Event | EngineError) -> None:
+        """Deliver an event (from any thread). An EngineError is raised by the stream instead."""
+        if isinstance(item, EngineError | Finished | Failed):
+            self.done = True
+        else:
+            self.started = True
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancelled = True
+
+    def cancel(self) -> None:
+        """The consumer went away (thread-safe, idempotent)."""
+        if self.done or self.cancelled:
+            return
+        self.cancelled = True
+        self.scheduler._cancelled(self)
+
+
+class RequestStream:
+    """Async iterator over one request's events: TextDelta*, then Finished or Failed.
+
+    An :class:`EngineError` that happens before the first event (queue timeout, bad input, model failed
+    to load) is raised by ``__anext__``. ``aclose()``, cancelling the task that awaits it, or dropping
+    the stream cancels the generation and frees its slot.
+    """
+
+    def __init__(self, job: Job) -> None:
+        self._job = job
+        self._closed = False
+
+    @property
+    def request_id(self) -> int:
+        return self._job.id
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            item = await self._job.queue.get()
+        except BaseException:
+            self._closed = True
+            self._job.cancel()
+            raise
+        if isinstance(item, EngineError):
+            self._closed = True
+            raise item
+        if isinstance(item, Finished | Failed):
+            self._closed = True
+        return item
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._job.cancel()
+
+    def __del__(self) -> None:
+        job = getattr(self, "_job", None)
+        if job is not None and not job.done:
+            job.cancel()
+
+
+@dataclass(eq=False)
+class Running:
+    job: Job
+    seq: Sequence
+    model_id: str
+
+
+class Scheduler:
+    """Queue + worker thread. ``load(model_id)`` (blocking) swaps the resident model and returns it."""
+
+    def __init__(
+        self,
+        model_ids: list[str],
+        load: Callable[[str], OcrModel],
+        *,
+        max_running: int = 8,
+        max_queued: int = 32,
+        queue_timeout_s: float = 300.0,
+        failed_retry_s: float = 60.0,
+    ) -> None:
+        if max_running < 1 or max_queued < 0 or queue_timeout_s <= 0:
+            raise ValueError("max_running >= 1, max_queued >= 0 and queue_timeout_s > 0 are required")
+        self.model_ids = list(model_ids)
+        self._load = load
+        self.max_running = max_running
+        self.max_queued = max_queued
+        self.queue_timeout_s = queue_timeout_s
+        self.failed_retry_s = failed_retry_s
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Job] = collections.deque()  # guarded by _cond
+        self._running: list[Running] = []  # worker thread only
+        self._model: OcrModel | None = None  # worker thread only
+        self._resident: str | None = None  # id of self._model; written by the worker under _cond
+        self._loaded_at = 0.0  # monotonic time the resident model finished loading
+        self._failed: dict[str, tuple[str, float]] = {}  # model id -> (reason, monotonic time)
+        self._preload: str | None = None
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._service_ewma = 5.0  # seconds a request takes, for Retry-After
+        self._num_running = 0
+
+    # --- asyncio side ----------------------------------------------------------------------------
+    def submit(self, req: OcrRequest) -> RequestStream:
+        """Queue a request (call from the event loop). Raises ModelUnavailable / Overloaded / BadRequest
+        at once; later errors before the first event are raised by the stream."""
+        loop = asyncio.get_running_loop()
+        if req.max_new_tokens < 1:
+            raise BadRequest(f"max_new_tokens must be >= 1, got {req.max_new_tokens}", param="max_tokens")
+        try:
+            req.sampling.validate()
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        job = Job(req, loop, self)
+        with self._cond:
+            if self._stop:
+                raise ModelUnavailable("the server is shutting down")
+            self._check_failed_locked(req.model_id)
+            if len(self._waiting) >= self.max_queued:
+                retry = self._retry_after_locked()
+                metrics.REJECTED.labels(reason="overloaded").inc()
+                raise Overloaded(
+                    f"server busy: {len(self._waiting)} requests queued (max {self.max_queued}); retry later",
+                    retry_after=retry,
+                )
+            self._waiting.append(job)
+            metrics.QUEUE_DEPTH.set(len(self._waiting))
+            self._ensure_thread_locked()
+            self._cond.notify_all()
+        job.timer = loop.call_later(self.queue_timeout_s, self._timeout, job)
+        return RequestStream(job)
+
+    def preload(self, model_id: str) -> None:
+        """Load ``model_id`` when the worker is idle (no request waits or runs)."""
+        with self._cond:
+            self._preload = model_id
+            self._ensure_thread_locked()
+            self._cond.notify_all()
+
+    def _check_failed_locked(self, model_id: str) -> None:
+        failed = self._failed.get(model_id)
+        if failed is None:
+            return
+        reason, when = failed
+        if time.monotonic() - when < self.failed_retry_s:
+            metrics.REJECTED.labels(reason="model_failed").inc()
+            raise ModelUnavailable(reason)
+        del self._failed[model_id]  # try again
+
+    def _retry_after_locked(self) -> float:
+        waves = math.ceil((len(self._waiting) + 1) / self.max_running)
+        return float(min(60, max(1, math.ceil(self._service_ewma * waves))))
+
+    def _timeout(self, job: Job) -> None:
+        with self._cond:
+            if job not in self._waiting:
+                return
+            self._waiting.remove(job)
+            metrics.QUEUE_DEPTH.set(len(self._waiting))
+        metrics.REJECTED.labels(reason="queue_timeout").inc()
+        job.send(QueueTimeout(f"request waited more than {self.queue_timeout_s:g} s for a free slot"))
+
+    def _cancelled(self, job: Job) -> None:
+        if job.timer is not None:
+            job.timer.cancel()
+        with self._cond:
+            if job in self._waiting:
+                self._waiting.remove(job)
+                metrics.QUEUE_DEPTH.set(len(self._waiting))
+            self._cond.notify_all()
+        metrics.CANCELLED.inc()
+
+    # --- status ----------------------------------------------------------------------------------
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return self._num_running
+
+    def failures(self) -> dict[str, str]:
+        return {k: v[0] for k, v in self._failed.items()}
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def _ensure_thread_locked(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._worker, name="ocr-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        """Stop the worker: waiting requests get 503; running sequences are failed and released."""
+        with self._cond:
+            self._stop = True
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            metrics.QUEUE_DEPTH.set(0)
+            self._cond.notify_all()
+        for job in waiting:
+            job.send(ModelUnavailable("the server is shutting down"))
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    # --- worker ----------------------------------------------------------------------------------
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._running and not self._waiting and not self._wants_preload():
+                    self._cond.wait()
+                if self._stop:
+                    break
+                action = self._plan_locked()
+            try:
+                if action is not None:
+                    kind, arg = action
+                    if kind == "swap":
+                        self._swap(arg)  # type: ignore[arg-type]
+                    else:
+                        self._admit(arg)  # type: ignore[arg-type]
+                if self._running:
+                    self._step()
+                elif action is None:
+                    with self._cond:  # nothing to do right now (e.g. every waiting job was cancelled)
+                        if not self._stop and not self._running and self._plan_peek_locked() is None:
+                            self._cond.wait(0.5)
+            except Exception:  # noqa: BLE001 - the worker must survive anything
+                log.exception("engine worker iteration failed")
+                self._fail_running("internal error in the engine worker")
+        self._fail_running("the server is shutting down")
+        self._model = None
+
+    def _wants_preload(self) -> bool:
+        return self._preload is not None and self._preload != self._resident
+
+    def _plan_peek_locked(self) -> tuple[str, object] | None:
+        return self._choose_locked(pop=False)
+
+    def _plan_locked(self) -> tuple[str, object] | None:
+        return self._choose_locked(pop=True)
+
+    def _choose_locked(self, *, pop: bool) -> tuple[str, object] | None:
+        resident = self._resident if self._model is not None else None
+        oldest_other: float | None = None
+        for job in self._waiting:
+            if job.cancelled:
+                continue
+            if job.model_id != resident:
+                if oldest_other is None:
+                    oldest_other = job.t_submit
+                continue
+            if oldest_other is not None and job.t_submit > oldest_other and job.t_submit > self._loaded_at:
+                continue  # arrived after a request for another model: held back
+            if len(self._running) >= self.max_running:
+                return None
+            if pop:
+                self._waiting.remove(job)
+                metrics.QUEUE_DEPTH.set(len(self._waiting))
+            return ("admit", job)
+        if oldest_other is not None:
+            if self._running:
+                return None  # drain first
+            target = next(j for j in self._waiting if not j.cancelled and j.model_id != resident).model_id
+            return ("swap", target)
+        if not self._running and not self._waiting and self._wants_preload():
+            target = self._preload
+            if pop:
+                self._preload = None
+            return ("swap", target)
+        return None
+
+    def _swap(self, model_id: str) -> None:
+        with self._cond:
+            self._resident = None
+        self._model = None
+        try:
+            model = self._load(model_id)  # unloads the old model first, records status
+        except EngineError as exc:
+            reason = str(exc)
+            log.error("model %s unavailable: %s", model_id, reason)
+            with self._cond:
+                self._failed[model_id] = (reason, time.monotonic())
+                failed = [j for j in self._waiting if j.model_id == model_id]
+                for job in failed:
+                    self._waiting.remove(job)
+                metrics.QUEUE_DEPTH.set(len(self._waiting))
+            for job in failed:
+                if job.timer is not None:
+                    job.loop.call_soon_threadsafe(job.timer.cancel)
+                job.send(ModelUnavailable(reason))
+            return
+        with self._cond:
+            self._model = model
+            self._resident = model_id
+            self._loaded_at = time.monotonic()
+            self._failed.pop(model_id, None)
+        metrics.SWAPS.inc()
+
+    def _admit(self, job: Job) -> None:
+        if job.timer is not None:
+            job.loop.call_soon_threadsafe(job.timer.cancel)
+        if job.cancelled:
+            return
+        model = self._model
+        assert model is not None and self._resident == job.model_id
+        req = job.req
+        metrics.QUEUE_WAIT.observe(time.monotonic() - job.t_submit)
+        self._set_running(len(self._running) + 1)
+        seq: Sequence | None = None
+        t0 = time.perf_counter()
+        try:
+            prepared = model.prepare(req.text, req.images, req.vision, req.system)
+            room = model.max_context - prepared.num_prompt_tokens
+            if room < 1:
+                raise InputError(
+                    f"the prompt is {prepared.num_prompt_tokens} tokens; the model's context is {model.max_context}"
+                )
+            seq = Sequence(model, prepared, req.sampling, min(req.max_new_tokens, room), req.stop)
+            logits, seq.cache = model.prefill(prepared, seq.max_new_tokens)
+        except InputError as exc:
+            self._set_running(len(self._running))
+            if seq is not None:
+                seq.release()
+            job.send(BadRequest(str(exc)))
+            return
+        except Exception as exc:  # noqa: BLE001
+            log.exception("prefill failed for request %s", job.id)
+            self._set_running(len(self._running))
+            if seq is not None:
+                seq.release()
+            job.send(EngineError(f"prefill failed: {type(exc).__name__}: {exc}"))
+            return
+        metrics.PREFILL_SECONDS.observe(time.perf_counter() - t0)
+        metrics.PROMPT_TOKENS.labels(model=job.model_id).inc(prepared.num_prompt_tokens)
+        run = Running(job, seq, job.model_id)
+        self._running.append(run)
+        self._accept(run, logits, first=True)
+        self._sweep()
+
+    def _step(self) -> None:
+        self._sweep()
+        if not self._running:
+            return
+        model = self._model
+        assert model is not None
+        batch = list(self._running)
+        metrics.BATCH_SIZE.observe(len(batch))
+        t0 = time.perf_counter()
+        try:
+            logits = model.decode([r.seq.last_token for r in batch], [r.seq.cache for r in batch])  # type: ignore[misc]
+        except Exception as exc:  # noqa: BLE001
+            log.exception("decode step failed")
+            self._fail_running(f"decode failed: {type(exc).__name__}: {exc}")
+            return
+        label = str(len(batch))
+        metrics.DECODE_SECONDS.labels(batch=label).inc(time.perf_counter() - t0)
+        metrics.DECODE_STEPS.labels(batch=label).inc()
+        for row, run in zip(logits, batch, strict=True):
+            self._accept(run, row, first=False)
+        self._sweep()
+
+    def _accept(self, run: Running, logits: object, *, first: bool) -> None:
+        job, seq = run.job, run.seq
+        step = seq.accept_logits(logits)  # type: ignore[arg-type]
+        metrics.GENERATED_TOKENS.labels(model=run.model_id).inc()
+        if first:
+            metrics.TTFT.observe(time.monotonic() - job.t_submit)
+        if job.cancelled:
+            return
+        if (step.text or first) and not step.finished:
+            # the first token always makes an event (maybe empty text): the API can start its response
+            # as soon as generation has started, not when the first visible character appears
+            job.send(TextDelta(step.text))
+        elif step.finished:
+            # release and account BEFORE the last event, so that a client that saw Finished also sees
+            # the slot, the cache and the metrics updated
+            seq.release()
+            self._set_running(sum(1 for r in self._running if not (r.seq.finished or r.job.cancelled)))
+            elapsed = time.monotonic() - job.t_submit
+            metrics.LATENCY.observe(elapsed)
+            self._service_ewma = 0.8 * self._service_ewma + 0.2 * elapsed
+            if step.text:
+                job.send(TextDelta(step.text))
+            assert seq.finish_reason is not None
+            job.send(Finished(seq.finish_reason, seq.num_prompt_tokens, seq.num_generated, seq.text))
+
+    def _sweep(self) -> None:
+        """Remove finished and cancelled sequences, releasing their caches."""
+        keep = []
+        for run in self._running:
+            if run.seq.finished or run.job.cancelled:
+                run.seq.release()
+            else:
+                keep.append(run)
+        self._running = keep
+        self._set_running(len(keep))
+
+    def _fail_running(self, message: str) -> None:
+        for run in self._running:
+            run.seq.release()
+            if not run.job.done and not run.job.cancelled:
+                if run.job.started:
+                    run.job.send(Failed(message))
+                else:
+                    run.job.send(EngineError(message))
+        self._running = []
+        self._set_running(0)
+
+    def _set_running(self, n: int) -> None:
+        self._num_running = n
+        metrics.RUNNING.set(n)

@@ -1,0 +1,339 @@
+"""PaddleOCR-VL behind the :class:`~..base.OcrModel` protocol: strict loading of the original checkpoint,
+prompt preparation, prefill and batched decode."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+from tokenizers import Tokenizer
+from torch import nn
+
+from ..base import InputError, ModelFiles, ModelLoadError, OcrModel, Prepared, SequenceCache, VisionSettings
+from ..quant import quantize_linears_int8, skip_vision
+from .config import PaddleOcrVlConfig
+from .language import ErnieModel, KVCache
+from .processor import (
+    FALLBACK_CHAT_TEMPLATE,
+    IMAGE_PLACEHOLDER,
+    ImageProcessorConfig,
+    mrope_positions,
+    preprocess_image,
+    render_prompt,
+)
+from .vision import Projector, VisualModel
+
+#: Present in the original checkpoint but unused at inference (SPEC §10, pitfall 18).
+UNUSED_KEY_PATTERNS = (
+    re.compile(r"^visual\.vision_model\.embeddings\.packing_position_embedding\.weight$"),
+    re.compile(r"^visual\.vision_model\.head\."),
+)
+#: transformers-5 names -> original names (checkpoints re-saved by transformers).
+_RENAMES = (
+    (re.compile(r"^model\.visual\."), "visual."),
+    (re.compile(r"^model\.projector\."), "mlp_AR."),
+    (re.compile(r"^model\.language_model\."), "model."),
+)
+#: Prompt tokens reserved for the KV cache beyond the prompt at prefill (it grows when needed).
+_INITIAL_DECODE_RESERVE = 1024
+
+
+class PaddleOcrVlNet(nn.Module):
+    """The whole network, module names mirroring the original checkpoint keys."""
+
+    def __init__(self, cfg: PaddleOcrVlConfig) -> None:
+        super().__init__()
+        self.visual = VisualModel(cfg.vision)
+        self.mlp_AR = Projector(cfg)
+        self.model = ErnieModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+
+def _weight_files(weights: Path) -> list[Path]:
+    if weights.name.endswith(".index.json"):
+        try:
+            index = json.loads(weights.read_text(encoding="utf-8"))
+            names = sorted(set(index["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"bad shard index {weights}: {e}") from e
+        return [weights.parent / n for n in names]
+    return [weights]
+
+
+def load_state(
+    weights: Path, expected: dict[str, tuple[int, ...]], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Read exactly the ``expected`` tensors (memory-mapped) and convert each once to ``dtype``.
+
+    Raises :class:`ModelLoadError` naming every missing, unexpected or mis-shaped key. The documented
+    unused keys are skipped; ``lm_head.weight`` may be absent (tied to ``model.embed_tokens.weight``).
+    """
+    found: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+    unexpected: list[str] = []
+    for path in _weight_files(weights):
+        if not path.is_file():
+            raise ModelLoadError(f"weights file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for raw in f.keys():
+                    name = raw
+                    for pat, repl in _RENAMES:
+                        name = pat.sub(repl, name)
+                    if any(p.search(name) for p in UNUSED_KEY_PATTERNS):
+                        continue
+                    if name not in expected:
+                        unexpected.append(raw)
+                        continue
+                    found[name] = (path, raw, tuple(f.get_slice(raw).get_shape()))
+        except ModelLoadError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types
+            raise ModelLoadError(f"cannot read {path}: {e}") from e
+    missing = [k for k in expected if k not in found and k != "lm_head.weight"]
+    shapes = [
+        f"{k}: file {found[k][2]} != expected {expected[k]}" for k in found if found[k][2] != expected[k]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    if shapes:
+        problems.append(f"mis-shaped keys: {'; '.join(shapes)}")
+    if problems:
+        raise ModelLoadError(f"checkpoint {weights} does not match PaddleOCR-VL: " + " | ".join(problems))
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for name, (path, raw, _) in found.items():
+        by_file.setdefault(path, []).append((name, raw))
+    for path, items in by_file.items():
+        with safe_open(str(path), framework="pt") as f:
+            for name, raw in items:
+                state[name] = f.get_tensor(raw).to(dtype)
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return state
+
+
+def _special_token(cfg: dict[str, Any] | None, name: str) -> str | None:
+    if not cfg or name not in cfg:
+        return None
+    v = cfg[name]
+    if isinstance(v, dict):
+        v = v.get("content")
+    return v if isinstance(v, str) else None
+
+
+class PaddleOcrVlModel(OcrModel):
+    kind: ClassVar[str] = "paddleocr-vl"
+
+    def __init__(
+        self,
+        config: PaddleOcrVlConfig,
+        net: PaddleOcrVlNet,
+        tokenizer: Tokenizer,
+        image_config: ImageProcessorConfig,
+        chat_template: str,
+        special_tokens: dict[str, str],
+        eos_token_ids: frozenset[int],
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.config = config
+        self.net = net
+        self.tokenizer = tokenizer
+        self.image_config = image_config
+        self.chat_template = chat_template
+        self.special_tokens = special_tokens
+        self.eos_token_ids = eos_token_ids
+        self.device = device
+        self.dtype = dtype
+        self.max_context = config.max_position_embeddings
+        self.cache_dtype = torch.float32 if device.type == "cpu" else dtype
+
+    # ------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(
+        cls,
+        files: ModelFiles,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+        quantize: str | None = None,
+    ) -> PaddleOcrVlModel:
+        if quantize not in (None, "int8"):
+            raise ModelLoadError(f"paddleocr-vl: quantize={quantize!r} is not supported (None or 'int8')")
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ModelLoadError(f"unsupported dtype {dtype}")
+        dev = torch.device(device)
+        config = PaddleOcrVlConfig.from_file(files.config)
+        with torch.device("meta"):
+            net = PaddleOcrVlNet(config)
+        expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        state = load_state(files.weights, expected, dtype)
+        if dev.type != "cpu":
+            state = {k: v.to(dev) for k, v in state.items()}
+        net.load_state_dict(state, strict=True, assign=True)
+        # non-persistent buffers were created on "meta": rebuild them
+        lm = net.model
+        d = config.head_dim
+        lm.inv_freq = 1.0 / (
+            config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=dev) / d)
+        )
+        t, h, _ = config.mrope_section
+        axis = torch.full((d // 2,), 2, dtype=torch.long, device=dev)
+        axis[:t] = 0
+        axis[t : t + h] = 1
+        lm.rope_axis = axis
+        net.eval().requires_grad_(False)
+        if quantize == "int8":  # decoder linears + lm_head; vision tower and projector stay as loaded
+            quantize_linears_int8(net, skip=skip_vision)
+
+        try:
+            tokenizer = Tokenizer.from_file(str(files.tokenizer))
+        except Exception as e:  # noqa: BLE001
+            raise ModelLoadError(f"cannot load tokenizer {files.tokenizer}: {e}") from e
+        image_config = ImageProcessorConfig.from_dict(files.read_json("preprocessor_config.json"))
+        template_path = files.extra("chat_template.jinja")
+        chat_template = template_path.read_text(encoding="utf-8") if template_path else None
+        tok_cfg = files.read_json("tokenizer_config.json")
+        if chat_template is None and tok_cfg and isinstance(tok_cfg.get("chat_template"), str):
+            chat_template = tok_cfg["chat_template"]
+        special = {k: v for k in ("cls_token", "eos_token") if (v := _special_token(tok_cfg, k))}
+        eos = {config.eos_token_id}
+        gen = files.read_json("generation_config.json") or {}
+        g_eos = gen.get("eos_token_id")
+        if isinstance(g_eos, int):
+            eos.add(g_eos)
+        elif isinstance(g_eos, list):
+            eos.update(int(x) for x in g_eos)
+        for tok_name in ("<|IMAGE_PLACEHOLDER|>",):
+            if tokenizer.token_to_id(tok_name) not in (None, config.image_token_id):
+                raise ModelLoadError(f"tokenizer id of {tok_name} differs from config image_token_id")
+        return cls(
+            config,
+            net,
+            tokenizer,
+            image_config,
+            chat_template or FALLBACK_CHAT_TEMPLATE,
+            special,
+            frozenset(eos),
+            dev,
+            dtype,
+        )
+
+    # ------------------------------------------------------------------------------------ prompt
+
+    def render(self, text: str, num_images: int, system: str | None = None) -> str:
+        """The prompt string before placeholder expansion (``<image>`` markers removed)."""
+        return render_prompt(
+            self.chat_template,
+            text.replace(self.image_placeholder, ""),
+            num_images,
+            system,
+            self.special_tokens,
+        )
+
+    def prepare(
+        self,
+        text: str,
+        images: list[Image.Image],
+        settings: VisionSettings | None = None,
+        system: str | None = None,
+    ) -> Prepared:
+        processed = [preprocess_image(img, self.image_config) for img in images]
+        prompt = self.render(text, len(images), system)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        image_id = self.config.image_token_id
+        at = [i for i, t in enumerate(ids) if t == image_id]
+        if len(at) != len(processed):
+            raise InputError(
+                f"the prompt has {len(at)} image placeholders for {len(processed)} images "
+                f"(the text must not contain {IMAGE_PLACEHOLDER})"
+            )
+        expanded: list[int] = []
+        prev = 0
+        for i, img in zip(at, processed, strict=True):
+            expanded.extend(ids[prev:i])
+            expanded.extend([image_id] * img.num_tokens)
+            prev = i + 1
+        expanded.extend(ids[prev:])
+        if len(expanded) >= self.max_context:
+            raise InputError(f"prompt of {len(expanded)} tokens exceeds the context of {self.max_context}")
+        grids = [img.grid_thw for img in processed]
+        positions, delta = mrope_positions(expanded, grids, image_id, self.config.vision.spatial_merge_size)
+        inputs: dict[str, Any] = {"grids": grids, "positions": positions, "rope_delta": delta}
+        if processed:
+            inputs["pixel_values"] = torch.cat([p.pixel_values for p in processed])
+        return Prepared(input_ids=expanded, inputs=inputs)
+
+    # ------------------------------------------------------------------------------------ forward
+
+    @torch.inference_mode()
+    def encode_images(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Vision encoder + projector: ``[sum(t*gh*gw/4), hidden]`` in the model dtype."""
+        pv = pixel_values.to(self.device, self.dtype)
+        feats = self.net.visual.vision_model(pv, grids)
+        return self.net.mlp_AR(feats, grids)
+
+    @torch.inference_mode()
+    def prefill(self, prepared: Prepared, max_new_tokens: int) -> tuple[torch.Tensor, SequenceCache]:
+        cfg = self.config
+        n = len(prepared.input_ids)
+        if n == 0:
+            raise InputError("empty prompt")
+        if n >= self.max_context:
+            raise InputError(f"prompt of {n} tokens exceeds the context of {self.max_context}")
+        ids = torch.tensor(prepared.input_ids, dtype=torch.long, device=self.device)
+        lm = self.net.model
+        x = lm.embed_tokens(ids)
+        grids = prepared.inputs.get("grids") or []
+        if grids:
+            feats = self.encode_images(prepared.inputs["pixel_values"], grids)
+            mask = ids == cfg.image_token_id
+            if int(mask.sum()) != feats.shape[0]:
+                raise InputError(f"{int(mask.sum())} image tokens but {feats.shape[0]} image features")
+            x[mask] = feats.to(x.dtype)
+        positions = prepared.inputs["positions"].to(self.device)
+        cos, sin = lm.rope(positions, self.dtype)
+        capacity = min(self.max_context, n + max(1, min(max_new_tokens, _INITIAL_DECODE_RESERVE)))
+        cache = KVCache(
+            cfg.num_hidden_layers,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            capacity,
+            int(prepared.inputs["rope_delta"]),
+            self.cache_dtype,
+            self.device,
+        )
+        for i, layer in enumerate(lm.layers):
+            x = layer.prefill(x, cos, sin, cache, i)
+        cache.advance(n)
+        h = lm.norm(x[-1:])
+        return self.net.lm_head(h).float()[0], cache
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], caches: list[SequenceCache]) -> torch.Tensor:
+        if len(tokens) != len(caches):
+            raise ValueError("one token per cache")
+        kv: list[KVCache] = []
+        for c in caches:
+            if not isinstance(c, KVCache):
+                raise TypeError("not a PaddleOCR-VL cache")
+            c.reserve(c.length + 1)
+            kv.append(c)
+        lm = self.net.model
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        x = lm.embed_tokens(ids)  # [B, C]
+        pos = torch.tensor([c.length + c.rope_delta for c in kv], dtype=torch.long, device=self.device)
+        cos, sin = lm.rope(pos[None].expand(3, -1), self.dtype)
+        for i, layer in enumerate(lm.layers):
+            x = layer.decode(x, cos, sin, kv, i)
+        for c in kv:
+            c.advance()
+        return self.net.lm_head(lm.norm(x)).float()

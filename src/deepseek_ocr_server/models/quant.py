@@ -1,0 +1,178 @@
+"""Weight-only int8 quantization of ``nn.Linear`` layers (decode is bound by reading the weights).
+
+Each weight row (output channel) gets one symmetric scale, ``scale = max|w| / 127``, and is stored as
+int8: half the bytes of bf16. The layer keeps computing in the activation dtype:
+
+- few rows (decode: one row per running sequence, up to ``Int8Linear.gemv_max_rows``) on CPU:
+  ``torch._weight_int8pack_mm``, the int8 weight-only GEMV kernel (2-5x faster than bf16 at 1-2 rows,
+  about even at 8, slower beyond 16: its cost grows linearly with the rows);
+- more rows (prefill, large batches) or other devices: the int8 weight is converted to the activation
+  dtype (integers up to 127 are exact in bf16), multiplied with ``F.linear`` and the per-channel scales
+  are applied to the output columns.
+
+``quantize_linears_int8(model.net, skip=skip_vision)`` is what the model families' ``load(quantize="int8")``
+calls after loading the original (bf16/f32) weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def quantize_weight_int8(weight: torch.Tensor, rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8: returns ``(q [N, K] int8, scales [N] float32)``.
+
+    Works on ``rows_per_chunk`` rows at a time so that the float32 temporaries stay small (a 129k-row
+    lm_head would otherwise need ~2 GB of them)."""
+    w_all = weight.detach()
+    n = w_all.shape[0]
+    q = torch.empty(w_all.shape, dtype=torch.int8, device=w_all.device)
+    scales = torch.empty(n, dtype=torch.float32, device=w_all.device)
+    for start in range(0, n, rows_per_chunk):
+        w = w_all[start : start + rows_per_chunk].to(torch.float32, copy=True)  # never edit the source
+        s = w.abs().amax(dim=1).clamp_(min=1e-12).div_(127.0)
+        q[start : start + rows_per_chunk] = w.div_(s[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        scales[start : start + rows_per_chunk] = s
+    return q, scales
+
+
+def _release_freed_memory() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise; RSS would stay at its peak)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+class Int8Linear(nn.Module):
+    """Drop-in for ``nn.Linear`` with an int8 weight and float32 per-channel scales."""
+
+    #: up to this many rows the int8 GEMV kernel is used; above it, dequantize + F.linear
+    gemv_max_rows: int = 16
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype or torch.float32)) if bias else None
+        self._scales_cast: dict[torch.dtype, torch.Tensor] = {}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        q, scales = quantize_weight_int8(linear.weight)
+        mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, dtype=linear.weight.dtype)
+        mod.weight = q.to(linear.weight.device)
+        mod.scales = scales.to(linear.weight.device)
+        if linear.bias is not None:
+            mod.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return mod
+
+    def _scales_for(self, dtype: torch.dtype) -> torch.Tensor:
+        s = self._scales_cast.get(dtype)
+        if s is None or s.device != self.scales.device:
+            s = self._scales_cast[dtype] = self.scales.to(dtype)
+        return s
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight.to(dtype) * self._scales_for(dtype)[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        rows = x2.shape[0]
+        if x2.device.type == "cpu" and x2.dtype in _KERNEL_DTYPES and 0 < rows <= self.gemv_max_rows:
+            y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self._scales_for(x2.dtype))
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        else:
+            # integers up to 127 are exact in bf16/f16: multiply by the int weights, scale the OUTPUT
+            # columns (M x N multiplies instead of N x K)
+            y = F.linear(x2, self.weight.to(x2.dtype)) * self._scales_for(x2.dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+#: module names (path components) of the vision side of both families, kept in the model dtype
+VISION_MODULES = frozenset({"sam_model", "vision_model", "projector", "visual", "mlp_AR"})
+
+
+def skip_vision(name: str, linear: nn.Linear) -> bool:
+    """``skip`` predicate for :func:`quantize_linears_int8` that quantizes only the language model
+    (decoder layers + lm_head) of DeepSeek-OCR and PaddleOCR-VL: ``quantize_linears_int8(net, skip=skip_vision)``."""
+    return not VISION_MODULES.isdisjoint(name.split("."))
+
+
+def quantize_linears_int8(
+    module: nn.Module, *, skip: Callable[[str, nn.Linear], bool] | None = None, min_features: int = 0
+) -> int:
+    """Replace every ``nn.Linear`` under ``module`` (in place) by an :class:`Int8Linear`.
+
+    ``skip(qualified_name, linear)`` keeps a layer in full precision when it returns True (e.g. a router
+    whose top-k choice is sensitive, or an lm_head); layers with ``min(in, out) < min_features`` are kept
+    too. Returns the number of layers replaced. The full-precision weights are freed layer by layer.
+    """
+    return _replace_linears(module, Int8Linear.from_linear, skip, min_features)
+
+
+def _replace_linears(
+    module: nn.Module,
+    convert: Callable[[nn.Linear], nn.Module],
+    skip: Callable[[str, nn.Linear], bool] | None,
+    min_features: int = 0,
+) -> int:
+    # Only names are collected first: each full-precision Linear is dropped as soon as it is replaced,
+    # so the peak memory is the model plus ONE layer, not the model twice.
+    targets: list[tuple[nn.Module, str]] = []
+    seen: dict[int, int] = {}
+    for name, mod in module.named_modules():
+        for child_name, child in mod._modules.items():  # not named_children(): it hides shared modules
+            if type(child) is not nn.Linear:
+                continue
+            full = f"{name}.{child_name}" if name else child_name
+            if skip is not None and skip(full, child):
+                continue
+            if min(child.in_features, child.out_features) < min_features:
+                continue
+            targets.append((mod, child_name))
+            seen[id(child)] = seen.get(id(child), 0) + 1
+    # a Linear shared by several parents stays shared (its id is stable: it stays alive until its last
+    # parent is rewired, and ids of live objects are unique)
+    shared: dict[int, nn.Module] = {}
+    n = 0
+    for parent, child_name in targets:
+        child = parent._modules[child_name]
+        key = id(child)
+        if key in shared:
+            new = shared[key]
+        else:
+            new = convert(child)
+            n += 1
+            if seen[key] > 1:
+                shared[key] = new
+        parent._modules[child_name] = new
+        del child
+    _release_freed_memory()
+    return n
+
+
+def int8_weight_bytes(module: nn.Module) -> int:
+    """Bytes of int8 weights + scales held by the quantized layers of ``module``."""
+    n = 0
+    for mod in module.modules():
+        if isinstance(mod, Int8Linear):
+            n += mod.weight.numel() + mod.scales.numel() * 4
+    return n
