@@ -146,3 +146,18 @@ def test_bf16_model_runs(deepseek_ckpt):
     full, _ = m.prefill(Prepared(prep.input_ids + [5], prep.inputs), 1)
     assert torch.isfinite(step).all()
     assert (step - full).abs().max() <= 0.05 * full.abs().max()  # bf16: cached decode ~ recompute
+
+
+def test_prefill_in_two_chunks_equals_one(deepseek_model_f32, kv_layout):
+    """The decoder can continue a prefill on a non-empty cache (causal mask offset by the cached length)."""
+    m = deepseek_model_f32
+    net = m.net.model
+    x = torch.randn(30, m.cfg.language.hidden_size, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        one = net.new_cache(32, torch.float32, "cpu", kv_layout)
+        want = net.prefill(x.clone(), one, m.rope)
+        two = net.new_cache(32, torch.float32, "cpu", kv_layout)
+        net.prefill(x[:17].clone(), two, m.rope)
+        got = net.prefill(x[17:].clone(), two, m.rope)
+    _close(got, want[17:])
+    assert two.length == one.length == 30
