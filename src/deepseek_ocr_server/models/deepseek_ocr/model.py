@@ -11,6 +11,7 @@ Module tree == original key names::
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -188,6 +189,10 @@ class DeepseekOcrModel(OcrModel):
         self.bos_token_id = cfg.language.bos_token_id
         self.image_token_id = image_token_id
         self.max_context = cfg.language.max_position_embeddings
+        #: Wall times of the last prefill: "vision_s" (image encoders) and "prefill_s" (decoder).
+        self.last_timings: dict[str, float] = {}
+        #: KV layout override for new caches (None: the fastest for the dtype/device; tests force both).
+        self.kv_v_transposed: bool | None = None
         self.rope = Rope(cfg.language.head_dim, cfg.language.rope_theta, self.max_context, dtype, device)
 
     # ---------------------------------------------------------------- load
@@ -290,7 +295,9 @@ class DeepseekOcrModel(OcrModel):
         h = self.net.model.embed_tokens(ids)
         images: list[processor.ImageInput] = prepared.inputs.get("images", [])
         if images:
+            t0 = time.perf_counter()
             emb = torch.cat([self.net.encode_image(img, self.dtype, self.device) for img in images], dim=0)
+            self.last_timings["vision_s"] = time.perf_counter() - t0
             mask = ids == self.image_token_id
             if int(mask.sum()) != emb.shape[0]:
                 raise InputError(f"{int(mask.sum())} image placeholders but {emb.shape[0]} image embeddings")
@@ -303,10 +310,13 @@ class DeepseekOcrModel(OcrModel):
         if n >= self.max_context:
             raise InputError(f"prompt is {n} tokens; the model's context is {self.max_context} positions")
         capacity = min(self.max_context, n + max(1, max_new_tokens))
-        cache = self.net.model.new_cache(capacity, self.dtype, self.device)
+        cache = self.net.model.new_cache(capacity, self.dtype, self.device, self.kv_v_transposed)
+        self.last_timings = {"vision_s": 0.0}
         h = self.embed_prompt(prepared)
+        t0 = time.perf_counter()
         out = self.net.model.prefill(h, cache, self.rope)
         logits = self.net.lm_head(out[-1:]).to(torch.float32)[0]
+        self.last_timings["prefill_s"] = time.perf_counter() - t0
         return logits, cache
 
     # -------------------------------------------------------------- decode
