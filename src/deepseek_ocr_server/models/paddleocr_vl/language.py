@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import SequenceCache
+from ..layers import decode_linear, linear
 from .attention import apply_rotary, decode_attention, tiled_attention
 from .config import PaddleOcrVlConfig
 
@@ -81,32 +82,6 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
-
-
-def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a linear layer to many rows (prefill). A weight stored in another dtype (the float16 decode
-    storage of a bfloat16 model, see ``decode_linear``) is converted to the activation dtype on the fly."""
-    w = mod.weight
-    if type(mod) is nn.Linear and w.dtype != x.dtype:
-        return F.linear(x, w.to(x.dtype), None if mod.bias is None else mod.bias.to(x.dtype))
-    return mod(x)
-
-
-def decode_linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a linear layer in a decode step (one row per sequence).
-
-    On CPU, torch's float16 matrix-vector kernel reads weights about twice as fast as the bfloat16 one
-    (PERF-NOTES), so a bfloat16 model stores its decoder linears and lm_head in float16 (exact for
-    weights of ordinary magnitude) and runs decode steps in float16; an overflowing float16 result is
-    recomputed in the activation dtype. Other layers (same dtype, int8-quantized) run as they are.
-    """
-    w = mod.weight
-    if type(mod) is not nn.Linear or w.dtype == x.dtype:
-        return mod(x)
-    y = F.linear(x.to(w.dtype), w)
-    if not bool(torch.isfinite(y).all()):
-        return linear(mod, x)
-    return y.to(x.dtype)
 
 
 class ErnieAttention(nn.Module):

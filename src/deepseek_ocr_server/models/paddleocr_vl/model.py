@@ -16,9 +16,10 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from ..base import InputError, ModelFiles, ModelLoadError, OcrModel, Prepared, SequenceCache, VisionSettings
+from ..layers import decode_linear, decode_storage_dtype, is_decoder_linear, set_decode_storage
 from ..quant import quantize_linears_int8, skip_vision
 from .config import PaddleOcrVlConfig
-from .language import ErnieModel, KVCache, decode_linear
+from .language import ErnieModel, KVCache
 from .processor import (
     FALLBACK_CHAT_TEMPLATE,
     IMAGE_PLACEHOLDER,
@@ -185,10 +186,6 @@ def strip_image_markers(text: str, marker: str) -> str:
     return re.sub(re.escape(marker) + r"\r?\n?", "", text).lstrip()
 
 
-def _is_decoder_linear(name: str) -> bool:
-    return name == "lm_head.weight" or (name.startswith("model.layers.") and name.endswith("_proj.weight"))
-
-
 def _special_token(cfg: dict[str, Any] | None, name: str) -> str | None:
     if not cfg or name not in cfg:
         return None
@@ -225,8 +222,8 @@ class PaddleOcrVlModel(OcrModel):
         self.max_context = config.max_position_embeddings
         self.cache_dtype = torch.float32 if device.type == "cpu" else dtype
         self.decode_dtype: torch.dtype | None = None
-        if device.type == "cpu" and dtype == torch.bfloat16:
-            self.set_decode_dtype(torch.float16)
+        if (storage := decode_storage_dtype(device, dtype, None)) is not None:
+            self.set_decode_dtype(storage)
 
     def set_decode_dtype(self, dtype: torch.dtype | None) -> None:
         """Storage dtype of the decoder linears and lm_head. None = the model dtype. float16 (the default
@@ -234,16 +231,7 @@ class PaddleOcrVlModel(OcrModel):
         twice as fast as the bfloat16 one; prefill converts each weight back to bfloat16 on the fly
         (exact for weights of ordinary magnitude; ~0.1 s per 1800-token prompt). Int8-quantized layers
         are left alone."""
-        target = dtype or self.dtype
-        converted = 0
-        for m in [*self.net.model.modules(), self.net.lm_head]:
-            if type(m) is nn.Linear and m.weight.dtype != target:
-                w = m.weight.detach().to(target)
-                if bool(torch.isfinite(w).all()):  # a weight outside float16's range stays as it is
-                    m.weight = nn.Parameter(w, requires_grad=False)
-                    converted += 1
-            elif type(m) is nn.Linear:
-                converted += 1
+        converted = set_decode_storage(self.net, dtype or self.dtype)
         self.decode_dtype = dtype if dtype is not None and dtype != self.dtype and converted else None
 
     # ------------------------------------------------------------------------------------ loading
@@ -266,9 +254,9 @@ class PaddleOcrVlModel(OcrModel):
             net = PaddleOcrVlNet(config)
         expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
         overrides: dict[str, torch.dtype] = {}
-        if dev.type == "cpu" and dtype == torch.bfloat16 and quantize is None:
+        if (storage := decode_storage_dtype(dev, dtype, quantize)) is not None:
             # decode storage (see set_decode_dtype), converted while reading: no transient second copy
-            overrides = {k: torch.float16 for k in expected if _is_decoder_linear(k)}
+            overrides = {k: storage for k in expected if is_decoder_linear(k)}
         state = load_state(files.weights, expected, dtype, overrides)
         if dev.type != "cpu":
             state = {k: v.to(dev) for k, v in state.items()}
