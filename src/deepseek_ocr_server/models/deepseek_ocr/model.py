@@ -23,6 +23,14 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from ..base import InputError, ModelFiles, ModelLoadError, OcrModel, Prepared, SequenceCache, VisionSettings
+from ..layers import (
+    decode_linear,
+    decode_storage_dtype,
+    linear,
+    overflowing,
+    prepare_decode_storage,
+    set_decode_storage,
+)
 from ..quant import quantize_linears_int8, skip_vision
 from . import processor
 from .config import DeepseekOcrConfig
@@ -151,6 +159,16 @@ def load_weights(module: nn.Module, weights: Path) -> None:
                         params[k].copy_(st.get_tensor(k))
 
 
+def _reload_in_dtype(module: nn.Module, weights: Path, keys: list[str], dtype: torch.dtype) -> None:
+    """Read ``keys`` again from the checkpoint into fresh parameters of ``dtype``."""
+    found = _read_headers(_weight_files(weights))
+    for k in keys:
+        with safe_open(str(found[k][0]), framework="pt") as st:
+            t = st.get_tensor(k).to(dtype)
+        owner, _, leaf = k.rpartition(".")
+        setattr(module.get_submodule(owner), leaf, nn.Parameter(t, requires_grad=False))
+
+
 def _chunks(keys: list[str], params: dict[str, nn.Parameter]) -> Iterator[list[str]]:
     chunk: list[str] = []
     size = 0
@@ -193,6 +211,8 @@ class DeepseekOcrModel(OcrModel):
         self.last_timings: dict[str, float] = {}
         #: KV layout override for new caches (None: the fastest for the dtype/device; tests force both).
         self.kv_v_transposed: bool | None = None
+        #: storage dtype of the decoder linears for decode steps (None: the model dtype), see set_decode_dtype
+        self.decode_dtype: torch.dtype | None = None
         self.rope = Rope(cfg.language.head_dim, cfg.language.rope_theta, self.max_context, dtype, device)
 
     # ---------------------------------------------------------------- load
@@ -231,12 +251,29 @@ class DeepseekOcrModel(OcrModel):
         # Build on the meta device, then allocate uninitialised storage once in the target dtype.
         with torch.device("meta"):
             net = DeepseekOcrForCausalLM(cfg)
-        net = net.to(dtype=dtype).to_empty(device=dev)
+        net = net.to(dtype=dtype)
+        storage = decode_storage_dtype(dev, dtype, quantize)
+        # decode storage (see set_decode_dtype), converted while reading: no transient second copy
+        in_storage = prepare_decode_storage(net, storage) if storage is not None else []
+        net = net.to_empty(device=dev)
         load_weights(net, files.weights)
+        if in_storage and (bad := overflowing(net, in_storage)):
+            _reload_in_dtype(net, files.weights, bad, dtype)  # outside float16's range: keep the model dtype
         net.eval().requires_grad_(False)
         if quantize == "int8":  # decoder linears + lm_head; vision and the f32 router stay as loaded
             quantize_linears_int8(net, skip=skip_vision)
-        return cls(cfg, net, tokenizer, dev, dtype, frozenset(int(x) for x in eos), int(image_id))
+        model = cls(cfg, net, tokenizer, dev, dtype, frozenset(int(x) for x in eos), int(image_id))
+        model.decode_dtype = storage if in_storage else None
+        return model
+
+    def set_decode_dtype(self, dtype: torch.dtype | None) -> None:
+        """Storage dtype of the decoder linears (attention, dense MLP, routed + shared experts) and
+        lm_head; None = the model dtype. float16 (the default for bfloat16 models on CPU, loaded straight
+        into it) makes decode steps use torch's float16 matrix-vector kernel, about twice as fast as the
+        bfloat16 one; prefill converts each weight back to bfloat16 on the fly. Routers and int8 layers
+        are left alone."""
+        converted = set_decode_storage(self.net, dtype or self.dtype)
+        self.decode_dtype = dtype if dtype is not None and dtype != self.dtype and converted else None
 
     # ------------------------------------------------------------- prepare
     def prepare(
@@ -315,7 +352,7 @@ class DeepseekOcrModel(OcrModel):
         h = self.embed_prompt(prepared)
         t0 = time.perf_counter()
         out = self.net.model.prefill(h, cache, self.rope)
-        logits = self.net.lm_head(out[-1:]).to(torch.float32)[0]
+        logits = linear(self.net.lm_head, out[-1:]).to(torch.float32)[0]
         self.last_timings["prefill_s"] = time.perf_counter() - t0
         return logits, cache
 
@@ -332,7 +369,7 @@ class DeepseekOcrModel(OcrModel):
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         h = self.net.model.embed_tokens(ids)
         out = self.net.model.decode(h, kv, self.rope)
-        return self.net.lm_head(out).to(torch.float32)
+        return decode_linear(self.net.lm_head, out).to(torch.float32)
 
     # ------------------------------------------------------------- helpers
     def info(self) -> dict[str, Any]:
