@@ -16,7 +16,7 @@ already loaded module at run time (tests, benchmarks).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,10 @@ from torch import nn
 
 #: storage dtype of decoder linears for bandwidth-bound decode steps of a bfloat16 model on CPU
 DECODE_STORAGE = torch.float16
+#: float16 GEMM cost grows with the rows (it is no faster than bfloat16 at 2 rows, 4x slower at 8, 20x
+#: slower at 16): decode steps of more rows use a layer's ``batch_weight`` (a copy in the activation
+#: dtype, see :func:`set_decode_storage`) when it has one
+F16_MAX_ROWS = 2
 
 
 def decode_storage_dtype(device: torch.device | str, dtype: torch.dtype, quantize: str | None) -> torch.dtype | None:
@@ -46,11 +50,18 @@ def fits(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     return c if c is t or bool(torch.isfinite(c).all()) else None
 
 
+def _bias(mod: nn.Linear, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if mod.bias is None else mod.bias.to(dtype)
+
+
 def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Apply a linear layer to many rows (prefill). A weight stored in another dtype (the decode
-    storage) is converted to the activation dtype on the fly."""
+    storage) is used through its ``batch_weight`` copy when it has one, else converted to the activation
+    dtype on the fly."""
     if type(mod) is nn.Linear and mod.weight.dtype != x.dtype:
-        return F.linear(x, mod.weight.to(x.dtype), None if mod.bias is None else mod.bias.to(x.dtype))
+        wb = getattr(mod, "batch_weight", None)
+        w = wb if wb is not None and wb.dtype == x.dtype else mod.weight.to(x.dtype)
+        return F.linear(x, w, _bias(mod, x.dtype))
     return mod(x)
 
 
@@ -61,8 +72,10 @@ def decode_linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     activation dtype and int8-quantized ones run as they are."""
     if type(mod) is not nn.Linear or mod.weight.dtype == x.dtype:
         return mod(x)
+    if x.shape[0] > F16_MAX_ROWS and getattr(mod, "batch_weight", None) is not None:
+        return linear(mod, x)
     w = mod.weight
-    y = F.linear(x.to(w.dtype), w, None if mod.bias is None else mod.bias.to(w.dtype))
+    y = F.linear(x.to(w.dtype), w, _bias(mod, w.dtype))
     if not bool(torch.isfinite(y).all()):
         return linear(mod, x)
     return y.to(x.dtype)
@@ -76,18 +89,24 @@ def decoder_linears(net: nn.Module) -> Iterable[tuple[str, nn.Linear]]:
             yield name, m
 
 
-def set_decode_storage(net: nn.Module, dtype: torch.dtype) -> int:
+def set_decode_storage(
+    net: nn.Module, dtype: torch.dtype, model_dtype: torch.dtype, batch_copies: Callable[[str], bool] | None = None
+) -> int:
     """Store the decoder linears of ``net`` (a model whose state-dict keys are the checkpoint's) in
     ``dtype``, layer by layer (peak memory: one layer twice). A weight that does not fit ``dtype``
-    stays as it is. Returns the number of layers now stored in ``dtype``."""
+    stays as it is. Layers whose key prefix ``batch_copies`` selects also keep a ``batch_weight`` copy
+    in ``model_dtype`` for batched decode steps and prefill (:func:`decode_linear`); ``dtype ==
+    model_dtype`` drops those copies. Returns the number of layers now stored in ``dtype``."""
     n = 0
-    for _, m in decoder_linears(net):
+    for name, m in decoder_linears(net):
         if m.weight.dtype != dtype:
             w = fits(m.weight.detach(), dtype)
             if w is None:
                 continue
             m.weight = nn.Parameter(w, requires_grad=False)
         n += 1
+        keep = dtype != model_dtype and batch_copies is not None and batch_copies(name)
+        m.batch_weight = m.weight.detach().to(model_dtype) if keep else None
     return n
 
 

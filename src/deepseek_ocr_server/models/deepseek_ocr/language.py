@@ -89,6 +89,23 @@ class MoE(nn.Module):
 
     def _run(self, x: torch.Tensor, decode: bool) -> torch.Tensor:
         weights, idx = self.gate(x)  # (T, k) f32, (T, k)
+        if x.shape[0] == 1:  # one token (a decode step of one sequence): no grouping, no scatter
+            y = self._run_one(x, weights[0], idx[0].tolist(), decode)
+        else:
+            y = self._run_grouped(x, weights, idx, decode)
+        if self.shared_experts is not None:
+            y = y + (self.shared_experts.decode(x) if decode else self.shared_experts(x))
+        return y
+
+    def _run_one(self, x: torch.Tensor, weights: torch.Tensor, idx: list[int], decode: bool) -> torch.Tensor:
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for j in sorted(range(len(idx)), key=idx.__getitem__):  # expert order, as the grouped path
+            expert = self.experts[idx[j]]
+            y = expert.decode(x) if decode else expert(x)
+            out += y.to(torch.float32) * weights[j]
+        return out.to(x.dtype)
+
+    def _run_grouped(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, decode: bool) -> torch.Tensor:
         k = idx.shape[1]
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
@@ -104,10 +121,7 @@ class MoE(nn.Module):
             # expert outputs weighted and summed in float32, cast back once (HF-V2 moe_infer)
             out.index_add_(0, tok, y.to(torch.float32) * w_sorted[start : start + c, None])
             start += c
-        y = out.to(x.dtype)
-        if self.shared_experts is not None:
-            y = y + (self.shared_experts.decode(x) if decode else self.shared_experts(x))
-        return y
+        return out.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

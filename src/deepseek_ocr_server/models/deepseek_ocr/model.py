@@ -26,7 +26,6 @@ from ..base import InputError, ModelFiles, ModelLoadError, OcrModel, Prepared, S
 from ..layers import (
     decode_linear,
     decode_storage_dtype,
-    linear,
     overflowing,
     prepare_decode_storage,
     set_decode_storage,
@@ -159,6 +158,12 @@ def load_weights(module: nn.Module, weights: Path) -> None:
                         params[k].copy_(st.get_tensor(k))
 
 
+def _batch_copy(name: str) -> bool:
+    """Decoder linears that keep a model-dtype copy next to the float16 decode storage: all but the
+    routed experts (see ``DeepseekOcrModel.set_decode_dtype``)."""
+    return ".experts." not in name
+
+
 def _reload_in_dtype(module: nn.Module, weights: Path, keys: list[str], dtype: torch.dtype) -> None:
     """Read ``keys`` again from the checkpoint into fresh parameters of ``dtype``."""
     found = _read_headers(_weight_files(weights))
@@ -263,16 +268,19 @@ class DeepseekOcrModel(OcrModel):
         if quantize == "int8":  # decoder linears + lm_head; vision and the f32 router stay as loaded
             quantize_linears_int8(net, skip=skip_vision)
         model = cls(cfg, net, tokenizer, dev, dtype, frozenset(int(x) for x in eos), int(image_id))
-        model.decode_dtype = storage if in_storage else None
+        if in_storage:
+            model.set_decode_dtype(storage)  # already in float16: adds the batch copies
         return model
 
     def set_decode_dtype(self, dtype: torch.dtype | None) -> None:
         """Storage dtype of the decoder linears (attention, dense MLP, routed + shared experts) and
         lm_head; None = the model dtype. float16 (the default for bfloat16 models on CPU, loaded straight
         into it) makes decode steps use torch's float16 matrix-vector kernel, about twice as fast as the
-        bfloat16 one; prefill converts each weight back to bfloat16 on the fly. Routers and int8 layers
-        are left alone."""
-        converted = set_decode_storage(self.net, dtype or self.dtype)
+        bfloat16 one. The layers every row of a batch goes through (attention, dense MLP, shared experts,
+        lm_head: 0.35 B params) keep a bfloat16 copy for batched decode steps and prefill (float16 GEMMs
+        get slower with the rows); routed experts (1-2 rows each in a decode step) convert back to
+        bfloat16 on the fly in prefill. Routers and int8 layers are left alone."""
+        converted = set_decode_storage(self.net, dtype or self.dtype, self.dtype, _batch_copy)
         self.decode_dtype = dtype if dtype is not None and dtype != self.dtype and converted else None
 
     # ------------------------------------------------------------- prepare
@@ -352,7 +360,7 @@ class DeepseekOcrModel(OcrModel):
         h = self.embed_prompt(prepared)
         t0 = time.perf_counter()
         out = self.net.model.prefill(h, cache, self.rope)
-        logits = linear(self.net.lm_head, out[-1:]).to(torch.float32)[0]
+        logits = decode_linear(self.net.lm_head, out[-1:]).to(torch.float32)[0]
         self.last_timings["prefill_s"] = time.perf_counter() - t0
         return logits, cache
 
