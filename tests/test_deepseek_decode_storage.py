@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from deepseek_ocr_server.models.base import ModelFiles, Prepared, VisionSettings
 from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
-from deepseek_ocr_server.models.layers import is_decoder_linear
+from deepseek_ocr_server.models.layers import F16_MAX_ROWS, is_decoder_linear
 from deepseek_ocr_server.models.quant import Int8Linear
 
 TINY = VisionSettings(base_size=512, image_size=512, crop_mode=False)
@@ -78,6 +78,13 @@ def test_bf16_loads_decoder_linears_in_float16(deepseek_ckpt):
     assert "model.layers.0.self_attn.q_proj.weight" in expected and "lm_head.weight" in expected
     assert f16 == expected
     assert {d for k, d in dtypes.items() if k not in f16} == {torch.bfloat16}
+    # layers every row of a batch goes through keep a bfloat16 copy; routed experts do not
+    attn = m.net.model.layers[0].self_attn.q_proj
+    assert attn.batch_weight.dtype == torch.bfloat16
+    assert torch.equal(attn.batch_weight, attn.weight.to(torch.bfloat16))
+    assert m.net.model.layers[1].mlp.shared_experts.up_proj.batch_weight is not None
+    assert m.net.lm_head.batch_weight is not None
+    assert m.net.model.layers[1].mlp.experts[0].up_proj.batch_weight is None
     # the values are the checkpoint's bf16 values, exactly
     t = load_file(str(next(deepseek_ckpt.glob("*.safetensors"))))
     w = m.net.model.layers[1].mlp.experts[3].gate_proj.weight
@@ -90,6 +97,7 @@ def test_float16_storage_decodes_like_bfloat16(deepseek_ckpt):
     f16 = _greedy(m, prep, 32)
     m.set_decode_dtype(None)
     assert m.decode_dtype is None and {p.dtype for p in m.net.parameters()} == {torch.bfloat16}
+    assert m.net.lm_head.batch_weight is None
     plain = _greedy(m, prep, 32)
     m.set_decode_dtype(torch.float16)
     assert m.decode_dtype == torch.float16
@@ -100,7 +108,13 @@ def test_float16_storage_decodes_like_bfloat16(deepseek_ckpt):
     _, c2 = m.prefill(prep, 4)
     _, c3 = m.prefill(prep, 4)
     both = m.decode([toks[0], toks[1]], [c1, c2])
-    assert torch.equal(both[1], m.decode([toks[1]], [c3])[0])
+    alone = m.decode([toks[1]], [c3])[0]
+    assert torch.equal(both[1], alone)
+    # more rows than F16_MAX_ROWS: the bfloat16 batch copies, close to the row alone
+    caches = [m.prefill(prep, 4)[1] for _ in range(F16_MAX_ROWS + 1)]
+    rows = m.decode([toks[1]] * len(caches), caches)
+    assert all(torch.equal(r, rows[0]) for r in rows)
+    assert (rows[0] - alone).abs().max() <= 0.05 * alone.abs().max()
 
 
 def test_float32_and_int8_keep_their_storage(deepseek_ckpt, deepseek_model_f32):

@@ -52,6 +52,7 @@ def test_float16_storage_decodes_like_bfloat16(paddle_ckpt):
     assert m.decode_dtype == torch.float16
     assert m.net.model.layers[0].mlp.up_proj.weight.dtype == torch.float16
     assert m.net.lm_head.weight.dtype == torch.float16
+    assert m.net.lm_head.batch_weight.dtype == torch.bfloat16  # for prefill and batched decode steps
     img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (90, 150, 3), dtype=np.uint8))
     prep = m.prepare("OCR:", [img])
     f16 = _greedy(m, prep, 32)
