@@ -265,7 +265,7 @@ class DeepseekOcrModel(OcrModel):
         if in_storage and (bad := overflowing(net, in_storage)):
             _reload_in_dtype(net, files.weights, bad, dtype)  # outside float16's range: keep the model dtype
         net.eval().requires_grad_(False)
-        if quantize == "int8":  # decoder linears + lm_head; vision and the f32 router stay as loaded
+        if quantize == "int8":  # decoder linears + lm_head; vision and the router stay as loaded
             quantize_linears_int8(net, skip=skip_vision)
         model = cls(cfg, net, tokenizer, dev, dtype, frozenset(int(x) for x in eos), int(image_id))
         if in_storage:
