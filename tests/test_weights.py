@@ -61,6 +61,8 @@ def test_single_file_values_and_dtype(tmp_path: Path) -> None:
     state = _load(f, torch.bfloat16)
     assert all(torch.equal(state[k], t[k].to(torch.bfloat16)) for k in t)
     assert state["scale"].shape == () and state["embed.weight"].is_contiguous()
+    moved = _load(f, torch.float16, device="meta")  # each tensor moves as soon as it is read
+    assert {v.device.type for v in moved.values()} == {"meta"} and moved["scale"].dtype == torch.float16
 
 
 def test_index_and_shards(tmp_path: Path) -> None:
