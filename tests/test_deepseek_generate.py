@@ -3,15 +3,20 @@ the tiny DeepSeek-OCR checkpoint (f32, CPU)."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
 
 from deepseek_ocr_server.engine.generate import generate, generate_batch, generate_stream
-from deepseek_ocr_server.models.base import Prepared, VisionSettings
+from deepseek_ocr_server.models.base import ModelFiles, Prepared, VisionSettings
+from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
 from deepseek_ocr_server.sampling import SamplingParams
 
 TINY = VisionSettings(base_size=512, image_size=512, crop_mode=False)
+WEIGHTS = "model-00001-of-000001.safetensors"
 
 
 def _page(w: int = 300, h: int = 200) -> Image.Image:
@@ -94,24 +99,69 @@ def test_generate_end_to_end_with_image(deepseek_model_f32):
     assert "".join(p for p in parts[:-1] if isinstance(p, str)) == final.text == res.text
 
 
-def test_finish_reasons_stop_and_length(deepseek_model_f32):
+def _greedy_by_hand(m, prep: Prepared, n: int) -> tuple[list[int], torch.Tensor]:
+    """n greedy ids from prefill + cached decode steps, ignoring end-of-sequence; and the prefill logits."""
+    logits, cache = m.prefill(prep, n)
+    ids = [int(torch.argmax(logits))]
+    for _ in range(n - 1):
+        ids.append(int(torch.argmax(m.decode([ids[-1]], [cache])[0])))
+    cache.release()
+    return ids, logits
+
+
+@pytest.fixture
+def eos_ids(deepseek_model_f32):
+    """Lets a test replace the shared model's end-of-sequence set; restored afterwards."""
+    m = deepseek_model_f32
+    orig = m.eos_token_ids
+    yield lambda ids: setattr(m, "eos_token_ids", frozenset(ids))
+    m.eos_token_ids = orig
+
+
+def test_finish_length_when_no_eos_is_reachable(deepseek_model_f32, eos_ids):
+    """With an end-of-sequence id no logit row can produce, only the budget can end generation."""
     m = deepseek_model_f32
     prep = m.prepare("Free OCR.", [_page()], TINY)
-    logits, cache = m.prefill(prep, 3)
+    eos_ids({m.cfg.language.vocab_size + 7})
+    res = generate(m, prep, SamplingParams(no_repeat_ngram_size=0), max_new_tokens=5)
+    assert res.finish_reason == "length"
+    assert res.completion_tokens == len(res.token_ids) == 5
+    assert res.token_ids == _greedy_by_hand(m, prep, 5)[0]
+
+
+def test_finish_stop_mid_generation(deepseek_model_f32, eos_ids):
+    """Make the first greedy id not seen before step 1 the end-of-sequence id: generation must stop
+    exactly there, that id is reported but its text is not."""
+    m = deepseek_model_f32
+    prep = m.prepare("Free OCR.", [_page()], TINY)
+    ids, _ = _greedy_by_hand(m, prep, 6)
+    i = next((k for k in range(1, len(ids)) if ids[k] not in ids[:k]), None)
+    assert i is not None, f"the tiny model repeats one id: {ids}"
+    eos_ids({ids[i]})
+    res = generate(m, prep, SamplingParams(no_repeat_ngram_size=0), max_new_tokens=6)
+    assert (res.finish_reason, res.token_ids, res.completion_tokens) == ("stop", ids[: i + 1], i + 1)
+    shown = [t for t in ids[:i] if t < m.vocab_size()]
+    assert res.text == m.tokenizer.decode(shown, skip_special_tokens=False)
+
+
+def test_finish_stop_on_the_checkpoint_eos(deepseek_ckpt, deepseek_model_f32, tmp_path):
+    """A checkpoint whose lm_head row for EOS (id 1, from generation_config.json) is twice the row of
+    the greedy first token: the EOS logit is then twice the largest (positive) logit, so the model must
+    emit EOS first and stop."""
+    m = deepseek_model_f32
+    prep = m.prepare("Free OCR.", [_page()], TINY)
+    logits, cache = m.prefill(prep, 1)
     cache.release()
     first = int(torch.argmax(logits))
-    res = generate(m, prep, SamplingParams(no_repeat_ngram_size=0), max_new_tokens=3)
-    assert res.token_ids[0] == first
-    if res.finish_reason == "length":
-        assert res.completion_tokens == 3
-    # force EOS: a model whose eos set contains the greedy first token stops right away
-    orig = m.eos_token_ids
-    try:
-        m.eos_token_ids = frozenset({first})
-        res = generate(m, prep, SamplingParams(no_repeat_ngram_size=0), max_new_tokens=3)
-        assert (res.finish_reason, res.token_ids, res.completion_tokens, res.text) == ("stop", [first], 1, "")
-    finally:
-        m.eos_token_ids = orig
+    assert first != 1 and logits[first] > 0.1
+    d = shutil.copytree(deepseek_ckpt, tmp_path / "eos")
+    tensors = load_file(str(d / WEIGHTS))
+    tensors["lm_head.weight"][1] = 2 * tensors["lm_head.weight"][first]
+    save_file(tensors, str(d / WEIGHTS))
+    forced = DeepseekOcrModel.load(ModelFiles.from_dir(d), dtype=torch.float32)
+    assert forced.eos_token_ids == frozenset({1})
+    res = generate(forced, prep, SamplingParams(no_repeat_ngram_size=0), max_new_tokens=4)
+    assert (res.finish_reason, res.token_ids, res.completion_tokens, res.text) == ("stop", [1], 1, "")
 
 
 def test_generate_batch_equals_single_and_seeded_sampling(deepseek_model_f32):
@@ -131,9 +181,6 @@ def test_generate_batch_equals_single_and_seeded_sampling(deepseek_model_f32):
 
 
 def test_bf16_model_runs(deepseek_ckpt):
-    from deepseek_ocr_server.models.base import ModelFiles
-    from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
-
     m = DeepseekOcrModel.load(ModelFiles.from_dir(deepseek_ckpt), dtype=torch.bfloat16)
     m32 = DeepseekOcrModel.load(ModelFiles.from_dir(deepseek_ckpt), dtype=torch.float32)
     prep = m.prepare("Free OCR.", [_page()], TINY)

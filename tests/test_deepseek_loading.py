@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from deepseek_ocr_server.models import model_class
 from deepseek_ocr_server.models.base import ModelFiles, ModelLoadError
 from deepseek_ocr_server.models.deepseek_ocr.config import DeepseekOcrConfig
-from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
+from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrForCausalLM, DeepseekOcrModel
 from deepseek_ocr_server.testing.deepseek_ocr import build_tiny_checkpoint, full_config, original_shapes
 
 WEIGHTS = "model-00001-of-000001.safetensors"
@@ -170,3 +170,19 @@ def test_top_level_keys_win_like_hf(deepseek_ckpt):
     raw["use_mla"] = True
     with pytest.raises(ModelLoadError, match="use_mla"):
         DeepseekOcrConfig.from_dict(raw)
+
+
+def test_full_size_module_tree_matches_the_original_layout():
+    """The official sizes built on the meta device (no memory): every parameter name and shape equals
+    the original checkpoint's, which has 2,710 tensors and 3,336,106,240 parameters (SPEC §3.5/§14),
+    and the module holds no buffers (nothing outside the checkpoint is needed to run it)."""
+    with torch.device("meta"):
+        net = DeepseekOcrForCausalLM(DeepseekOcrConfig.from_dict(full_config()))
+    ours = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    want = original_shapes(full_config())
+    assert sorted(set(ours) ^ set(want)) == []
+    assert {k for k in ours if ours[k] != want[k]} == set()
+    assert len(ours) == 2710
+    assert sum(p.numel() for p in net.parameters()) == 3_336_106_240
+    assert list(net.named_buffers()) == []
+    assert {k for k, _ in net.named_parameters()} == set(want)

@@ -23,8 +23,10 @@ from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (  # noqa: 
     DeepseekOcr2TextModel,
 )
 
-from deepseek_ocr_server.models.deepseek_ocr.language import Rope  # noqa: E402
+from deepseek_ocr_server.models.deepseek_ocr.config import DeepseekOcrConfig  # noqa: E402
+from deepseek_ocr_server.models.deepseek_ocr.language import MoEGate, Rope  # noqa: E402
 from deepseek_ocr_server.models.deepseek_ocr.vision import arrange_image_embeddings  # noqa: E402
+from deepseek_ocr_server.testing.deepseek_ocr import tiny_config  # noqa: E402
 
 ATOL = 2e-5
 
@@ -162,6 +164,9 @@ def _text_reference(model):
     ``gate_up_proj`` [E, 2I, H] (gate rows first) and ``down_proj`` [E, H, I]."""
     lc = model.cfg.language
     n = lc.num_hidden_layers
+    # the official layout, written out (not derived from our config code): layer 0 dense, the rest MoE
+    assert lc.first_k_dense_replace == 1 and n >= 2
+    layer_types = ["dense"] + ["sparse"] * (n - 1)
     cfg = DeepseekOcr2TextConfig(
         vocab_size=lc.vocab_size,
         hidden_size=lc.hidden_size,
@@ -180,7 +185,7 @@ def _text_reference(model):
         rms_norm_eps=lc.rms_norm_eps,
         max_position_embeddings=lc.max_position_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": lc.rope_theta},
-        mlp_layer_types=["sparse" if lc.is_moe_layer(i) else "dense" for i in range(n)],
+        mlp_layer_types=layer_types,
     )
     cfg._attn_implementation = "eager"
     cfg._experts_implementation = "eager"
@@ -194,7 +199,7 @@ def _text_reference(model):
             continue
         sd[k] = v
     for i in range(n):
-        if not lc.is_moe_layer(i):
+        if layer_types[i] != "sparse":
             continue
         p = f"layers.{i}.mlp.experts"
         e = range(lc.n_routed_experts)
@@ -258,3 +263,50 @@ def test_tiled_packing_matches_spec_formula():
     expected.append(sep)
     assert torch.equal(out, torch.stack(expected))
     assert out.shape[0] == qb * (qb + 1) + 1 + (nh * q) * (nw * q + 1)
+
+
+def _gate(dtype: torch.dtype) -> MoEGate:
+    lc = DeepseekOcrConfig.from_dict(tiny_config()).language
+    gate = MoEGate(lc)
+    with torch.no_grad():
+        gate.weight.copy_(
+            torch.randn(gate.weight.shape, generator=torch.Generator().manual_seed(21)) * lc.hidden_size**-0.5
+        )
+    return gate.to(dtype)
+
+
+def _by_expert(w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    idx, order = idx.sort(dim=-1)
+    return w.gather(-1, order), idx
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_router_of_16bit_model_softmaxes_rounded_logits(dtype):
+    """bf16/f16: logits from a linear in the activation dtype (what the reference's autocast(bf16) and
+    vLLM's bf16 gate compute), then float32 softmax and top-k without renormalisation."""
+    gate = _gate(dtype)
+    x = torch.randn(200, gate.weight.shape[1], generator=torch.Generator().manual_seed(22)).to(dtype)
+    with torch.no_grad():
+        w, idx = gate(x)
+        probs = F.linear(x, gate.weight).float().softmax(-1)
+    assert w.dtype == torch.float32
+    want_w, want_idx = torch.topk(probs, k=gate.top_k, dim=-1, sorted=False)
+    got_w, got_idx = _by_expert(w, idx)
+    want_w, want_idx = _by_expert(want_w, want_idx)
+    assert torch.equal(got_idx, want_idx)
+    assert torch.equal(got_w, want_w)
+    # not the same as softmaxing full-precision logits of the same weights (the test can tell them apart)
+    f32 = F.linear(x.float(), gate.weight.float()).softmax(-1)
+    assert not torch.equal(f32.gather(-1, idx), w)
+
+
+def test_router_of_f32_model_is_full_f32():
+    gate = _gate(torch.float32)
+    x = torch.randn(200, gate.weight.shape[1], generator=torch.Generator().manual_seed(23))
+    with torch.no_grad():
+        w, idx = gate(x)
+    want_w, want_idx = torch.topk(F.linear(x, gate.weight).softmax(-1), k=gate.top_k, dim=-1, sorted=False)
+    got_w, got_idx = _by_expert(w, idx)
+    want_w, want_idx = _by_expert(want_w, want_idx)
+    assert torch.equal(got_idx, want_idx)
+    assert torch.equal(got_w, want_w)

@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from deepseek_ocr_server.models.base import InputError, VisionSettings
 from deepseek_ocr_server.models.deepseek_ocr import processor as P
@@ -173,6 +173,30 @@ def test_letterbox_fill_and_bf16_rounding():
     new_w = round(333 / 1000 * 1024)
     x0 = round((1024 - new_w) * 0.5)
     assert tall.getpixel((x0 - 1, 500)) == (127, 127, 127) and tall.getpixel((x0 + 5, 500)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize(
+    ("size", "target"),
+    [
+        ((333, 1000), 1024),  # tall, downscaled; odd margin 683: offset round(341.5) = 342 (banker's)
+        ((2000, 1000), 1024),  # wide, exact 2:1
+        ((641, 640), 1024),  # near-square: a 2 px gray margin
+        ((100, 60), 512),  # upscaled
+        ((300, 300), 640),  # square: no margin at all
+        ((2049, 2048), 1024),  # short side rounds to the full size
+        ((37, 999), 640),  # thin but >= 1 px after scaling (the clamp case is not compared)
+    ],
+)
+def test_letterbox_equals_pillow_imageops_pad(size, target):
+    """Our pad_to_square is pixel-identical to ``ImageOps.pad(img, (s, s), color=(127,)*3)`` with
+    Pillow's defaults (BICUBIC, centring 0.5), the reference's call (SPEC §5.2)."""
+    w, h = size
+    noise = torch.randint(0, 256, (h, w, 3), generator=torch.Generator().manual_seed(w * 7 + h))
+    img = Image.fromarray(noise.to(torch.uint8).numpy(), mode="RGB")
+    want = ImageOps.pad(img, (target, target), color=(127, 127, 127))
+    got = P.pad_to_square(img, target)
+    assert got.size == want.size == (target, target) and got.mode == want.mode
+    assert got.tobytes() == want.tobytes()
 
 
 def test_small_presets_stretch_instead_of_letterbox():

@@ -43,7 +43,15 @@ class Mlp(nn.Module):
 
 
 class MoEGate(nn.Module):
-    """Router: f32 logits, softmax, greedy top-k (SPEC §8.2 MoE steps 1-2)."""
+    """Router: logits, float32 softmax, greedy top-k (SPEC §8.2 MoE steps 1-2).
+
+    Precision of the logits: SPEC §8.2 describes HF-V2's ``MoEGate`` as an f32 linear, but the official
+    paths never run it that way for a 16-bit model: the HF remote code runs ``infer()`` under
+    ``torch.autocast(bfloat16)`` (autocast turns that f32 ``F.linear`` into a bf16 one) and vLLM's gate
+    is a bf16 linear. Both therefore softmax bf16-ROUNDED logits, and near-ties between experts are
+    decided on those. So a bf16/f16 model computes the logits in its activation dtype and only the
+    softmax (and everything after it) in float32; a float32 model stays float32 throughout.
+    """
 
     def __init__(self, cfg: LanguageConfig) -> None:
         super().__init__()
@@ -53,7 +61,11 @@ class MoEGate(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = F.linear(x.to(torch.float32), self.weight.to(torch.float32)).softmax(dim=-1)
+        if x.dtype in (torch.bfloat16, torch.float16):
+            logits = F.linear(x, self.weight.to(x.dtype))  # like the reference's autocast (docstring)
+        else:
+            logits = F.linear(x.to(torch.float32), self.weight.to(torch.float32))
+        scores = logits.to(torch.float32).softmax(dim=-1)
         weights, idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
         if self.top_k > 1 and self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

@@ -139,7 +139,7 @@ class DeepseekOcrModel(OcrModel):
         )
         net.load_state_dict(state, strict=True, assign=True)
         net.eval().requires_grad_(False)
-        if quantize == "int8":  # decoder linears + lm_head; vision and the f32 router stay as loaded
+        if quantize == "int8":  # decoder linears + lm_head; vision and the router stay as loaded
             quantize_linears_int8(net, skip=skip_vision)
         return cls(cfg, net, tokenizer, dev, dtype, frozenset(int(x) for x in eos), int(image_id))
 

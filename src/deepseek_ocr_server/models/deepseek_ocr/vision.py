@@ -182,14 +182,17 @@ class SamEncoder(nn.Module):
         c1, c2 = cfg.downsample_channels
         self.net_2 = nn.Conv2d(cfg.out_chans, c1, kernel_size=3, stride=2, padding=1, bias=False)
         self.net_3 = nn.Conv2d(c1, c2, kernel_size=3, stride=2, padding=1, bias=False)
-        self._pos_cache: dict[int, torch.Tensor] = {}
+        #: resized tables, keyed on (grid, dtype, device) so a model moved/cast after use gets fresh ones
+        self._pos_cache: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
     def abs_pos(self, g: int) -> torch.Tensor:
-        if g == self.pos_embed.shape[1]:
-            return self.pos_embed
-        if g not in self._pos_cache:
-            self._pos_cache[g] = _interp_abs_pos_2d(self.pos_embed.permute(0, 3, 1, 2), g).permute(0, 2, 3, 1)
-        return self._pos_cache[g]
+        table = self.pos_embed
+        if g == table.shape[1]:
+            return table
+        key = (g, table.dtype, table.device)
+        if key not in self._pos_cache:
+            self._pos_cache[key] = _interp_abs_pos_2d(table.permute(0, 3, 1, 2), g).permute(0, 2, 3, 1)
+        return self._pos_cache[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
@@ -212,18 +215,20 @@ class ClipEmbeddings(nn.Module):
             3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False
         )
         self.position_embedding = nn.Embedding(cfg.num_positions, cfg.width)
-        self._pos_cache: dict[int, torch.Tensor] = {}
+        #: resized tables, keyed on (side, dtype, device) so a model moved/cast after use gets fresh ones
+        self._pos_cache: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
     def positions(self, m: int) -> torch.Tensor:
         table = self.position_embedding.weight  # (1 + g*g, C)
         g = math.isqrt(table.shape[0] - 1)
         if m == g:
             return table
-        if m not in self._pos_cache:
+        key = (m, table.dtype, table.device)
+        if key not in self._pos_cache:
             grid = table[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
             new = _interp_abs_pos_2d(grid, m).permute(0, 2, 3, 1).reshape(m * m, -1)
-            self._pos_cache[m] = torch.cat([table[:1], new], dim=0)  # CLS row untouched
-        return self._pos_cache[m]
+            self._pos_cache[key] = torch.cat([table[:1], new], dim=0)  # CLS row untouched
+        return self._pos_cache[key]
 
     def forward(self, sam_features: torch.Tensor) -> torch.Tensor:
         b, c, m, _ = sam_features.shape
