@@ -28,19 +28,24 @@ def _tensors(d: Path) -> dict[str, torch.Tensor]:
 
 def test_missing_key_is_named(tmp_path: Path) -> None:
     d = build_tiny_checkpoint(tmp_path, omit=("model.layers.1.mlp.up_proj.weight",))
-    with pytest.raises(ModelLoadError, match=r"missing keys: model\.layers\.1\.mlp\.up_proj\.weight"):
+    with pytest.raises(ModelLoadError, match=r"missing tensors: model\.layers\.1\.mlp\.up_proj\.weight"):
         _load(d)
 
 
 def test_unexpected_key_is_named(tmp_path: Path) -> None:
     d = build_tiny_checkpoint(tmp_path, extra={"model.layers.0.self_attn.q_proj.bias": (128,)})
-    with pytest.raises(ModelLoadError, match=r"unexpected keys: model\.layers\.0\.self_attn\.q_proj\.bias"):
+    with pytest.raises(
+        ModelLoadError, match=r"unexpected tensors: model\.layers\.0\.self_attn\.q_proj\.bias"
+    ):
         _load(d)
 
 
 def test_wrong_shape_is_named(tmp_path: Path) -> None:
     d = build_tiny_checkpoint(tmp_path, reshape={"mlp_AR.linear_2.weight": (64, 128)})
-    with pytest.raises(ModelLoadError, match=r"mis-shaped keys: mlp_AR\.linear_2\.weight: file \(64, 128\)"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"wrong shapes: mlp_AR\.linear_2\.weight \(checkpoint \[64, 128\], expected \[64, 256\]\)",
+    ):
         _load(d)
 
 

@@ -109,22 +109,3 @@ def set_decode_storage(
         m.batch_weight = m.weight.detach().to(model_dtype) if keep else None
     return n
 
-
-def prepare_decode_storage(net: nn.Module, dtype: torch.dtype) -> list[str]:
-    """Before loading into a model built on the ``meta`` device: give its decoder linears ``dtype``, so
-    that the loader converts each tensor once, straight into that storage. Returns their keys (for
-    :func:`overflowing`)."""
-    keys = []
-    for name, m in decoder_linears(net):
-        if m.weight.device.type != "meta":
-            raise ValueError("prepare_decode_storage works on a model still on the meta device")
-        m.weight = nn.Parameter(torch.empty_like(m.weight, dtype=dtype), requires_grad=False)
-        keys.append(f"{name}.weight")
-    return keys
-
-
-def overflowing(net: nn.Module, keys: Iterable[str]) -> list[str]:
-    """Keys among ``keys`` whose loaded weight holds a non-finite value (read into float16 from a value
-    outside its range: the caller re-reads those in the model dtype)."""
-    params = dict(net.named_parameters())
-    return [k for k in keys if not bool(torch.isfinite(params[k]).all())]

@@ -10,36 +10,26 @@ Module tree == original key names::
 
 from __future__ import annotations
 
-import json
+import re
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from PIL import Image
-from safetensors import safe_open
 from tokenizers import Tokenizer
 from torch import nn
 
 from ..base import InputError, ModelFiles, ModelLoadError, OcrModel, Prepared, SequenceCache, VisionSettings
-from ..layers import (
-    decode_linear,
-    decode_storage_dtype,
-    overflowing,
-    prepare_decode_storage,
-    set_decode_storage,
-)
+from ..layers import decode_linear, decode_storage_dtype, is_decoder_linear, set_decode_storage
 from ..quant import quantize_linears_int8, skip_vision
+from ..weights import load_checkpoint
 from . import processor
 from .config import DeepseekOcrConfig
 from .language import DeepseekV2Decoder, KVCache, Rope
 from .vision import ClipVisionModel, Projector, SamEncoder, arrange_image_embeddings, encode_views
 
 #: Keys a re-saved checkpoint may carry that the model does not use (SPEC §3.4).
-IGNORED_KEYS = frozenset({"model.vision_model.embeddings.position_ids"})
-#: Open a fresh safetensors mapping after this many bytes so mapped pages do not pile up in RSS.
-_REOPEN_BYTES = 512 << 20
+IGNORED_KEYS = (re.compile(r"^model\.vision_model\.embeddings\.position_ids$"),)
 
 
 class DeepseekOcrInner(DeepseekV2Decoder):
@@ -77,114 +67,10 @@ class DeepseekOcrForCausalLM(nn.Module):
         return arrange_image_embeddings(g[0], tiles, image.grid, m.image_newline, m.view_seperator)
 
 
-# --------------------------------------------------------------------------------------- loading
-
-
-def _weight_files(path: Path) -> list[Path]:
-    if path.name.endswith(".index.json"):
-        try:
-            index = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot read shard index {path}: {exc}") from exc
-        files = sorted(set(index.get("weight_map", {}).values()))
-        if not files:
-            raise ModelLoadError(f"shard index {path} lists no files")
-        out = [path.parent / f for f in files]
-    else:
-        out = [path]
-    for f in out:
-        if not f.is_file():
-            raise ModelLoadError(f"weights file not found: {f}")
-    return out
-
-
-def _fmt(names: list[str], limit: int = 12) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
-def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """key -> (file, shape), from the safetensors headers (key names come from the files, SPEC §3.5)."""
-    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                for key in st.keys():
-                    if key in found:
-                        raise ModelLoadError(f"tensor {key!r} appears in two weight files")
-                    found[key] = (f, tuple(st.get_slice(key).get_shape()))
-        except ModelLoadError:
-            raise
-        except Exception as exc:  # safetensors raises its own error types
-            raise ModelLoadError(f"cannot read safetensors file {f}: {exc}") from exc
-    return found
-
-
-def load_weights(module: nn.Module, weights: Path) -> None:
-    """Strictly copy the original tensors into ``module``'s (preallocated) parameters.
-
-    Every parameter must be present with its exact shape; no unknown key may remain. Tensors are
-    read one by one from the memory-mapped file and converted into the target dtype in place.
-    """
-    files = _weight_files(weights)
-    found = _read_headers(files)
-    params = dict(module.named_parameters())
-    missing = sorted(k for k in params if k not in found)
-    unexpected = sorted(k for k in found if k not in params and k not in IGNORED_KEYS)
-    bad_shape = sorted(
-        f"{k} (checkpoint {list(found[k][1])}, expected {list(params[k].shape)})"
-        for k in params
-        if k in found and found[k][1] != tuple(params[k].shape)
-    )
-    errors = []
-    if missing:
-        errors.append(f"missing tensors: {_fmt(missing)}")
-    if unexpected:
-        errors.append(f"unexpected tensors: {_fmt(unexpected)}")
-    if bad_shape:
-        errors.append(f"wrong shapes: {_fmt(bad_shape)}")
-    if errors:
-        raise ModelLoadError(
-            f"checkpoint {weights} does not match the DeepSeek-OCR layout: " + "; ".join(errors)
-        )
-    by_file: dict[Path, list[str]] = {}
-    for k in params:
-        by_file.setdefault(found[k][0], []).append(k)
-    with torch.no_grad():
-        for f, keys in by_file.items():
-            for chunk in _chunks(keys, params):
-                with safe_open(str(f), framework="pt") as st:
-                    for k in chunk:
-                        params[k].copy_(st.get_tensor(k))
-
-
 def _batch_copy(name: str) -> bool:
     """Decoder linears that keep a model-dtype copy next to the float16 decode storage: all but the
     routed experts (see ``DeepseekOcrModel.set_decode_dtype``)."""
     return ".experts." not in name
-
-
-def _reload_in_dtype(module: nn.Module, weights: Path, keys: list[str], dtype: torch.dtype) -> None:
-    """Read ``keys`` again from the checkpoint into fresh parameters of ``dtype``."""
-    found = _read_headers(_weight_files(weights))
-    for k in keys:
-        with safe_open(str(found[k][0]), framework="pt") as st:
-            t = st.get_tensor(k).to(dtype)
-        owner, _, leaf = k.rpartition(".")
-        setattr(module.get_submodule(owner), leaf, nn.Parameter(t, requires_grad=False))
-
-
-def _chunks(keys: list[str], params: dict[str, nn.Parameter]) -> Iterator[list[str]]:
-    chunk: list[str] = []
-    size = 0
-    for k in keys:
-        chunk.append(k)
-        size += params[k].numel() * 2
-        if size >= _REOPEN_BYTES:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
 
 
 # ---------------------------------------------------------------------------------- the protocol
@@ -253,22 +139,24 @@ class DeepseekOcrModel(OcrModel):
             e = gen["eos_token_id"]
             eos = set(e) if isinstance(e, list) else {int(e)}
 
-        # Build on the meta device, then allocate uninitialised storage once in the target dtype.
+        # Build on the meta device; every tensor is then read once into its own storage (weights.py).
         with torch.device("meta"):
             net = DeepseekOcrForCausalLM(cfg)
-        net = net.to(dtype=dtype)
+        expected = {k: tuple(p.shape) for k, p in net.named_parameters()}
+        # decode storage (see set_decode_dtype), converted while reading: no transient second copy; a
+        # weight outside float16's range is read in the model dtype instead (weights.read_tensors)
         storage = decode_storage_dtype(dev, dtype, quantize)
-        # decode storage (see set_decode_dtype), converted while reading: no transient second copy
-        in_storage = prepare_decode_storage(net, storage) if storage is not None else []
-        net = net.to_empty(device=dev)
-        load_weights(net, files.weights)
-        if in_storage and (bad := overflowing(net, in_storage)):
-            _reload_in_dtype(net, files.weights, bad, dtype)  # outside float16's range: keep the model dtype
+        overrides = {k: storage for k in expected if is_decoder_linear(k)} if storage is not None else None
+        state = load_checkpoint(
+            files.weights, expected, dtype, model="DeepSeek-OCR", ignored=IGNORED_KEYS, overrides=overrides,
+            device=dev,
+        )
+        net.load_state_dict(state, strict=True, assign=True)
         net.eval().requires_grad_(False)
         if quantize == "int8":  # decoder linears + lm_head; vision and the router stay as loaded
             quantize_linears_int8(net, skip=skip_vision)
         model = cls(cfg, net, tokenizer, dev, dtype, frozenset(int(x) for x in eos), int(image_id))
-        if in_storage:
+        if storage is not None:
             model.set_decode_dtype(storage)  # already in float16: adds the batch copies
         return model
 

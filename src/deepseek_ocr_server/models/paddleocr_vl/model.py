@@ -3,21 +3,18 @@ prompt preparation, prefill and batched decode."""
 
 from __future__ import annotations
 
-import json
 import re
-import struct
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from PIL import Image
-from safetensors import safe_open
 from tokenizers import Tokenizer
 from torch import nn
 
 from ..base import InputError, ModelFiles, ModelLoadError, OcrModel, Prepared, SequenceCache, VisionSettings
 from ..layers import decode_linear, decode_storage_dtype, is_decoder_linear, set_decode_storage
 from ..quant import quantize_linears_int8, skip_vision
+from ..weights import load_checkpoint
 from .config import PaddleOcrVlConfig
 from .language import ErnieModel, KVCache
 from .processor import (
@@ -54,130 +51,6 @@ class PaddleOcrVlNet(nn.Module):
         self.mlp_AR = Projector(cfg)
         self.model = ErnieModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-
-
-def _weight_files(weights: Path) -> list[Path]:
-    if weights.name.endswith(".index.json"):
-        try:
-            index = json.loads(weights.read_text(encoding="utf-8"))
-            names = sorted(set(index["weight_map"].values()))
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelLoadError(f"bad shard index {weights}: {e}") from e
-        return [weights.parent / n for n in names]
-    return [weights]
-
-
-def load_state(
-    weights: Path,
-    expected: dict[str, tuple[int, ...]],
-    dtype: torch.dtype,
-    overrides: dict[str, torch.dtype] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Read exactly the ``expected`` tensors (header checked through safetensors first) and convert each
-    once to ``dtype`` (or to ``overrides[name]``).
-
-    Raises :class:`ModelLoadError` naming every missing, unexpected or mis-shaped key. The documented
-    unused keys are skipped; ``lm_head.weight`` may be absent (tied to ``model.embed_tokens.weight``).
-    """
-    found: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
-    unexpected: list[str] = []
-    duplicated: list[str] = []
-    for path in _weight_files(weights):
-        if not path.is_file():
-            raise ModelLoadError(f"weights file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for raw in f.keys():
-                    name = raw
-                    for pat, repl in _RENAMES:
-                        name = pat.sub(repl, name)
-                    if any(p.search(name) for p in UNUSED_KEY_PATTERNS):
-                        continue
-                    if name not in expected:
-                        unexpected.append(raw)
-                        continue
-                    if name in found:
-                        duplicated.append(f"{found[name][1]} / {raw}")
-                        continue
-                    found[name] = (path, raw, tuple(f.get_slice(raw).get_shape()))
-        except ModelLoadError:
-            raise
-        except Exception as e:  # noqa: BLE001 - safetensors raises several types
-            raise ModelLoadError(f"cannot read {path}: {e}") from e
-    missing = [k for k in expected if k not in found and k != "lm_head.weight"]
-    shapes = [
-        f"{k}: file {found[k][2]} != expected {expected[k]}" for k in found if found[k][2] != expected[k]
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}")
-    if shapes:
-        problems.append(f"mis-shaped keys: {'; '.join(shapes)}")
-    if duplicated:
-        problems.append(f"tensors stored twice (original and transformers names): {', '.join(duplicated)}")
-    if problems:
-        raise ModelLoadError(f"checkpoint {weights} does not match PaddleOCR-VL: " + " | ".join(problems))
-    state: dict[str, torch.Tensor] = {}
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    for name, (path, raw, _) in found.items():
-        by_file.setdefault(path, []).append((name, raw))
-    for path, items in by_file.items():
-        state.update(_read_tensors(path, items, dtype, overrides or {}))
-    if "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    return state
-
-
-_ST_DTYPES = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def _read_tensors(
-    path: Path, items: list[tuple[str, str]], dtype: torch.dtype, overrides: dict[str, torch.dtype]
-) -> dict[str, torch.Tensor]:
-    """Read tensors of one safetensors file straight into freshly allocated (aligned, process-owned)
-    memory, converting each once to ``dtype``.
-
-    Measured on the full model: weights left memory-mapped made the first request ~5x slower in vision
-    and prefill, and copying out of the mapping doubled peak RSS; one ``readinto`` per tensor avoids both.
-    """
-    out: dict[str, torch.Tensor] = {}
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-        base = 8 + header_len
-        for name, raw in sorted(items, key=lambda it: header[it[1]]["data_offsets"][0]):
-            meta = header[raw]
-            src_dtype = _ST_DTYPES.get(meta["dtype"])
-            if src_dtype is None or not (src_dtype.is_floating_point or src_dtype == dtype):
-                raise ModelLoadError(f"{raw}: unsupported dtype {meta['dtype']}")
-            begin, end = meta["data_offsets"]
-            t = torch.empty(meta["shape"], dtype=src_dtype)
-            buf = t.view(-1).view(torch.uint8).numpy() if t.numel() else None
-            if buf is not None:
-                if buf.nbytes != end - begin:
-                    raise ModelLoadError(f"{raw}: {end - begin} bytes in the file for shape {meta['shape']}")
-                f.seek(base + begin)
-                if f.readinto(memoryview(buf)) != buf.nbytes:
-                    raise ModelLoadError(f"{raw}: file truncated")
-            want = overrides.get(name, dtype)
-            conv = t if src_dtype == want else t.to(want)
-            if want != dtype and not bool(torch.isfinite(conv).all()):
-                conv = t if src_dtype == dtype else t.to(dtype)  # out of float16 range: keep the model dtype
-            out[name] = conv
-    return out
 
 
 def strip_image_markers(text: str, marker: str) -> str:
@@ -257,9 +130,17 @@ class PaddleOcrVlModel(OcrModel):
         if (storage := decode_storage_dtype(dev, dtype, quantize)) is not None:
             # decode storage (see set_decode_dtype), converted while reading: no transient second copy
             overrides = {k: storage for k in expected if is_decoder_linear(k)}
-        state = load_state(files.weights, expected, dtype, overrides)
-        if dev.type != "cpu":
-            state = {k: v.to(dev) for k, v in state.items()}
+        state = load_checkpoint(
+            files.weights,
+            expected,
+            dtype,
+            model="PaddleOCR-VL",
+            renames=_RENAMES,
+            ignored=UNUSED_KEY_PATTERNS,
+            tied={"lm_head.weight": "model.embed_tokens.weight"},
+            overrides=overrides,
+            device=dev,
+        )
         net.load_state_dict(state, strict=True, assign=True)
         # non-persistent buffers were created on "meta": rebuild them
         lm = net.model
