@@ -31,6 +31,18 @@ class InputError(ValueError):
     """
 
 
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_QUANTIZE = (None, "int8")
+
+
+def check_load_options(kind: str, dtype: torch.dtype, quantize: str | None) -> None:
+    """The load options every family accepts; anything else is a :class:`ModelLoadError`."""
+    if quantize not in SUPPORTED_QUANTIZE:
+        raise ModelLoadError(f"{kind}: quantize={quantize!r} is not supported (None or 'int8')")
+    if dtype not in SUPPORTED_DTYPES:
+        raise ModelLoadError(f"{kind}: unsupported dtype {dtype} (float32, bfloat16, float16)")
+
+
 @dataclass(frozen=True)
 class ModelFiles:
     """Where one checkpoint's files are, as resolved by ``assets``.

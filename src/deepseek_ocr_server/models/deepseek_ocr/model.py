@@ -19,7 +19,16 @@ from PIL import Image
 from tokenizers import Tokenizer
 from torch import nn
 
-from ..base import InputError, ModelFiles, ModelLoadError, OcrModel, Prepared, SequenceCache, VisionSettings
+from ..base import (
+    InputError,
+    ModelFiles,
+    ModelLoadError,
+    OcrModel,
+    Prepared,
+    SequenceCache,
+    VisionSettings,
+    check_load_options,
+)
 from ..layers import decode_linear, decode_storage_dtype, is_decoder_linear, set_decode_storage
 from ..quant import quantize_linears_int8, skip_vision
 from ..weights import load_checkpoint
@@ -115,10 +124,7 @@ class DeepseekOcrModel(OcrModel):
         dtype: torch.dtype = torch.bfloat16,
         quantize: str | None = None,
     ) -> DeepseekOcrModel:
-        if quantize not in (None, "int8"):
-            raise ModelLoadError(f"quantize={quantize!r} is not supported (None or 'int8')")
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ModelLoadError(f"unsupported dtype {dtype} (float32, bfloat16, float16)")
+        check_load_options(cls.kind, dtype, quantize)
         dev = torch.device(device)
         cfg = DeepseekOcrConfig.from_file(files.config)
         if not files.tokenizer.is_file():

@@ -11,7 +11,16 @@ from PIL import Image
 from tokenizers import Tokenizer
 from torch import nn
 
-from ..base import InputError, ModelFiles, ModelLoadError, OcrModel, Prepared, SequenceCache, VisionSettings
+from ..base import (
+    InputError,
+    ModelFiles,
+    ModelLoadError,
+    OcrModel,
+    Prepared,
+    SequenceCache,
+    VisionSettings,
+    check_load_options,
+)
 from ..layers import decode_linear, decode_storage_dtype, is_decoder_linear, set_decode_storage
 from ..quant import quantize_linears_int8, skip_vision
 from ..weights import load_checkpoint
@@ -117,10 +126,7 @@ class PaddleOcrVlModel(OcrModel):
         dtype: torch.dtype = torch.bfloat16,
         quantize: str | None = None,
     ) -> PaddleOcrVlModel:
-        if quantize not in (None, "int8"):
-            raise ModelLoadError(f"paddleocr-vl: quantize={quantize!r} is not supported (None or 'int8')")
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ModelLoadError(f"unsupported dtype {dtype}")
+        check_load_options(cls.kind, dtype, quantize)
         dev = torch.device(device)
         config = PaddleOcrVlConfig.from_file(files.config)
         with torch.device("meta"):
