@@ -7,10 +7,11 @@ import shutil
 from pathlib import Path
 
 import torch
+from decode_storage_checks import assert_same_greedy, greedy_steps
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
-from deepseek_ocr_server.models.base import ModelFiles, Prepared, VisionSettings
+from deepseek_ocr_server.models.base import ModelFiles, VisionSettings
 from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
 from deepseek_ocr_server.models.layers import F16_MAX_ROWS, is_decoder_linear
 from deepseek_ocr_server.models.quant import Int8Linear
@@ -28,42 +29,6 @@ def _page() -> Image.Image:
 
 def _load(d: Path, **kw) -> DeepseekOcrModel:
     return DeepseekOcrModel.load(ModelFiles.from_dir(d), **kw)
-
-
-def _greedy(m: DeepseekOcrModel, prep: Prepared, n: int, forced: list[int] | None = None):
-    """Greedy tokens and the logits of each of ``n`` decode steps (fed ``forced`` tokens when given)."""
-    logits, cache = m.prefill(prep, n + 1)
-    toks, steps = [], []
-    for i in range(n):
-        toks.append(int(torch.argmax(logits)))
-        logits = m.decode([forced[i] if forced else toks[-1]], [cache])[0]
-        steps.append(logits)
-    return toks, torch.stack(steps)
-
-
-def _near_tie(logits: torch.Tensor) -> bool:
-    """Top-2 logits within 2 bfloat16 steps of each other: greedy may pick either."""
-    top = logits.topk(2).values
-    ulp = 2.0 ** (torch.floor(torch.log2(top[0].abs())).item() - 7)
-    return bool(top[0] - top[1] <= 2 * ulp)
-
-
-def _assert_same_greedy(plain: tuple[list[int], torch.Tensor], f16, f16_forced) -> None:
-    """float16 storage picks the same greedy token as bfloat16 storage at every step (fed the same
-    tokens), except at a near-tie of the bfloat16 logits; the free-running greedy tokens are identical
-    up to the first such tie (all 32 when there is none); the logits are close."""
-    toks, logits = plain
-    ties = [i for i in range(1, len(toks)) if _near_tie(logits[i - 1])]
-    first = ties[0] if ties else len(toks)
-    assert f16[0][:first] == toks[:first]
-    forced_toks, forced_logits = f16_forced
-    assert forced_toks[0] == toks[0]
-    for i in range(1, len(toks)):
-        assert int(torch.argmax(forced_logits[i - 1])) == toks[i] or i in ties, i
-    assert len(ties) <= 8, ties  # most steps are compared strictly: the test is not vacuous
-    # close (a step may differ more where an MoE router picks another expert from a near-tie)
-    assert (forced_logits - logits).abs().mean() <= 0.005 * logits.abs().max()
-    assert torch.corrcoef(torch.stack([forced_logits.flatten(), logits.flatten()]))[0, 1] > 0.999
 
 
 def test_bf16_loads_decoder_linears_in_float16(deepseek_ckpt):
@@ -94,14 +59,14 @@ def test_bf16_loads_decoder_linears_in_float16(deepseek_ckpt):
 def test_float16_storage_decodes_like_bfloat16(deepseek_ckpt):
     m = _load(deepseek_ckpt, dtype=torch.bfloat16)
     prep = m.prepare("Free OCR.", [_page()], TINY)
-    f16 = _greedy(m, prep, 32)
+    f16 = greedy_steps(m, prep, 32)
     m.set_decode_dtype(None)
     assert m.decode_dtype is None and {p.dtype for p in m.net.parameters()} == {torch.bfloat16}
     assert m.net.lm_head.batch_weight is None
-    plain = _greedy(m, prep, 32)
+    plain = greedy_steps(m, prep, 32)
     m.set_decode_dtype(torch.float16)
     assert m.decode_dtype == torch.float16
-    _assert_same_greedy(plain, f16, _greedy(m, prep, 32, forced=plain[0]))
+    assert_same_greedy(plain, f16, greedy_steps(m, prep, 32, forced=plain[0]))
     # batched decode of two sequences with float16 storage: each row as alone
     toks = plain[0]
     _, c1 = m.prefill(prep, 4)
@@ -124,7 +89,7 @@ def test_float32_and_int8_keep_their_storage(deepseek_ckpt, deepseek_model_f32):
     assert q.decode_dtype is None
     assert isinstance(q.net.model.layers[1].mlp.experts[0].down_proj, Int8Linear)
     assert torch.float16 not in {p.dtype for p in q.net.parameters()}
-    toks, logits = _greedy(q, q.prepare("Free OCR.", [], TINY), 4)
+    toks, logits = greedy_steps(q, q.prepare("Free OCR.", [], TINY), 4)
     assert len(toks) == 4 and torch.isfinite(logits).all()
 
 
@@ -140,5 +105,5 @@ def test_weight_outside_float16_range_keeps_bfloat16(deepseek_ckpt, tmp_path):
     assert mlp.experts[2].up_proj.weight.dtype == torch.bfloat16
     assert torch.equal(mlp.experts[2].up_proj.weight, t["model.layers.1.mlp.experts.2.up_proj.weight"])
     assert mlp.experts[2].gate_proj.weight.dtype == torch.float16
-    toks, logits = _greedy(m, m.prepare("Free OCR.", [], TINY), 3)
+    toks, logits = greedy_steps(m, m.prepare("Free OCR.", [], TINY), 3)
     assert torch.isfinite(logits).all()
