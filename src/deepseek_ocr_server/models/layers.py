@@ -37,6 +37,15 @@ def decode_storage_dtype(device: torch.device | str, dtype: torch.dtype, quantiz
     return None
 
 
+def decode_storage_overrides(
+    keys: Iterable[str], device: torch.device | str, dtype: torch.dtype, quantize: str | None
+) -> dict[str, torch.dtype] | None:
+    """Per-key dtype overrides for the loader (``weights.load_checkpoint``): the decoder linears read
+    straight into the decode storage dtype (no transient second copy), or None when it is the model's."""
+    storage = decode_storage_dtype(device, dtype, quantize)
+    return None if storage is None else {k: storage for k in keys if is_decoder_linear(k)}
+
+
 def is_decoder_linear(name: str) -> bool:
     """Checkpoint keys of the weights stored in the decode dtype: ``lm_head.weight`` and every
     ``model.layers.{L}.….{x}_proj.weight`` (attention q/k/v/o, dense MLP, routed and shared experts).

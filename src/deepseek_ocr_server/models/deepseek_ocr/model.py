@@ -29,7 +29,7 @@ from ..base import (
     VisionSettings,
     check_load_options,
 )
-from ..layers import decode_linear, decode_storage_dtype, is_decoder_linear, set_decode_storage
+from ..layers import decode_linear, decode_storage_dtype, decode_storage_overrides, set_decode_storage
 from ..quant import quantize_linears_int8, skip_vision
 from ..weights import load_checkpoint
 from . import processor
@@ -151,8 +151,7 @@ class DeepseekOcrModel(OcrModel):
         expected = {k: tuple(p.shape) for k, p in net.named_parameters()}
         # decode storage (see set_decode_dtype), converted while reading: no transient second copy; a
         # weight outside float16's range is read in the model dtype instead (weights.read_tensors)
-        storage = decode_storage_dtype(dev, dtype, quantize)
-        overrides = {k: storage for k in expected if is_decoder_linear(k)} if storage is not None else None
+        overrides = decode_storage_overrides(expected, dev, dtype, quantize)
         state = load_checkpoint(
             files.weights, expected, dtype, model="DeepSeek-OCR", ignored=IGNORED_KEYS, overrides=overrides,
             device=dev,
@@ -162,8 +161,8 @@ class DeepseekOcrModel(OcrModel):
         if quantize == "int8":  # decoder linears + lm_head; vision and the router stay as loaded
             quantize_linears_int8(net, skip=skip_vision)
         model = cls(cfg, net, tokenizer, dev, dtype, frozenset(int(x) for x in eos), int(image_id))
-        if storage is not None:
-            model.set_decode_dtype(storage)  # already in float16: adds the batch copies
+        if overrides:
+            model.set_decode_dtype(decode_storage_dtype(dev, dtype, quantize))  # already in float16: adds the batch copies
         return model
 
     def set_decode_dtype(self, dtype: torch.dtype | None) -> None:

@@ -21,7 +21,7 @@ from ..base import (
     VisionSettings,
     check_load_options,
 )
-from ..layers import decode_linear, decode_storage_dtype, is_decoder_linear, set_decode_storage
+from ..layers import decode_linear, decode_storage_dtype, decode_storage_overrides, set_decode_storage
 from ..quant import quantize_linears_int8, skip_vision
 from ..weights import load_checkpoint
 from .config import PaddleOcrVlConfig
@@ -132,10 +132,8 @@ class PaddleOcrVlModel(OcrModel):
         with torch.device("meta"):
             net = PaddleOcrVlNet(config)
         expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-        overrides: dict[str, torch.dtype] = {}
-        if (storage := decode_storage_dtype(dev, dtype, quantize)) is not None:
-            # decode storage (see set_decode_dtype), converted while reading: no transient second copy
-            overrides = {k: storage for k in expected if is_decoder_linear(k)}
+        # decode storage (see set_decode_dtype), converted while reading: no transient second copy
+        overrides = decode_storage_overrides(expected, dev, dtype, quantize)
         state = load_checkpoint(
             files.weights,
             expected,
