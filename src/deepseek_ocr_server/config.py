@@ -92,17 +92,9 @@ class InferenceDefaults:
 
     def sampling(self) -> Any:
         """These defaults as :class:`~deepseek_ocr_server.sampling.SamplingParams`."""
-        from .sampling import SamplingParams
+        from .sampling import SamplingParams  # lazily: the config layer does not import torch
 
-        return SamplingParams(
-            do_sample=self.do_sample,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
-            no_repeat_ngram_size=self.no_repeat_ngram_size,
-            seed=self.seed,
-        )
+        return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(SamplingParams)})
 
     def vision(self) -> Any:
         """These defaults as :class:`~deepseek_ocr_server.models.base.VisionSettings`."""
