@@ -38,7 +38,7 @@ def test_registry_points_at_this_class():
 
 def test_loads_every_tensor_with_its_value(deepseek_ckpt, deepseek_model_f32):
     tensors = load_file(str(deepseek_ckpt / WEIGHTS))
-    params = dict(deepseek_model_f32.net.named_parameters())
+    params = deepseek_model_f32.net.state_dict()
     assert set(params) == set(tensors)  # strict 1:1 with the original key names
     for k in (
         "model.view_seperator",
@@ -101,8 +101,8 @@ def test_sharded_index_loads_same_weights(tmp_path, deepseek_model_f32):
     d = build_tiny_checkpoint(tmp_path / "sharded", shards=3)
     assert (d / "model.safetensors.index.json").is_file()
     m = _load(d)
-    a = dict(m.net.named_parameters())
-    for k, v in deepseek_model_f32.net.named_parameters():
+    a = m.net.state_dict()
+    for k, v in deepseek_model_f32.net.state_dict().items():
         assert torch.equal(a[k], v), k
 
 
@@ -116,9 +116,10 @@ def test_quantize_and_bad_dtype_rejected(deepseek_ckpt):
 def test_bf16_load_keeps_checkpoint_values(deepseek_ckpt):
     m = DeepseekOcrModel.load(ModelFiles.from_dir(deepseek_ckpt), dtype=torch.bfloat16)
     t = load_file(str(deepseek_ckpt / WEIGHTS))
-    p = dict(m.net.named_parameters())
-    assert p["model.embed_tokens.weight"].dtype == torch.bfloat16
-    assert torch.equal(p["model.embed_tokens.weight"], t["model.embed_tokens.weight"])
+    p = m.net.state_dict()
+    assert set(p) == set(t)
+    for k in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.experts.3.gate_proj.weight"):
+        assert p[k].dtype == torch.bfloat16 and torch.equal(p[k], t[k]), k
 
 
 def test_official_config_parses_to_spec_values():

@@ -128,14 +128,12 @@ def test_bfloat16_close_to_float32(paddle_ckpt, paddle_model: PaddleOcrVlModel) 
     l16, cache = bf.prefill(prepared, 2)
     assert l16.dtype == torch.float32 and torch.isfinite(l16).all()
     assert torch.corrcoef(torch.stack([l32, l16]))[0, 1] > 0.99
-    assert bf.decode_dtype == torch.float16  # bf16 on CPU decodes with float16 weight copies
     tok = int(torch.argmax(l16))
     step = bf.decode([tok], [cache])
     assert step.shape == (1, bf.config.vocab_size) and torch.isfinite(step).all()
-    bf.set_decode_dtype(None)
+    bf.set_packed(not bf.packed_layers)  # the other storage of the linears: the same numbers
     _, cache2 = bf.prefill(prepared, 2)
-    plain = bf.decode([tok], [cache2])
-    assert torch.corrcoef(torch.cat([step, plain]))[0, 1] > 0.999
+    assert torch.equal(bf.decode([tok], [cache2]), step)
 
 
 def test_float16_close_to_float32(paddle_ckpt, paddle_model: PaddleOcrVlModel) -> None:

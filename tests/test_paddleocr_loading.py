@@ -117,14 +117,10 @@ def test_transformers_key_names_accepted(
 
 def test_dtype_conversion_once_and_quantize_rejected(paddle_ckpt: Path) -> None:
     m = PaddleOcrVlModel.load(ModelFiles.from_dir(paddle_ckpt), dtype=torch.bfloat16)
-    dtypes = {name: p.dtype for name, p in m.net.named_parameters()}
-    # decode storage: decoder linears and lm_head in float16 (CPU), everything else bfloat16
-    f16 = {n for n, d in dtypes.items() if d == torch.float16}
-    assert f16 == {
-        n for n in dtypes if n == "lm_head.weight" or (n.startswith("model.layers.") and "_proj" in n)
-    }
-    assert {d for n, d in dtypes.items() if n not in f16} == {torch.bfloat16}
-    m.set_decode_dtype(None)
+    assert {p.dtype for p in m.net.parameters()} == {torch.bfloat16}
+    assert all(mod.weight.dtype == torch.bfloat16 for mod in m.net.modules() if hasattr(mod, "in_features"))
+    m.set_packed(False)
+    assert m.packed_layers == 0
     assert {p.dtype for p in m.net.parameters()} == {torch.bfloat16}
     with pytest.raises(ModelLoadError, match="quantize"):
         _load(paddle_ckpt, quantize="int4")
@@ -224,20 +220,21 @@ def test_int8_load_decodes(paddle_ckpt: Path) -> None:
     assert isinstance(m.net.model.layers[0].mlp.down_proj, Int8Linear)
     assert isinstance(m.net.lm_head, Int8Linear)
     assert not isinstance(m.net.mlp_AR.linear_1, Int8Linear)
-    assert m.decode_dtype is None  # no float16 copies next to int8 weights
+    # the rest (vision tower, projector) is packed where oneDNN runs bf16; no int8 layer is
+    assert not any(type(x).__name__ == "PackedLinear" for x in m.net.model.modules())
     prepared = m.prepare("OCR:", [])
     logits, cache = m.prefill(prepared, 2)
     step = m.decode([int(torch.argmax(logits))], [cache])
     assert step.shape == (1, m.config.vocab_size) and torch.isfinite(step).all()
 
 
-def test_weight_outside_float16_range_keeps_bfloat16(tmp_path: Path) -> None:
+def test_weight_outside_float16_range_kept_exactly(tmp_path: Path) -> None:
     d = build_tiny_checkpoint(tmp_path)
     t = _tensors(d)
     t["model.layers.0.mlp.up_proj.weight"][0, 0] = 1e6  # representable in bf16, not in f16
     save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
     m = PaddleOcrVlModel.load(ModelFiles.from_dir(d), dtype=torch.bfloat16)
-    assert m.net.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
-    assert m.net.model.layers[0].mlp.gate_proj.weight.dtype == torch.float16
+    want = t["model.layers.0.mlp.up_proj.weight"].to(torch.bfloat16)
+    assert torch.equal(m.net.model.layers[0].mlp.up_proj.weight, want) and want[0, 0] == 1e6
     logits, cache = m.prefill(m.prepare("OCR:", []), 2)
     assert torch.isfinite(m.decode([int(torch.argmax(logits))], [cache])).all()

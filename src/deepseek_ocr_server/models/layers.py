@@ -1,120 +1,170 @@
-"""Linear layers with a separate decode storage dtype, shared by the decoders of both model families.
+"""Linear layers with their weights pre-packed for oneDNN, shared by both model families.
 
-On CPU, torch's float16 matrix-vector kernel reads weights about twice as fast as the bfloat16 one
-(PERF-NOTES), and decode steps are bound by reading the weights. So a bfloat16 model on CPU stores its
-decoder linears and lm_head in float16 (exact for weights of ordinary magnitude: float16 has more
-mantissa bits than bfloat16) and runs decode steps through :func:`decode_linear` (float16 GEMV);
-prefill goes through :func:`linear`, which converts such a weight back to the activation dtype on the
-fly (compute-bound GEMMs stay in bfloat16). float32 models are untouched; int8-quantized layers
-(``quant.Int8Linear``) and any other module run as they are.
+On CPU, torch's plain ``F.linear`` reads a bfloat16 weight at ~20 GB/s in a decode step (one row per
+sequence) and a float32 one at ~13-18 GB/s, well under the memory bandwidth. The same oneDNN kernel fed a
+weight reordered once into its own blocked layout (``torch.ops.mkldnn._reorder_linear_weight``) reads it
+at 33-45 GB/s from 1 to 8 rows (bench: ``bench/bench_linear.py``), which is what bounds a decode step;
+prefill GEMMs get faster too (float32 ~2x, bfloat16 ~1.15x). For bfloat16 the results are bit-identical
+to ``F.linear`` (same kernel, same accumulation); for float32 they differ by rounding only.
 
-Which tensors get the decode storage: :func:`is_decoder_linear` (checkpoint key names, the same in
-both families). Loaders read those tensors straight into float16 (:func:`decode_storage_dtype` tells
-whether to), so no second copy of the weights is ever alive; :func:`set_decode_storage` switches an
-already loaded module at run time (tests, benchmarks).
+:class:`PackedLinear` replaces ``nn.Linear`` after loading (:func:`pack_linears`), layer by layer, so
+no second copy of the weights is ever alive. It keeps one weight, in the model dtype: prefill, single
+and batched decode steps all use it. Where oneDNN cannot run the dtype (other devices, a CPU without
+bfloat16 support in oneDNN, float16 here) the layers stay plain ``nn.Linear`` (:func:`packing_supported`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-#: storage dtype of decoder linears for bandwidth-bound decode steps of a bfloat16 model on CPU
-DECODE_STORAGE = torch.float16
-#: float16 GEMM cost grows with the rows (it is no faster than bfloat16 at 2 rows, 4x slower at 8, 20x
-#: slower at 16): decode steps of more rows use a layer's ``batch_weight`` (a copy in the activation
-#: dtype, see :func:`set_decode_storage`) when it has one
-F16_MAX_ROWS = 2
+_linear_pointwise = torch.ops.mkldnn._linear_pointwise
 
 
-def decode_storage_dtype(device: torch.device | str, dtype: torch.dtype, quantize: str | None) -> torch.dtype | None:
-    """The decode storage dtype a model loaded with these settings uses by default (None: its own)."""
-    if torch.device(device).type == "cpu" and dtype == torch.bfloat16 and quantize is None:
-        return DECODE_STORAGE
-    return None
-
-
-def decode_storage_overrides(
-    keys: Iterable[str], device: torch.device | str, dtype: torch.dtype, quantize: str | None
-) -> dict[str, torch.dtype] | None:
-    """Per-key dtype overrides for the loader (``weights.load_checkpoint``): the decoder linears read
-    straight into the decode storage dtype (no transient second copy), or None when it is the model's."""
-    storage = decode_storage_dtype(device, dtype, quantize)
-    return None if storage is None else {k: storage for k in keys if is_decoder_linear(k)}
+def packing_supported(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether :class:`PackedLinear` runs ``dtype`` on ``device`` (CPU with oneDNN: float32 always,
+    bfloat16/float16 when oneDNN supports them on this CPU)."""
+    if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.float32:
+        return True
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return False
 
 
 def is_decoder_linear(name: str) -> bool:
-    """Checkpoint keys of the weights stored in the decode dtype: ``lm_head.weight`` and every
+    """Checkpoint keys of the language model's linear weights: ``lm_head.weight`` and every
     ``model.layers.{L}.….{x}_proj.weight`` (attention q/k/v/o, dense MLP, routed and shared experts).
-    Routers (``mlp.gate.weight``), norms, embeddings, biases and the vision side keep the model dtype."""
+    Routers (``mlp.gate.weight``), norms, embeddings, biases and the vision side are not."""
     return name == "lm_head.weight" or (name.startswith("model.layers.") and name.endswith("_proj.weight"))
 
 
-def fits(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """``t`` converted to ``dtype``, or None when a value does not fit (overflows to +-inf)."""
-    c = t if t.dtype == dtype else t.to(dtype)
-    return c if c is t or bool(torch.isfinite(c).all()) else None
+class PackedLinear(nn.Module):
+    """Drop-in for an ``nn.Linear`` on CPU whose weight is stored in oneDNN's blocked layout.
+
+    The packed weight is an opaque (``torch._mkldnn`` layout) tensor held as a plain attribute, not a
+    parameter (``parameters()`` does not list it); ``state_dict()`` still holds ``weight`` (a dense
+    copy) under its original key, and :meth:`dense_weight` / ``.weight`` give it back."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> PackedLinear:
+        return cls(linear.weight, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.dtype:
+            return _linear_pointwise(x.to(self.dtype), self.packed, self.bias, "none", [], "").to(x.dtype)
+        return _linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as an ordinary (N, K) tensor (a copy)."""
+        return self.packed.to_dense()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 (torch's signature)
+        destination[prefix + "weight"] = self.dense_weight()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A dense COPY of the weight (as ``nn.Linear.weight`` reads; for inspection, not for hot paths)."""
+        return self.dense_weight()
+
+    def to_linear(self) -> nn.Linear:
+        with torch.device("meta"):
+            lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        lin.weight = nn.Parameter(self.dense_weight(), requires_grad=False)
+        if self.bias is not None:
+            lin.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+        return lin
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed {self.dtype}"
 
 
-def _bias(mod: nn.Linear, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if mod.bias is None else mod.bias.to(dtype)
+def pack_linears(module: nn.Module, skip: Callable[[str, nn.Linear], bool] | None = None) -> int:
+    """Replace every ``nn.Linear`` under ``module`` (in place, layer by layer) by a :class:`PackedLinear`
+    when its weight's device and dtype allow it (:func:`packing_supported`); ``skip(name, linear)`` keeps
+    a layer as it is. Returns the number of layers packed."""
+
+    def keep(name: str, lin: nn.Linear) -> bool:
+        if not packing_supported(lin.weight.device, lin.weight.dtype):
+            return True
+        return skip is not None and skip(name, lin)
+
+    return replace_linears(module, PackedLinear.from_linear, keep, source=nn.Linear)
 
 
-def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a linear layer to many rows (prefill). A weight stored in another dtype (the decode
-    storage) is used through its ``batch_weight`` copy when it has one, else converted to the activation
-    dtype on the fly."""
-    if type(mod) is nn.Linear and mod.weight.dtype != x.dtype:
-        wb = getattr(mod, "batch_weight", None)
-        w = wb if wb is not None and wb.dtype == x.dtype else mod.weight.to(x.dtype)
-        return F.linear(x, w, _bias(mod, x.dtype))
-    return mod(x)
+def unpack_linears(module: nn.Module) -> int:
+    """Turn every :class:`PackedLinear` under ``module`` back into an ``nn.Linear`` (tests, debugging)."""
+    return replace_linears(module, lambda p: p.to_linear(), None, source=PackedLinear)
 
 
-def decode_linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a linear layer in a decode step (one row per sequence) in its weight's storage dtype.
-
-    An overflowing float16 result (or input) is recomputed in the activation dtype. Layers in the
-    activation dtype and int8-quantized ones run as they are."""
-    if type(mod) is not nn.Linear or mod.weight.dtype == x.dtype:
-        return mod(x)
-    if x.shape[0] > F16_MAX_ROWS and getattr(mod, "batch_weight", None) is not None:
-        return linear(mod, x)
-    w = mod.weight
-    y = F.linear(x.to(w.dtype), w, _bias(mod, w.dtype))
-    if not bool(torch.isfinite(y).all()):
-        return linear(mod, x)
-    return y.to(x.dtype)
+def packed_count(module: nn.Module) -> int:
+    return sum(1 for m in module.modules() if isinstance(m, PackedLinear))
 
 
-def decoder_linears(net: nn.Module) -> Iterable[tuple[str, nn.Linear]]:
-    """``(key prefix, layer)`` of the plain ``nn.Linear`` layers of ``net`` whose weight is a decoder
-    linear (:func:`is_decoder_linear`)."""
-    for name, m in net.named_modules():
-        if type(m) is nn.Linear and is_decoder_linear(f"{name}.weight"):
-            yield name, m
+def release_freed_memory() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise; RSS would stay at its peak)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
-def set_decode_storage(
-    net: nn.Module, dtype: torch.dtype, model_dtype: torch.dtype, batch_copies: Callable[[str], bool] | None = None
+def replace_linears(
+    module: nn.Module,
+    convert: Callable[[nn.Module], nn.Module],
+    skip: Callable[[str, nn.Module], bool] | None,
+    min_features: int = 0,
+    source: type[nn.Module] = nn.Linear,
 ) -> int:
-    """Store the decoder linears of ``net`` (a model whose state-dict keys are the checkpoint's) in
-    ``dtype``, layer by layer (peak memory: one layer twice). A weight that does not fit ``dtype``
-    stays as it is. Layers whose key prefix ``batch_copies`` selects also keep a ``batch_weight`` copy
-    in ``model_dtype`` for batched decode steps and prefill (:func:`decode_linear`); ``dtype ==
-    model_dtype`` drops those copies. Returns the number of layers now stored in ``dtype``."""
-    n = 0
-    for name, m in decoder_linears(net):
-        if m.weight.dtype != dtype:
-            w = fits(m.weight.detach(), dtype)
-            if w is None:
+    """Replace every module of exactly type ``source`` under ``module`` by ``convert(it)``, in place;
+    ``skip(qualified_name, layer)`` keeps a layer, as does ``min(in, out) < min_features``. A layer
+    shared by several parents stays shared. Returns the number of layers converted."""
+    # Only names are collected first: each old layer is dropped as soon as it is replaced, so the peak
+    # memory is the model plus ONE layer, not the model twice.
+    targets: list[tuple[nn.Module, str]] = []
+    seen: dict[int, int] = {}
+    for name, mod in module.named_modules():
+        for child_name, child in mod._modules.items():  # not named_children(): it hides shared modules
+            if type(child) is not source:
                 continue
-            m.weight = nn.Parameter(w, requires_grad=False)
-        n += 1
-        keep = dtype != model_dtype and batch_copies is not None and batch_copies(name)
-        m.batch_weight = m.weight.detach().to(model_dtype) if keep else None
+            full = f"{name}.{child_name}" if name else child_name
+            if skip is not None and skip(full, child):
+                continue
+            if min(child.in_features, child.out_features) < min_features:
+                continue
+            targets.append((mod, child_name))
+            seen[id(child)] = seen.get(id(child), 0) + 1
+    # a layer shared by several parents stays shared (its id is stable: it stays alive until its last
+    # parent is rewired, and ids of live objects are unique)
+    shared: dict[int, nn.Module] = {}
+    n = 0
+    for parent, child_name in targets:
+        child = parent._modules[child_name]
+        key = id(child)
+        if key in shared:
+            new = shared[key]
+        else:
+            new = convert(child)
+            n += 1
+            if seen[key] > 1:
+                shared[key] = new
+        parent._modules[child_name] = new
+        del child
+    release_freed_memory()
     return n
-

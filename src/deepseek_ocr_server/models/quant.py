@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import replace_linears
+
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -40,16 +42,6 @@ def quantize_weight_int8(weight: torch.Tensor, rows_per_chunk: int = 4096) -> tu
         q[start : start + rows_per_chunk] = w.div_(s[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         scales[start : start + rows_per_chunk] = s
     return q, scales
-
-
-def _release_freed_memory() -> None:
-    """Give freed heap pages back to the OS (glibc keeps them otherwise; RSS would stay at its peak)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 class Int8Linear(nn.Module):
@@ -125,48 +117,7 @@ def quantize_linears_int8(
     whose top-k choice is sensitive, or an lm_head); layers with ``min(in, out) < min_features`` are kept
     too. Returns the number of layers replaced. The full-precision weights are freed layer by layer.
     """
-    return _replace_linears(module, Int8Linear.from_linear, skip, min_features)
-
-
-def _replace_linears(
-    module: nn.Module,
-    convert: Callable[[nn.Linear], nn.Module],
-    skip: Callable[[str, nn.Linear], bool] | None,
-    min_features: int = 0,
-) -> int:
-    # Only names are collected first: each full-precision Linear is dropped as soon as it is replaced,
-    # so the peak memory is the model plus ONE layer, not the model twice.
-    targets: list[tuple[nn.Module, str]] = []
-    seen: dict[int, int] = {}
-    for name, mod in module.named_modules():
-        for child_name, child in mod._modules.items():  # not named_children(): it hides shared modules
-            if type(child) is not nn.Linear:
-                continue
-            full = f"{name}.{child_name}" if name else child_name
-            if skip is not None and skip(full, child):
-                continue
-            if min(child.in_features, child.out_features) < min_features:
-                continue
-            targets.append((mod, child_name))
-            seen[id(child)] = seen.get(id(child), 0) + 1
-    # a Linear shared by several parents stays shared (its id is stable: it stays alive until its last
-    # parent is rewired, and ids of live objects are unique)
-    shared: dict[int, nn.Module] = {}
-    n = 0
-    for parent, child_name in targets:
-        child = parent._modules[child_name]
-        key = id(child)
-        if key in shared:
-            new = shared[key]
-        else:
-            new = convert(child)
-            n += 1
-            if seen[key] > 1:
-                shared[key] = new
-        parent._modules[child_name] = new
-        del child
-    _release_freed_memory()
-    return n
+    return replace_linears(module, Int8Linear.from_linear, skip, min_features)
 
 
 def int8_weight_bytes(module: nn.Module) -> int:

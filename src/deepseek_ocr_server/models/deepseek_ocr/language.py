@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import SequenceCache
-from ..layers import decode_linear, linear
 from .config import LanguageConfig
 
 
@@ -40,12 +39,7 @@ class Mlp(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.down_proj, F.silu(linear(self.gate_proj, x)) * linear(self.up_proj, x))
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """A decode step: the weights in their decode storage (``layers.decode_linear``)."""
-        gate = decode_linear(self.gate_proj, x)
-        return decode_linear(self.down_proj, F.silu(gate) * decode_linear(self.up_proj, x))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class MoEGate(nn.Module):
@@ -93,31 +87,22 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (T, H). Tokens are grouped by expert; only the experts some token selected run."""
-        return self._run(x, decode=False)
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """A decode step (one row per sequence): the weights in their decode storage."""
-        return self._run(x, decode=True)
-
-    def _run(self, x: torch.Tensor, decode: bool) -> torch.Tensor:
         weights, idx = self.gate(x)  # (T, k) f32, (T, k)
         if x.shape[0] == 1:  # one token (a decode step of one sequence): no grouping, no scatter
-            y = self._run_one(x, weights[0], idx[0].tolist(), decode)
+            y = self._run_one(x, weights[0], idx[0].tolist())
         else:
-            y = self._run_grouped(x, weights, idx, decode)
+            y = self._run_grouped(x, weights, idx)
         if self.shared_experts is not None:
-            y = y + (self.shared_experts.decode(x) if decode else self.shared_experts(x))
+            y = y + self.shared_experts(x)
         return y
 
-    def _run_one(self, x: torch.Tensor, weights: torch.Tensor, idx: list[int], decode: bool) -> torch.Tensor:
+    def _run_one(self, x: torch.Tensor, weights: torch.Tensor, idx: list[int]) -> torch.Tensor:
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for j in sorted(range(len(idx)), key=idx.__getitem__):  # expert order, as the grouped path
-            expert = self.experts[idx[j]]
-            y = expert.decode(x) if decode else expert(x)
-            out += y.to(torch.float32) * weights[j]
+            out += self.experts[idx[j]](x).to(torch.float32) * weights[j]
         return out.to(x.dtype)
 
-    def _run_grouped(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, decode: bool) -> torch.Tensor:
+    def _run_grouped(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         k = idx.shape[1]
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
@@ -128,8 +113,7 @@ class MoE(nn.Module):
         start = 0
         for e, c in zip(experts.tolist(), counts.tolist(), strict=True):
             tok = token_of[start : start + c]
-            expert = self.experts[e]
-            y = expert.decode(x[tok]) if decode else expert(x[tok])
+            y = self.experts[e](x[tok])
             # expert outputs weighted and summed in float32, cast back once (HF-V2 moe_infer)
             out.index_add_(0, tok, y.to(torch.float32) * w_sorted[start : start + c, None])
             start += c
@@ -152,13 +136,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, h, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(h, h, bias=cfg.attention_bias)
 
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, decode: bool = False):
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x (T, H) -> q, k, v as (T, heads, hd), RoPE applied to q and k (cos/sin: (T, hd))."""
         t = x.shape[0]
-        lin = decode_linear if decode else linear
-        q = lin(self.q_proj, x).view(t, self.heads, self.head_dim)
-        k = lin(self.k_proj, x).view(t, self.heads, self.head_dim)
-        v = lin(self.v_proj, x).view(t, self.heads, self.head_dim)
+        q = self.q_proj(x).view(t, self.heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.heads, self.head_dim)
         c, s = cos[:, None, :], sin[:, None, :]
         q = q * c + rotate_half(q) * s
         k = k * c + rotate_half(k) * s
@@ -188,12 +171,12 @@ class Attention(nn.Module):
             vv = vv.contiguous().unsqueeze(0)
             mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
             out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask)
-        return linear(self.o_proj, out[0].transpose(0, 1).reshape(t, -1))
+        return self.o_proj(out[0].transpose(0, 1).reshape(t, -1))
 
     def forward_decode(self, x, cos, sin, caches: list[KVCache], layer: int) -> torch.Tensor:
         """One token for each of B sequences of different lengths; linears batched, attention per row."""
         b = x.shape[0]
-        q, k, v = self.qkv(x, cos, sin, decode=True)
+        q, k, v = self.qkv(x, cos, sin)
         outs = []
         scale = self.head_dim**-0.5
         for i, cache in enumerate(caches):
@@ -215,7 +198,7 @@ class Attention(nn.Module):
                 probs = torch.softmax(scores.to(torch.float32) * scale, dim=-1).to(x.dtype)
                 out = torch.matmul(probs, vc[:, :n])  # (heads, 1, hd)
             outs.append(out.reshape(1, -1))  # (1, heads*hd)
-        return decode_linear(self.o_proj, torch.cat(outs, dim=0).reshape(b, -1))
+        return self.o_proj(torch.cat(outs, dim=0).reshape(b, -1))
 
 
 class DecoderLayer(nn.Module):
@@ -324,7 +307,7 @@ class DeepseekV2Decoder(nn.Module):
         cos, sin = rope(pos)
         for i, layer in enumerate(self.layers):
             h = h + layer.self_attn.forward_decode(layer.input_layernorm(h), cos, sin, caches, i)
-            h = h + layer.mlp.decode(layer.post_attention_layernorm(h))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
         for c in caches:
             c.advance(1)
         return self.norm(h)

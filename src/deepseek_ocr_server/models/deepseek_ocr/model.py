@@ -29,7 +29,7 @@ from ..base import (
     VisionSettings,
     check_load_options,
 )
-from ..layers import decode_linear, decode_storage_dtype, decode_storage_overrides, set_decode_storage
+from ..layers import pack_linears, packed_count, unpack_linears
 from ..quant import quantize_linears_int8, skip_vision
 from ..weights import load_checkpoint
 from . import processor
@@ -76,12 +76,6 @@ class DeepseekOcrForCausalLM(nn.Module):
         return arrange_image_embeddings(g[0], tiles, image.grid, m.image_newline, m.view_seperator)
 
 
-def _batch_copy(name: str) -> bool:
-    """Decoder linears that keep a model-dtype copy next to the float16 decode storage: all but the
-    routed experts (see ``DeepseekOcrModel.set_decode_dtype``)."""
-    return ".experts." not in name
-
-
 # ---------------------------------------------------------------------------------- the protocol
 
 
@@ -111,8 +105,8 @@ class DeepseekOcrModel(OcrModel):
         self.last_timings: dict[str, float] = {}
         #: KV layout override for new caches (None: the fastest for the dtype/device; tests force both).
         self.kv_v_transposed: bool | None = None
-        #: storage dtype of the decoder linears for decode steps (None: the model dtype), see set_decode_dtype
-        self.decode_dtype: torch.dtype | None = None
+        #: number of linear layers stored pre-packed for oneDNN (``layers.PackedLinear``), see set_packed
+        self.packed_layers = packed_count(net)
         self.rope = Rope(cfg.language.head_dim, cfg.language.rope_theta, self.max_context, dtype, device)
 
     # ---------------------------------------------------------------- load
@@ -149,32 +143,20 @@ class DeepseekOcrModel(OcrModel):
         with torch.device("meta"):
             net = DeepseekOcrForCausalLM(cfg)
         expected = {k: tuple(p.shape) for k, p in net.named_parameters()}
-        # decode storage (see set_decode_dtype), converted while reading: no transient second copy; a
-        # weight outside float16's range is read in the model dtype instead (weights.read_tensors)
-        overrides = decode_storage_overrides(expected, dev, dtype, quantize)
-        state = load_checkpoint(
-            files.weights, expected, dtype, model="DeepSeek-OCR", ignored=IGNORED_KEYS, overrides=overrides,
-            device=dev,
-        )
+        state = load_checkpoint(files.weights, expected, dtype, model="DeepSeek-OCR", ignored=IGNORED_KEYS, device=dev)
         net.load_state_dict(state, strict=True, assign=True)
+        del state  # the net holds the only reference: a replaced layer's weight is freed at once
         net.eval().requires_grad_(False)
         if quantize == "int8":  # decoder linears + lm_head; vision and the router stay as loaded
             quantize_linears_int8(net, skip=skip_vision)
-        model = cls(cfg, net, tokenizer, dev, dtype, frozenset(int(x) for x in eos), int(image_id))
-        if overrides:
-            model.set_decode_dtype(decode_storage_dtype(dev, dtype, quantize))  # already in float16: adds the batch copies
-        return model
+        pack_linears(net)  # every remaining nn.Linear, where oneDNN runs the dtype (CPU)
+        return cls(cfg, net, tokenizer, dev, dtype, frozenset(int(x) for x in eos), int(image_id))
 
-    def set_decode_dtype(self, dtype: torch.dtype | None) -> None:
-        """Storage dtype of the decoder linears (attention, dense MLP, routed + shared experts) and
-        lm_head; None = the model dtype. float16 (the default for bfloat16 models on CPU, loaded straight
-        into it) makes decode steps use torch's float16 matrix-vector kernel, about twice as fast as the
-        bfloat16 one. The layers every row of a batch goes through (attention, dense MLP, shared experts,
-        lm_head: 0.35 B params) keep a bfloat16 copy for batched decode steps and prefill (float16 GEMMs
-        get slower with the rows); routed experts (1-2 rows each in a decode step) convert back to
-        bfloat16 on the fly in prefill. Routers and int8 layers are left alone."""
-        converted = set_decode_storage(self.net, dtype or self.dtype, self.dtype, _batch_copy)
-        self.decode_dtype = dtype if dtype is not None and dtype != self.dtype and converted else None
+    def set_packed(self, packed: bool) -> None:
+        """Store the linear layers pre-packed for oneDNN (the default on CPU, ``layers.PackedLinear``) or
+        as plain ``nn.Linear`` (tests compare both). Routers and int8 layers are left alone."""
+        (pack_linears if packed else unpack_linears)(self.net)
+        self.packed_layers = packed_count(self.net)
 
     # ------------------------------------------------------------- prepare
     def prepare(
@@ -253,7 +235,7 @@ class DeepseekOcrModel(OcrModel):
         h = self.embed_prompt(prepared)
         t0 = time.perf_counter()
         out = self.net.model.prefill(h, cache, self.rope)
-        logits = decode_linear(self.net.lm_head, out[-1:]).to(torch.float32)[0]
+        logits = self.net.lm_head(out[-1:]).to(torch.float32)[0]
         self.last_timings["prefill_s"] = time.perf_counter() - t0
         return logits, cache
 
@@ -270,7 +252,7 @@ class DeepseekOcrModel(OcrModel):
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         h = self.net.model.embed_tokens(ids)
         out = self.net.model.decode(h, kv, self.rope)
-        return decode_linear(self.net.lm_head, out).to(torch.float32)
+        return self.net.lm_head(out).to(torch.float32)
 
     # ------------------------------------------------------------- helpers
     def info(self) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import SequenceCache
-from ..layers import decode_linear, linear
 from .attention import apply_rotary, decode_attention, tiled_attention
 from .config import PaddleOcrVlConfig
 
@@ -95,16 +94,9 @@ class ErnieAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def _qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, decode: bool = False):
+    def _qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         n = h.shape[0]
-        if decode:
-            q, k, v = (
-                decode_linear(self.q_proj, h),
-                decode_linear(self.k_proj, h),
-                decode_linear(self.v_proj, h),
-            )
-        else:
-            q, k, v = linear(self.q_proj, h), linear(self.k_proj, h), linear(self.v_proj, h)
+        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv, self.head_dim)
         v = v.view(n, self.num_kv, self.head_dim)
@@ -124,13 +116,13 @@ class ErnieAttention(nn.Module):
         g = self.num_heads // self.num_kv
         qg = q.transpose(0, 1).reshape(self.num_kv, g, s, self.head_dim)
         o = tiled_attention(qg, k, v, self.head_dim**-0.5, causal=True)  # [Hkv, G, S, d]
-        return linear(self.o_proj, o.reshape(self.num_heads, s, self.head_dim).transpose(0, 1).reshape(s, -1))
+        return self.o_proj(o.reshape(self.num_heads, s, self.head_dim).transpose(0, 1).reshape(s, -1))
 
     def decode(
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache], layer: int
     ):
         """h [B, C]: one new token per sequence; row b is written at ``caches[b].length``."""
-        q, k, v = self._qkv(h, cos, sin, decode=True)
+        q, k, v = self._qkv(h, cos, sin)
         g = self.num_heads // self.num_kv
         outs = []
         scale = self.head_dim**-0.5
@@ -143,7 +135,7 @@ class ErnieAttention(nn.Module):
             qb = q[b].view(self.num_kv, g, self.head_dim).to(kc.dtype)
             outs.append(decode_attention(qb, kc[:, : pos + 1], vc[:, : pos + 1], scale).reshape(-1))
         o = torch.stack(outs).to(h.dtype)
-        return decode_linear(self.o_proj, o)
+        return self.o_proj(o)
 
 
 class ErnieMLP(nn.Module):
@@ -154,11 +146,7 @@ class ErnieMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.down_proj, F.silu(linear(self.gate_proj, x)) * linear(self.up_proj, x))
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        gate = decode_linear(self.gate_proj, x)
-        return decode_linear(self.down_proj, F.silu(gate) * decode_linear(self.up_proj, x))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -175,7 +163,7 @@ class DecoderLayer(nn.Module):
 
     def decode(self, x, cos, sin, caches: list[KVCache], layer: int) -> torch.Tensor:
         x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, caches, layer)
-        return x + self.mlp.decode(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class ErnieModel(nn.Module):

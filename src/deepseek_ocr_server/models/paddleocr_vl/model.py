@@ -21,7 +21,7 @@ from ..base import (
     VisionSettings,
     check_load_options,
 )
-from ..layers import decode_linear, decode_storage_dtype, decode_storage_overrides, set_decode_storage
+from ..layers import pack_linears, packed_count, unpack_linears
 from ..quant import quantize_linears_int8, skip_vision
 from ..weights import load_checkpoint
 from .config import PaddleOcrVlConfig
@@ -103,18 +103,14 @@ class PaddleOcrVlModel(OcrModel):
         self.dtype = dtype
         self.max_context = config.max_position_embeddings
         self.cache_dtype = torch.float32 if device.type == "cpu" else dtype
-        self.decode_dtype: torch.dtype | None = None
-        if (storage := decode_storage_dtype(device, dtype, None)) is not None:
-            self.set_decode_dtype(storage)
+        #: number of linear layers stored pre-packed for oneDNN (``layers.PackedLinear``), see set_packed
+        self.packed_layers = packed_count(net)
 
-    def set_decode_dtype(self, dtype: torch.dtype | None) -> None:
-        """Storage dtype of the decoder linears and lm_head. None = the model dtype. float16 (the default
-        for bfloat16 models on CPU) makes decode steps use torch's float16 matrix-vector kernel, about
-        twice as fast as the bfloat16 one. Each such layer keeps a bfloat16 copy (``batch_weight``, +0.7 GB
-        at full size) for prefill and batched decode steps of more than ``layers.F16_MAX_ROWS`` rows,
-        where float16 GEMMs get slower with the rows. Int8-quantized layers are left alone."""
-        converted = set_decode_storage(self.net, dtype or self.dtype, self.dtype, batch_copies=lambda _: True)
-        self.decode_dtype = dtype if dtype is not None and dtype != self.dtype and converted else None
+    def set_packed(self, packed: bool) -> None:
+        """Store the linear layers pre-packed for oneDNN (the default on CPU, ``layers.PackedLinear``) or
+        as plain ``nn.Linear`` (tests compare both). Int8 layers are left alone."""
+        (pack_linears if packed else unpack_linears)(self.net)
+        self.packed_layers = packed_count(self.net)
 
     # ------------------------------------------------------------------------------------ loading
 
@@ -132,8 +128,6 @@ class PaddleOcrVlModel(OcrModel):
         with torch.device("meta"):
             net = PaddleOcrVlNet(config)
         expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-        # decode storage (see set_decode_dtype), converted while reading: no transient second copy
-        overrides = decode_storage_overrides(expected, dev, dtype, quantize)
         state = load_checkpoint(
             files.weights,
             expected,
@@ -142,7 +136,6 @@ class PaddleOcrVlModel(OcrModel):
             renames=_RENAMES,
             ignored=UNUSED_KEY_PATTERNS,
             tied={"lm_head.weight": "model.embed_tokens.weight"},
-            overrides=overrides,
             device=dev,
         )
         net.load_state_dict(state, strict=True, assign=True)
@@ -157,9 +150,11 @@ class PaddleOcrVlModel(OcrModel):
         axis[:t] = 0
         axis[t : t + h] = 1
         lm.rope_axis = axis
+        del state  # the net holds the only reference: a replaced layer's weight is freed at once
         net.eval().requires_grad_(False)
         if quantize == "int8":  # decoder linears + lm_head; vision tower and projector stay as loaded
             quantize_linears_int8(net, skip=skip_vision)
+        pack_linears(net)  # every remaining nn.Linear, where oneDNN runs the dtype (CPU)
 
         try:
             tokenizer = Tokenizer.from_file(str(files.tokenizer))
@@ -284,7 +279,7 @@ class PaddleOcrVlModel(OcrModel):
             x = layer.prefill(x, cos, sin, cache, i)
         cache.advance(n)
         h = lm.norm(x[-1:])
-        return decode_linear(self.net.lm_head, h).float()[0], cache
+        return self.net.lm_head(h).float()[0], cache
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], caches: list[SequenceCache]) -> torch.Tensor:
@@ -305,4 +300,4 @@ class PaddleOcrVlModel(OcrModel):
             x = layer.decode(x, cos, sin, kv, i)
         for c in kv:
             c.advance()
-        return decode_linear(self.net.lm_head, lm.norm(x)).float()
+        return self.net.lm_head(lm.norm(x)).float()

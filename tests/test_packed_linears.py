@@ -1,0 +1,163 @@
+"""Linear layers pre-packed for oneDNN (models/layers.py): the same numbers as ``nn.Linear`` (bfloat16:
+bit for bit; float32: to rounding), one weight copy, every linear of both families packed on CPU, the
+int8 and plain paths untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import nn
+
+from deepseek_ocr_server.models.base import ModelFiles, OcrModel, Prepared, VisionSettings
+from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
+from deepseek_ocr_server.models.layers import (
+    PackedLinear,
+    pack_linears,
+    packed_count,
+    packing_supported,
+    unpack_linears,
+)
+from deepseek_ocr_server.models.paddleocr_vl.model import PaddleOcrVlModel
+from deepseek_ocr_server.models.quant import Int8Linear
+
+BF16 = packing_supported("cpu", torch.bfloat16)
+needs_bf16 = pytest.mark.skipif(not BF16, reason="oneDNN has no bfloat16 support on this CPU")
+TINY = VisionSettings(base_size=512, image_size=512, crop_mode=False)
+
+
+def _page() -> Image.Image:
+    img = Image.new("RGB", (300, 200), (250, 250, 245))
+    d = ImageDraw.Draw(img)
+    for y in range(10, 190, 24):
+        d.rectangle((12, y, 270, y + 8), fill=(20, 20, 20))
+    return img
+
+
+def _steps(m: OcrModel, prep: Prepared, n: int, forced: list[int] | None = None):
+    """Prefill logits, then ``n`` decode steps (fed ``forced`` tokens, else greedy): (tokens, logits)."""
+    logits, cache = m.prefill(prep, n + 1)
+    toks, out = [], [logits]
+    for i in range(n):
+        toks.append(int(torch.argmax(logits)))
+        logits = m.decode([forced[i] if forced else toks[-1]], [cache])[0]
+        out.append(logits)
+    return toks, torch.stack(out)
+
+
+def _linears(net: nn.Module) -> int:
+    return sum(1 for m in net.modules() if type(m) in (nn.Linear, PackedLinear))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 8, 37])
+def test_packed_linear_matches_f_linear(dtype, rows):
+    if not packing_supported("cpu", dtype):
+        pytest.skip("oneDNN cannot run this dtype here")
+    g = torch.Generator().manual_seed(rows)
+    lin = nn.Linear(96, 160).to(dtype)
+    x = torch.randn(rows, 96, generator=g).to(dtype)
+    p = PackedLinear.from_linear(lin)
+    assert torch.equal(p.weight, lin.weight) and p.weight.shape == (160, 96)
+    with torch.inference_mode():
+        want, got = F.linear(x, lin.weight, lin.bias), p(x)
+        got3 = p(x.reshape(1, rows, 96))[0]  # leading dims
+        got_t = p(x.t().contiguous().t())  # a non-contiguous input
+    assert got.dtype == dtype and got.shape == want.shape
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)  # the same oneDNN kernel: bit for bit
+    else:
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(got, torch.zeros_like(got))
+    assert torch.equal(got3, got) and torch.equal(got_t, got)
+    assert torch.equal(p.to_linear().weight, lin.weight)
+
+
+def test_pack_and_unpack_in_place():
+    shared = nn.Linear(8, 8)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), shared, shared)
+    x = torch.randn(4, 8)
+    with torch.inference_mode():
+        want = net(x)
+    assert pack_linears(net, skip=lambda name, _: name == "2") == 2  # "3" and "4" are one layer
+    assert type(net[0]) is PackedLinear and type(net[2]) is nn.Linear and net[3] is net[4]
+    assert packed_count(net) == 2
+    with torch.inference_mode():
+        assert torch.allclose(net(x), want, atol=1e-6)
+    assert unpack_linears(net) == 2 and packed_count(net) == 0
+    with torch.inference_mode():
+        assert torch.allclose(net(x), want, atol=1e-6)
+
+
+def test_packing_supported_only_on_cpu():
+    assert not packing_supported("meta", torch.float32)
+    assert not packing_supported("cuda", torch.bfloat16)
+    assert not packing_supported("cpu", torch.int8)
+    assert packing_supported("cpu", torch.float32) == torch.backends.mkldnn.is_available()
+
+
+@needs_bf16
+def test_deepseek_bf16_every_linear_packed_same_numbers(deepseek_ckpt):
+    m = DeepseekOcrModel.load(ModelFiles.from_dir(deepseek_ckpt), dtype=torch.bfloat16)
+    assert m.packed_layers == _linears(m.net) > 0
+    mlp = m.net.model.layers[1].mlp
+    assert isinstance(mlp.experts[0].up_proj, PackedLinear) and isinstance(m.net.lm_head, PackedLinear)
+    assert isinstance(m.net.model.sam_model.blocks[0].attn.qkv, PackedLinear)  # vision too
+    assert isinstance(mlp.gate.weight, nn.Parameter)  # the router is not a linear layer
+    # parameters() holds no linear weight twice: packed weights are not parameters, nothing else is f16
+    assert {p.dtype for p in m.net.parameters()} == {torch.bfloat16}
+    prep = m.prepare("Free OCR.", [_page()], TINY)
+    packed = _steps(m, prep, 12)
+    # one batched step of three sequences: each row as alone
+    toks = packed[0]
+    caches = [m.prefill(prep, 4)[1] for _ in range(3)]
+    rows = m.decode([toks[0], toks[1], toks[0]], caches)
+    m.set_packed(False)
+    assert m.packed_layers == 0 and type(m.net.lm_head) is nn.Linear
+    plain = _steps(m, prep, 12)
+    assert packed[0] == plain[0]
+    assert torch.equal(packed[1], plain[1])  # bfloat16: bit for bit, prefill and every decode step
+    caches = [m.prefill(prep, 4)[1] for _ in range(3)]
+    assert torch.equal(m.decode([toks[0], toks[1], toks[0]], caches), rows)
+    assert (rows[0] - rows[2]).abs().max() == 0
+    m.set_packed(True)
+    assert m.packed_layers == _linears(m.net)
+    assert torch.equal(_steps(m, prep, 12)[1], plain[1])
+
+
+def test_deepseek_f32_packed_close_to_plain(deepseek_ckpt):
+    m = DeepseekOcrModel.load(ModelFiles.from_dir(deepseek_ckpt), dtype=torch.float32)
+    if not packing_supported("cpu", torch.float32):
+        assert m.packed_layers == 0
+        return
+    assert m.packed_layers == _linears(m.net)
+    prep = m.prepare("Free OCR.", [_page()], TINY)
+    packed = _steps(m, prep, 10)
+    m.set_packed(False)
+    plain = _steps(m, prep, 10, forced=packed[0])
+    assert torch.allclose(packed[1], plain[1], rtol=1e-4, atol=1e-4)
+
+
+@needs_bf16
+def test_paddle_bf16_every_linear_packed_same_numbers(paddle_ckpt):
+    m = PaddleOcrVlModel.load(ModelFiles.from_dir(paddle_ckpt), dtype=torch.bfloat16)
+    assert m.packed_layers == _linears(m.net) > 0
+    assert isinstance(m.net.lm_head, PackedLinear)
+    img = Image.new("RGB", (150, 90), (240, 240, 240))
+    ImageDraw.Draw(img).rectangle((10, 30, 140, 50), fill=(0, 0, 0))
+    prep = m.prepare("OCR:", [img])
+    packed = _steps(m, prep, 12)
+    m.set_packed(False)
+    plain = _steps(m, prep, 12)
+    assert packed[0] == plain[0] and torch.equal(packed[1], plain[1])
+
+
+def test_int8_layers_stay_int8_the_rest_packed(deepseek_ckpt):
+    q = DeepseekOcrModel.load(ModelFiles.from_dir(deepseek_ckpt), dtype=torch.bfloat16, quantize="int8")
+    assert isinstance(q.net.model.layers[1].mlp.experts[0].down_proj, Int8Linear)
+    assert isinstance(q.net.lm_head, Int8Linear)
+    vision = q.net.model.vision_model.transformer.layers[0].mlp.fc1
+    assert isinstance(vision, PackedLinear if BF16 else nn.Linear)
+    toks, logits = _steps(q, q.prepare("Free OCR.", [], TINY), 4)
+    assert len(toks) == 4 and torch.isfinite(logits).all()
