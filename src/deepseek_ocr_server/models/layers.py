@@ -130,9 +130,9 @@ def replace_linears(
     convert: Callable[[nn.Module], nn.Module],
     skip: Callable[[str, nn.Module], bool] | None,
     min_features: int = 0,
-    source: type[nn.Module] = nn.Linear,
+    source: type[nn.Module] | tuple[type[nn.Module], ...] = nn.Linear,
 ) -> int:
-    """Replace every module of exactly type ``source`` under ``module`` by ``convert(it)``, in place;
+    """Replace every module of exactly the type ``source`` (or one of them) under ``module`` by ``convert(it)``, in place;
     ``skip(qualified_name, layer)`` keeps a layer, as does ``min(in, out) < min_features``. A layer
     shared by several parents stays shared. Returns the number of layers converted."""
     # Only names are collected first: each old layer is dropped as soon as it is replaced, so the peak
@@ -141,7 +141,7 @@ def replace_linears(
     seen: dict[int, int] = {}
     for name, mod in module.named_modules():
         for child_name, child in mod._modules.items():  # not named_children(): it hides shared modules
-            if type(child) is not source:
+            if type(child) not in (source if isinstance(source, tuple) else (source,)):
                 continue
             full = f"{name}.{child_name}" if name else child_name
             if skip is not None and skip(full, child):

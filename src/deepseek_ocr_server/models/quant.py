@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import replace_linears
+from .layers import PackedLinear, replace_linears
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -60,11 +60,12 @@ class Int8Linear(nn.Module):
         self._scales_cast: dict[torch.dtype, torch.Tensor] = {}
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        q, scales = quantize_weight_int8(linear.weight)
-        mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, dtype=linear.weight.dtype)
-        mod.weight = q.to(linear.weight.device)
-        mod.scales = scales.to(linear.weight.device)
+    def from_linear(cls, linear: nn.Linear | PackedLinear) -> Int8Linear:
+        w = linear.weight  # a PackedLinear gives a dense copy
+        q, scales = quantize_weight_int8(w)
+        mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, dtype=w.dtype)
+        mod.weight = q.to(w.device)
+        mod.scales = scales.to(w.device)
         if linear.bias is not None:
             mod.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return mod
@@ -111,13 +112,14 @@ def skip_vision(name: str, linear: nn.Linear) -> bool:
 def quantize_linears_int8(
     module: nn.Module, *, skip: Callable[[str, nn.Linear], bool] | None = None, min_features: int = 0
 ) -> int:
-    """Replace every ``nn.Linear`` under ``module`` (in place) by an :class:`Int8Linear`.
+    """Replace every ``nn.Linear`` / ``layers.PackedLinear`` under ``module`` (in place) by an
+    :class:`Int8Linear`.
 
     ``skip(qualified_name, linear)`` keeps a layer in full precision when it returns True (e.g. a router
     whose top-k choice is sensitive, or an lm_head); layers with ``min(in, out) < min_features`` are kept
     too. Returns the number of layers replaced. The full-precision weights are freed layer by layer.
     """
-    return replace_linears(module, Int8Linear.from_linear, skip, min_features)
+    return replace_linears(module, Int8Linear.from_linear, skip, min_features, source=(nn.Linear, PackedLinear))
 
 
 def int8_weight_bytes(module: nn.Module) -> int:
