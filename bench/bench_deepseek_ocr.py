@@ -157,10 +157,7 @@ def _clone_cache(cache, extra: int):
         cache.k.shape[0], cache.k.shape[1], cache.k.shape[3], n + extra, cache.k.dtype, cache.k.device
     )
     c.k[:, :, :n] = cache.k[:, :, :n]
-    if c.v_transposed:
-        c.v[..., :n] = cache.v[..., :n]
-    else:
-        c.v[:, :, :n] = cache.v[:, :, :n]
+    c.v[:, :, :n] = cache.v[:, :, :n]
     c.advance(n)
     return c
 

@@ -147,35 +147,34 @@ class Attention(nn.Module):
         k = k * c + rotate_half(k) * s
         return q, k, v
 
-    def forward_prefill(
-        self, x, cos, sin, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, v_transposed: bool
-    ) -> torch.Tensor:
-        """Prompt of T tokens at positions start..start+T-1; k_cache: (heads, cap, hd) of this layer,
-        v_cache the same or (heads, hd, cap) when ``v_transposed``."""
+    def forward_prefill(self, x, cos, sin, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int) -> torch.Tensor:
+        """Prompt of T tokens at positions start..start+T-1; k_cache, v_cache: (heads, cap, hd) of this
+        layer (float32 on CPU, see ``KVCache``)."""
         t = x.shape[0]
         q, k, v = self.qkv(x, cos, sin)
         k_cache[:, start : start + t] = k.transpose(0, 1)
-        if v_transposed:
-            v_cache[:, :, start : start + t] = v.permute(1, 2, 0)
-        else:
-            v_cache[:, start : start + t] = v.transpose(0, 1)
+        v_cache[:, start : start + t] = v.transpose(0, 1)
         qq = q.transpose(0, 1).contiguous().unsqueeze(0)
         # SDPA wants contiguous (heads, T, hd) operands: a strided V is several times slower on CPU
         if start == 0:
             kk = k.transpose(0, 1).contiguous().unsqueeze(0)
             vv = v.transpose(0, 1).contiguous().unsqueeze(0)
             out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True)
-        else:
-            kk = k_cache[:, : start + t].unsqueeze(0)
-            vv = v_cache[:, :, : start + t].transpose(1, 2) if v_transposed else v_cache[:, : start + t]
-            vv = vv.contiguous().unsqueeze(0)
+        else:  # the cache holds exactly the activation-dtype values written (float32 widens exactly)
+            kk = k_cache[:, : start + t].to(q.dtype).unsqueeze(0)
+            vv = v_cache[:, : start + t].to(q.dtype).unsqueeze(0)
             mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
             out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask)
         return self.o_proj(out[0].transpose(0, 1).reshape(t, -1))
 
     def forward_decode(self, x, cos, sin, caches: list[KVCache], layer: int) -> torch.Tensor:
-        """One token for each of B sequences of different lengths; linears batched, attention per row."""
-        b = x.shape[0]
+        """One token for each of B sequences of different lengths; linears batched, attention per row.
+
+        Query length 1: two batched matrix-vector products over the valid part of the row's cache, in
+        the cache dtype, softmax in float32. On CPU the cache is float32 on purpose: bfloat16 batched
+        matmuls go to oneDNN, which compiles a kernel for every new shape (6-16 ms each time the
+        cache length changes, i.e. every step); float32 ones run at once (50-110 us per layer and row
+        at 100-1000 tokens, bench numbers in the README)."""
         q, k, v = self.qkv(x, cos, sin)
         outs = []
         scale = self.head_dim**-0.5
@@ -184,21 +183,11 @@ class Attention(nn.Module):
             n = pos + 1
             kc, vc = cache.k[layer], cache.v[layer]
             kc[:, pos] = k[i]
-            # query length 1: two batched matrix-vector products over the valid part of the cache with
-            # the softmax in float32. Layout/kernel choice measured on CPU (bench): bf16 is fastest as
-            # K.q and V^T.p with V stored transposed; f32/f16 as q.K^T and p.V.
-            if cache.v_transposed:
-                vc[:, :, pos] = v[i]
-                scores = torch.matmul(kc[:, :n], q[i].unsqueeze(-1)).squeeze(-1)  # (heads, L)
-                probs = torch.softmax(scores.to(torch.float32) * scale, dim=-1).to(x.dtype)
-                out = torch.matmul(vc[:, :, :n], probs.unsqueeze(-1))  # (heads, hd, 1)
-            else:
-                vc[:, pos] = v[i]
-                scores = torch.matmul(q[i].unsqueeze(1), kc[:, :n].transpose(1, 2))  # (heads, 1, L)
-                probs = torch.softmax(scores.to(torch.float32) * scale, dim=-1).to(x.dtype)
-                out = torch.matmul(probs, vc[:, :n])  # (heads, 1, hd)
-            outs.append(out.reshape(1, -1))  # (1, heads*hd)
-        return self.o_proj(torch.cat(outs, dim=0).reshape(b, -1))
+            vc[:, pos] = v[i]
+            scores = torch.matmul(q[i].to(kc.dtype).unsqueeze(1), kc[:, :n].transpose(1, 2))  # (heads, 1, L)
+            probs = torch.softmax(scores.to(torch.float32) * scale, dim=-1).to(vc.dtype)
+            outs.append(torch.matmul(probs, vc[:, :n]).reshape(1, -1))  # (1, heads*hd)
+        return self.o_proj(torch.cat(outs, dim=0).to(x.dtype))
 
 
 class DecoderLayer(nn.Module):
@@ -213,27 +202,11 @@ class DecoderLayer(nn.Module):
 
 
 class KVCache(SequenceCache):
-    """Preallocated K/V of one sequence: K (layers, heads, capacity, head_dim); V the same, or
-    (layers, heads, head_dim, capacity) when ``v_transposed`` (bf16 on CPU: faster decode GEMV)."""
+    """Preallocated K/V of one sequence: (layers, heads, capacity, head_dim) each."""
 
-    def __init__(
-        self,
-        layers: int,
-        heads: int,
-        head_dim: int,
-        capacity: int,
-        dtype,
-        device,
-        v_transposed: bool | None = None,
-    ) -> None:
-        if v_transposed is None:
-            v_transposed = dtype == torch.bfloat16 and torch.device(device).type == "cpu"
-        self.v_transposed = v_transposed
+    def __init__(self, layers: int, heads: int, head_dim: int, capacity: int, dtype, device) -> None:
         self.k: torch.Tensor = torch.empty(layers, heads, capacity, head_dim, dtype=dtype, device=device)
-        vshape = (
-            (layers, heads, head_dim, capacity) if self.v_transposed else (layers, heads, capacity, head_dim)
-        )
-        self.v: torch.Tensor = torch.empty(vshape, dtype=dtype, device=device)
+        self.v: torch.Tensor = torch.empty(layers, heads, capacity, head_dim, dtype=dtype, device=device)
         self.capacity = capacity
         self._length = 0
 
@@ -275,11 +248,9 @@ class DeepseekV2Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def new_cache(self, capacity: int, dtype, device, v_transposed: bool | None = None) -> KVCache:
+    def new_cache(self, capacity: int, dtype, device) -> KVCache:
         c = self.cfg
-        return KVCache(
-            c.num_hidden_layers, c.num_attention_heads, c.head_dim, capacity, dtype, device, v_transposed
-        )
+        return KVCache(c.num_hidden_layers, c.num_attention_heads, c.head_dim, capacity, dtype, device)
 
     def prefill(self, h: torch.Tensor, cache: KVCache, rope: Rope) -> torch.Tensor:
         """h: (T, H) input embeddings; fills the cache from its current length; returns final-normed (T, H)."""
@@ -290,9 +261,7 @@ class DeepseekV2Decoder(nn.Module):
         pos = torch.arange(start, start + t, device=h.device)
         cos, sin = rope(pos)
         for i, layer in enumerate(self.layers):
-            a = layer.self_attn.forward_prefill(
-                layer.input_layernorm(h), cos, sin, cache.k[i], cache.v[i], start, cache.v_transposed
-            )
+            a = layer.self_attn.forward_prefill(layer.input_layernorm(h), cos, sin, cache.k[i], cache.v[i], start)
             h = h + a
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         cache.advance(t)

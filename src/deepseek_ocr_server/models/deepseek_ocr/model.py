@@ -103,8 +103,9 @@ class DeepseekOcrModel(OcrModel):
         self.max_context = cfg.language.max_position_embeddings
         #: Wall times of the last prefill: "vision_s" (image encoders) and "prefill_s" (decoder).
         self.last_timings: dict[str, float] = {}
-        #: KV layout override for new caches (None: the fastest for the dtype/device; tests force both).
-        self.kv_v_transposed: bool | None = None
+        #: KV cache dtype: float32 on CPU (exact for the values written; fast decode attention, see
+        #: ``language.Attention.forward_decode``), the model dtype elsewhere
+        self.cache_dtype = torch.float32 if device.type == "cpu" else dtype
         #: number of linear layers stored pre-packed for oneDNN (``layers.PackedLinear``), see set_packed
         self.packed_layers = packed_count(net)
         self.rope = Rope(cfg.language.head_dim, cfg.language.rope_theta, self.max_context, dtype, device)
@@ -230,7 +231,7 @@ class DeepseekOcrModel(OcrModel):
         if n >= self.max_context:
             raise InputError(f"prompt is {n} tokens; the model's context is {self.max_context} positions")
         capacity = min(self.max_context, n + max(1, max_new_tokens))
-        cache = self.net.model.new_cache(capacity, self.dtype, self.device, self.kv_v_transposed)
+        cache = self.net.model.new_cache(capacity, self.cache_dtype, self.device)
         self.last_timings = {"vision_s": 0.0}
         h = self.embed_prompt(prepared)
         t0 = time.perf_counter()
