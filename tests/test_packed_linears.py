@@ -14,6 +14,7 @@ from deepseek_ocr_server.models.base import ModelFiles, OcrModel, Prepared, Visi
 from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
 from deepseek_ocr_server.models.layers import (
     PackedLinear,
+    PackedRows,
     pack_linears,
     packed_count,
     packing_supported,
@@ -47,7 +48,12 @@ def _steps(m: OcrModel, prep: Prepared, n: int, forced: list[int] | None = None)
 
 
 def _linears(net: nn.Module) -> int:
+    """Layers that run as their own GEMM: plain and packed ones (a fused layer counts once)."""
     return sum(1 for m in net.modules() if type(m) in (nn.Linear, PackedLinear))
+
+
+def _plain(net: nn.Module) -> int:
+    return sum(1 for m in net.modules() if type(m) is nn.Linear)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -100,9 +106,13 @@ def test_packing_supported_only_on_cpu():
 @needs_bf16
 def test_deepseek_bf16_every_linear_packed_same_numbers(deepseek_ckpt):
     m = DeepseekOcrModel.load(ModelFiles.from_dir(deepseek_ckpt), dtype=torch.bfloat16)
-    assert m.packed_layers == _linears(m.net) > 0
+    assert m.packed_layers == _linears(m.net) > 0 and _plain(m.net) == 0
     mlp = m.net.model.layers[1].mlp
-    assert isinstance(mlp.experts[0].up_proj, PackedLinear) and isinstance(m.net.lm_head, PackedLinear)
+    assert isinstance(m.net.lm_head, PackedLinear)
+    # gate+up of every expert and q/k/v of every layer run as one fused layer each
+    assert isinstance(mlp.experts[0].gate_up, PackedLinear) and isinstance(mlp.experts[0].up_proj, PackedRows)
+    assert isinstance(m.net.model.layers[0].self_attn.qkv_proj, PackedLinear)
+    assert isinstance(mlp.shared_experts.gate_up, PackedLinear) and isinstance(mlp.experts[0].down_proj, PackedLinear)
     assert isinstance(m.net.model.sam_model.blocks[0].attn.qkv, PackedLinear)  # vision too
     assert isinstance(mlp.gate.weight, nn.Parameter)  # the router is not a linear layer
     # parameters() holds no linear weight twice: packed weights are not parameters, nothing else is f16
@@ -113,8 +123,12 @@ def test_deepseek_bf16_every_linear_packed_same_numbers(deepseek_ckpt):
     toks = packed[0]
     caches = [m.prefill(prep, 4)[1] for _ in range(3)]
     rows = m.decode([toks[0], toks[1], toks[0]], caches)
+    sd = m.net.state_dict()
     m.set_packed(False)
     assert m.packed_layers == 0 and type(m.net.lm_head) is nn.Linear
+    assert mlp.experts[0].gate_up is None and type(mlp.experts[0].up_proj) is nn.Linear
+    plain_sd = m.net.state_dict()  # the same keys and values, packed or not
+    assert sd.keys() == plain_sd.keys() and all(torch.equal(sd[k], plain_sd[k]) for k in sd)
     plain = _steps(m, prep, 12)
     assert packed[0] == plain[0]
     assert torch.equal(packed[1], plain[1])  # bfloat16: bit for bit, prefill and every decode step
@@ -122,7 +136,7 @@ def test_deepseek_bf16_every_linear_packed_same_numbers(deepseek_ckpt):
     assert torch.equal(m.decode([toks[0], toks[1], toks[0]], caches), rows)
     assert (rows[0] - rows[2]).abs().max() == 0
     m.set_packed(True)
-    assert m.packed_layers == _linears(m.net)
+    assert m.packed_layers == _linears(m.net) and _plain(m.net) == 0
     assert torch.equal(_steps(m, prep, 12)[1], plain[1])
 
 
@@ -131,7 +145,7 @@ def test_deepseek_f32_packed_close_to_plain(deepseek_ckpt):
     if not packing_supported("cpu", torch.float32):
         assert m.packed_layers == 0
         return
-    assert m.packed_layers == _linears(m.net)
+    assert m.packed_layers == _linears(m.net) and _plain(m.net) == 0
     prep = m.prepare("Free OCR.", [_page()], TINY)
     packed = _steps(m, prep, 10)
     m.set_packed(False)
@@ -142,8 +156,10 @@ def test_deepseek_f32_packed_close_to_plain(deepseek_ckpt):
 @needs_bf16
 def test_paddle_bf16_every_linear_packed_same_numbers(paddle_ckpt):
     m = PaddleOcrVlModel.load(ModelFiles.from_dir(paddle_ckpt), dtype=torch.bfloat16)
-    assert m.packed_layers == _linears(m.net) > 0
+    assert m.packed_layers == _linears(m.net) > 0 and _plain(m.net) == 0
     assert isinstance(m.net.lm_head, PackedLinear)
+    assert isinstance(m.net.model.layers[0].self_attn.qkv_proj, PackedLinear)
+    assert isinstance(m.net.model.layers[0].mlp.gate_up, PackedLinear)
     img = Image.new("RGB", (150, 90), (240, 240, 240))
     ImageDraw.Draw(img).rectangle((10, 30, 140, 50), fill=(0, 0, 0))
     prep = m.prepare("OCR:", [img])

@@ -51,6 +51,9 @@ class PackedLinear(nn.Module):
     parameter (``parameters()`` does not list it); ``state_dict()`` still holds ``weight`` (a dense
     copy) under its original key, and :meth:`dense_weight` / ``.weight`` give it back."""
 
+    #: False for a fused layer (:func:`fuse_linears`): its :class:`PackedRows` views save the weights
+    persistent: bool = True
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -72,6 +75,8 @@ class PackedLinear(nn.Module):
         return self.packed.to_dense()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 (torch's signature)
+        if not self.persistent:
+            return
         destination[prefix + "weight"] = self.dense_weight()
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
@@ -93,6 +98,81 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed {self.dtype}"
 
 
+class PackedRows(nn.Module):
+    """Output rows ``[start, stop)`` of a fused :class:`PackedLinear`: one of the original layers, kept
+    under its own name (``state_dict``, ``.weight``, ``forward``) while its parent runs the fused layer."""
+
+    def __init__(self, fused: PackedLinear, start: int, stop: int) -> None:
+        super().__init__()
+        self._fused = (fused,)  # a tuple: not registered as a submodule (the parent holds it)
+        self.start, self.stop = start, stop
+        self.in_features, self.out_features = fused.in_features, stop - start
+        self.dtype = fused.dtype
+        self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fused[0](x)[..., self.start : self.stop]
+
+    def dense_weight(self) -> torch.Tensor:
+        return self._fused[0].dense_weight()[self.start : self.stop].clone()
+
+    weight = PackedLinear.weight
+    to_linear = PackedLinear.to_linear
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 (torch's signature)
+        destination[prefix + "weight"] = self.dense_weight()
+
+    def extra_repr(self) -> str:
+        return f"rows {self.start}:{self.stop} of a fused layer, in_features={self.in_features}"
+
+
+def fuse_linears(module: nn.Module) -> int:
+    """Fuse sibling layers that read the same input into one :class:`PackedLinear` (a GEMV over a
+    bigger weight runs closer to the memory bandwidth: +15-20 % for 2-3 layers of 1-3 MB, and one call
+    instead of several). A module class opts in with ``FUSED = {"gate_up": ("gate_proj", "up_proj")}``
+    and an attribute ``gate_up = None`` its forward uses when set; the original layers become
+    :class:`PackedRows` views. Only bias-free layers of the same input size and dtype, plain or packed,
+    on a device/dtype oneDNN runs. Returns the number of fused layers made."""
+    n = 0
+    for mod in list(module.modules()):
+        for fused_name, names in getattr(type(mod), "FUSED", {}).items():
+            layers = [getattr(mod, name) for name in names]
+            if not all(type(lin) in (nn.Linear, PackedLinear) and lin.bias is None for lin in layers):
+                continue
+            weights = [lin.weight for lin in layers]
+            w0 = weights[0]
+            if any(w.shape[1] != w0.shape[1] or w.dtype != w0.dtype for w in weights):
+                continue
+            if not packing_supported(w0.device, w0.dtype):
+                continue
+            fused = PackedLinear(torch.cat(weights), None)
+            fused.persistent = False
+            del weights, w0, layers
+            start = 0
+            for name in names:
+                stop = start + getattr(mod, name).out_features
+                setattr(mod, name, PackedRows(fused, start, stop))
+                start = stop
+            setattr(mod, fused_name, fused)
+            n += 1
+    release_freed_memory()
+    return n
+
+
+def unfuse_linears(module: nn.Module) -> int:
+    """Undo :func:`fuse_linears`: the views become plain ``nn.Linear`` layers again."""
+    n = 0
+    for mod in list(module.modules()):
+        for fused_name, names in getattr(type(mod), "FUSED", {}).items():
+            if getattr(mod, fused_name, None) is None:
+                continue
+            for name in names:
+                setattr(mod, name, getattr(mod, name).to_linear())
+            setattr(mod, fused_name, None)
+            n += 1
+    return n
+
+
 def pack_linears(module: nn.Module, skip: Callable[[str, nn.Linear], bool] | None = None) -> int:
     """Replace every ``nn.Linear`` under ``module`` (in place, layer by layer) by a :class:`PackedLinear`
     when its weight's device and dtype allow it (:func:`packing_supported`); ``skip(name, linear)`` keeps
@@ -112,7 +192,20 @@ def unpack_linears(module: nn.Module) -> int:
 
 
 def packed_count(module: nn.Module) -> int:
+    """Layers that run pre-packed: :class:`PackedLinear` ones, fused layers counted once each."""
     return sum(1 for m in module.modules() if isinstance(m, PackedLinear))
+
+
+def pack_model(net: nn.Module, packed: bool = True) -> int:
+    """Pack (:func:`pack_linears`) and fuse (:func:`fuse_linears`) every linear layer of ``net``, or
+    undo both (``packed=False``). Returns :func:`packed_count`."""
+    if packed:
+        pack_linears(net)
+        fuse_linears(net)
+    else:
+        unfuse_linears(net)
+        unpack_linears(net)
+    return packed_count(net)
 
 
 def release_freed_memory() -> None:

@@ -32,14 +32,22 @@ class RMSNorm(nn.Module):
 class Mlp(nn.Module):
     """down(silu(gate(x)) * up(x)) without biases (dense layer, shared experts, routed experts)."""
 
+    #: gate and up run as one fused layer once packed (``layers.fuse_linears``)
+    FUSED = {"gate_up": ("gate_proj", "up_proj")}
+
     def __init__(self, hidden: int, inter: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inter, bias=False)
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_up: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class MoEGate(nn.Module):
@@ -126,6 +134,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    #: q, k and v run as one fused layer once packed (``layers.fuse_linears``)
+    FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+
     def __init__(self, cfg: LanguageConfig) -> None:
         super().__init__()
         self.heads = cfg.num_attention_heads
@@ -135,13 +146,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, h, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(h, h, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(h, h, bias=cfg.attention_bias)
+        self.qkv_proj: nn.Module | None = None
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x (T, H) -> q, k, v as (T, heads, hd), RoPE applied to q and k (cos/sin: (T, hd))."""
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.heads, self.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).view(t, 3, self.heads, self.head_dim).unbind(1)
+        else:
+            q = self.q_proj(x).view(t, self.heads, self.head_dim)
+            k = self.k_proj(x).view(t, self.heads, self.head_dim)
+            v = self.v_proj(x).view(t, self.heads, self.head_dim)
         c, s = cos[:, None, :], sin[:, None, :]
         q = q * c + rotate_half(q) * s
         k = k * c + rotate_half(k) * s

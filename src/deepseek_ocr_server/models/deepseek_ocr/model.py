@@ -29,7 +29,7 @@ from ..base import (
     VisionSettings,
     check_load_options,
 )
-from ..layers import pack_linears, packed_count, unpack_linears
+from ..layers import pack_model, packed_count
 from ..quant import quantize_linears_int8, skip_vision
 from ..weights import load_checkpoint
 from . import processor
@@ -150,14 +150,13 @@ class DeepseekOcrModel(OcrModel):
         net.eval().requires_grad_(False)
         if quantize == "int8":  # decoder linears + lm_head; vision and the router stay as loaded
             quantize_linears_int8(net, skip=skip_vision)
-        pack_linears(net)  # every remaining nn.Linear, where oneDNN runs the dtype (CPU)
+        pack_model(net)  # every remaining nn.Linear packed (and siblings fused) where oneDNN runs the dtype
         return cls(cfg, net, tokenizer, dev, dtype, frozenset(int(x) for x in eos), int(image_id))
 
     def set_packed(self, packed: bool) -> None:
-        """Store the linear layers pre-packed for oneDNN (the default on CPU, ``layers.PackedLinear``) or
-        as plain ``nn.Linear`` (tests compare both). Routers and int8 layers are left alone."""
-        (pack_linears if packed else unpack_linears)(self.net)
-        self.packed_layers = packed_count(self.net)
+        """Store the linear layers pre-packed for oneDNN, sibling projections fused (the default on CPU,
+        ``layers.pack_model``), or as plain ``nn.Linear`` layers (tests compare both). Routers and int8 layers are left alone."""
+        self.packed_layers = pack_model(self.net, packed)
 
     # ------------------------------------------------------------- prepare
     def prepare(

@@ -84,6 +84,9 @@ class RMSNorm(nn.Module):
 
 
 class ErnieAttention(nn.Module):
+    #: q, k and v run as one fused layer once packed (``layers.fuse_linears``)
+    FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+
     def __init__(self, cfg: PaddleOcrVlConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
@@ -93,10 +96,15 @@ class ErnieAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.qkv_proj: nn.Module | None = None
 
     def _qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         n = h.shape[0]
-        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        if self.qkv_proj is not None:
+            kv = self.num_kv * self.head_dim
+            q, k, v = self.qkv_proj(h).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
+        else:
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv, self.head_dim)
         v = v.view(n, self.num_kv, self.head_dim)
@@ -139,14 +147,22 @@ class ErnieAttention(nn.Module):
 
 
 class ErnieMLP(nn.Module):
+    #: gate and up run as one fused layer once packed (``layers.fuse_linears``)
+    FUSED = {"gate_up": ("gate_proj", "up_proj")}
+
     def __init__(self, cfg: PaddleOcrVlConfig) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
