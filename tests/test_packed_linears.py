@@ -177,3 +177,48 @@ def test_int8_layers_stay_int8_the_rest_packed(deepseek_ckpt):
     assert isinstance(vision, PackedLinear if BF16 else nn.Linear)
     toks, logits = _steps(q, q.prepare("Free OCR.", [], TINY), 4)
     assert len(toks) == 4 and torch.isfinite(logits).all()
+
+
+def _decoder_bytes(ckpt, exclude_experts: bool) -> tuple[int, int]:
+    """(bytes of the decoder linears + routers + lm_head in bf16, bytes of one routed expert) from the
+    checkpoint's own tensors."""
+    from safetensors import safe_open
+
+    dense = expert = 0
+    files = list(ckpt.glob("*.safetensors"))
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                shape = st.get_slice(k).get_shape()
+                n = 2 * shape[0] * (shape[1] if len(shape) > 1 else 1)
+                if ".mlp.experts." in k and exclude_experts:
+                    if k.startswith("model.layers.1.mlp.experts.0."):
+                        expert += n
+                elif k == "lm_head.weight" or (k.startswith("model.layers.") and (k.endswith("_proj.weight") or k.endswith("mlp.gate.weight"))):
+                    dense += n
+    return dense, expert
+
+
+def test_decode_reports_the_weight_bytes_it_read(deepseek_ckpt, paddle_ckpt):
+    m = DeepseekOcrModel.load(ModelFiles.from_dir(deepseek_ckpt), dtype=torch.bfloat16)
+    dense, expert = _decoder_bytes(deepseek_ckpt, exclude_experts=True)
+    moe = [layer.mlp for layer in m.net.model.layers if hasattr(layer.mlp, "experts")]
+    k = m.cfg.language.num_experts_per_tok
+    prep = m.prepare("Free OCR.", [_page()], TINY)
+    logits, c1 = m.prefill(prep, 4)
+    m.decode([int(torch.argmax(logits))], [c1])
+    assert m.last_decode_weight_bytes == dense + expert * k * len(moe)  # one row: top-k experts per layer
+    caches = [m.prefill(prep, 4)[1] for _ in range(3)]
+    m.decode([3, 40, 77], caches)
+    touched = sum(x.last_experts for x in moe)
+    assert len(moe) * k <= touched <= len(moe) * min(3 * k, len(moe[0].experts))
+    assert m.last_decode_weight_bytes == dense + expert * touched
+    m.set_packed(False)  # the same bytes, however stored
+    m.decode([3, 40, 77], [m.prefill(prep, 4)[1] for _ in range(3)])
+    assert m.last_decode_weight_bytes == dense + expert * sum(x.last_experts for x in moe)
+
+    p = PaddleOcrVlModel.load(ModelFiles.from_dir(paddle_ckpt), dtype=torch.bfloat16)
+    logits, c = p.prefill(p.prepare("OCR:", []), 2)
+    p.decode([int(torch.argmax(logits))], [c])
+    want, _ = _decoder_bytes(paddle_ckpt, exclude_experts=False)
+    assert p.last_decode_weight_bytes == want

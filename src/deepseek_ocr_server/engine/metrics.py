@@ -48,6 +48,12 @@ DECODE_SECONDS = Counter(
     "ocr_decode_seconds_total", "Wall time spent in decode steps, by batch size (sequences per step)", ["batch"]
 )
 DECODE_STEPS = Counter("ocr_decode_steps_total", "Decode steps, by batch size", ["batch"])
+DECODE_WEIGHT_BYTES = Counter(
+    "ocr_decode_weight_bytes_total",
+    "Bytes of weights the decode steps read (dense layers once per step, MoE: the experts some row "
+    "selected), by batch size; divided by ocr_decode_seconds_total: the weight-read rate",
+    ["batch"],
+)
 PREFILL_SECONDS = Histogram(
     "ocr_prefill_seconds",
     "Wall time of one admission: preprocessing + vision + prompt prefill",

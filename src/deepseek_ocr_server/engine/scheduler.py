@@ -430,6 +430,8 @@ class Scheduler:
         label = str(len(batch))
         metrics.DECODE_SECONDS.labels(batch=label).inc(time.perf_counter() - t0)
         metrics.DECODE_STEPS.labels(batch=label).inc()
+        if read := getattr(model, "last_decode_weight_bytes", 0):
+            metrics.DECODE_WEIGHT_BYTES.labels(batch=label).inc(read)
         for row, run in zip(logits, batch, strict=True):
             self._accept(run, row, first=False)
         self._sweep()

@@ -191,6 +191,20 @@ def unpack_linears(module: nn.Module) -> int:
     return replace_linears(module, lambda p: p.to_linear(), None, source=PackedLinear)
 
 
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of the linear weights under ``module`` as stored: plain, packed (a fused layer once, its
+    views not again) and int8 (values + scales) layers; biases and other parameters not counted."""
+    n = 0
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            n += m.weight.numel() * m.weight.element_size()
+        elif type(m) is PackedLinear:
+            n += m.in_features * m.out_features * m.packed.element_size()
+        elif hasattr(m, "scales") and isinstance(getattr(m, "weight", None), torch.Tensor):  # quant.Int8Linear
+            n += m.weight.numel() * m.weight.element_size() + m.scales.numel() * m.scales.element_size()
+    return n
+
+
 def packed_count(module: nn.Module) -> int:
     """Layers that run pre-packed: :class:`PackedLinear` ones, fused layers counted once each."""
     return sum(1 for m in module.modules() if isinstance(m, PackedLinear))

@@ -92,6 +92,8 @@ class MoE(nn.Module):
             if cfg.n_shared_experts
             else None
         )
+        #: routed experts the last call ran (decode accounting: ``DeepseekOcrModel.last_decode_weight_bytes``)
+        self.last_experts = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (T, H). Tokens are grouped by expert; only the experts some token selected run."""
@@ -105,6 +107,7 @@ class MoE(nn.Module):
         return y
 
     def _run_one(self, x: torch.Tensor, weights: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        self.last_experts = len(set(idx))
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for j in sorted(range(len(idx)), key=idx.__getitem__):  # expert order, as the grouped path
             out += self.experts[idx[j]](x).to(torch.float32) * weights[j]
@@ -115,16 +118,19 @@ class MoE(nn.Module):
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
         experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
+        self.last_experts = len(experts)
         token_of = order // k
-        w_sorted = weights.reshape(-1)[order]
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        x_sorted = x[token_of]  # the rows of each expert are contiguous: one gather, slices per expert
+        ys = []
         start = 0
         for e, c in zip(experts.tolist(), counts.tolist(), strict=True):
-            tok = token_of[start : start + c]
-            y = self.experts[e](x[tok])
-            # expert outputs weighted and summed in float32, cast back once (HF-V2 moe_infer)
-            out.index_add_(0, tok, y.to(torch.float32) * w_sorted[start : start + c, None])
+            ys.append(self.experts[e](x_sorted[start : start + c]))
             start += c
+        # expert outputs weighted and summed in float32, cast back once (HF-V2 moe_infer); a token's
+        # contributions are added in expert order, as in _run_one
+        y = torch.cat(ys).to(torch.float32) * weights.reshape(-1)[order, None]
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        out.index_add_(0, token_of, y)
         return out.to(x.dtype)
 
 

@@ -29,7 +29,7 @@ from ..base import (
     VisionSettings,
     check_load_options,
 )
-from ..layers import pack_model, packed_count
+from ..layers import pack_model, packed_count, weight_bytes
 from ..quant import quantize_linears_int8, skip_vision
 from ..weights import load_checkpoint
 from . import processor
@@ -108,6 +108,7 @@ class DeepseekOcrModel(OcrModel):
         self.cache_dtype = torch.float32 if device.type == "cpu" else dtype
         #: number of linear layers stored pre-packed for oneDNN (``layers.PackedLinear``), see set_packed
         self.packed_layers = packed_count(net)
+        self._account_weights()
         self.rope = Rope(cfg.language.head_dim, cfg.language.rope_theta, self.max_context, dtype, device)
 
     # ---------------------------------------------------------------- load
@@ -157,6 +158,18 @@ class DeepseekOcrModel(OcrModel):
         """Store the linear layers pre-packed for oneDNN, sibling projections fused (the default on CPU,
         ``layers.pack_model``), or as plain ``nn.Linear`` layers (tests compare both). Routers and int8 layers are left alone."""
         self.packed_layers = pack_model(self.net, packed)
+        self._account_weights()
+
+    def _account_weights(self) -> None:
+        """Bytes a decode step reads: every decoder linear and lm_head once, plus one routed expert's
+        weights per expert some row selected (``last_decode_weight_bytes``)."""
+        layers = self.net.model.layers
+        self._moe = [layer.mlp for layer in layers if hasattr(layer.mlp, "experts")]
+        routed = sum(weight_bytes(e) for moe in self._moe for e in moe.experts)
+        n_experts = sum(len(moe.experts) for moe in self._moe)
+        self._expert_bytes = routed // n_experts if n_experts else 0
+        routers = sum(moe.gate.weight.numel() * moe.gate.weight.element_size() for moe in self._moe)
+        self._dense_bytes = weight_bytes(layers) - routed + routers + weight_bytes(self.net.lm_head)
 
     # ------------------------------------------------------------- prepare
     def prepare(
@@ -252,6 +265,7 @@ class DeepseekOcrModel(OcrModel):
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         h = self.net.model.embed_tokens(ids)
         out = self.net.model.decode(h, kv, self.rope)
+        self.last_decode_weight_bytes = self._dense_bytes + self._expert_bytes * sum(m.last_experts for m in self._moe)
         return self.net.lm_head(out).to(torch.float32)
 
     # ------------------------------------------------------------- helpers

@@ -21,7 +21,7 @@ from ..base import (
     VisionSettings,
     check_load_options,
 )
-from ..layers import pack_model, packed_count
+from ..layers import pack_model, packed_count, weight_bytes
 from ..quant import quantize_linears_int8, skip_vision
 from ..weights import load_checkpoint
 from .config import PaddleOcrVlConfig
@@ -105,11 +105,14 @@ class PaddleOcrVlModel(OcrModel):
         self.cache_dtype = torch.float32 if device.type == "cpu" else dtype
         #: number of linear layers stored pre-packed for oneDNN (``layers.PackedLinear``), see set_packed
         self.packed_layers = packed_count(net)
+        #: every decode step reads the decoder linears and lm_head once (``OcrModel.last_decode_weight_bytes``)
+        self.decode_weight_bytes = weight_bytes(net.model.layers) + weight_bytes(net.lm_head)
 
     def set_packed(self, packed: bool) -> None:
         """Store the linear layers pre-packed for oneDNN, sibling projections fused (the default on CPU,
         ``layers.pack_model``), or as plain ``nn.Linear`` layers (tests compare both). Int8 layers are left alone."""
         self.packed_layers = pack_model(self.net, packed)
+        self.decode_weight_bytes = weight_bytes(self.net.model.layers) + weight_bytes(self.net.lm_head)
 
     # ------------------------------------------------------------------------------------ loading
 
@@ -299,4 +302,5 @@ class PaddleOcrVlModel(OcrModel):
             x = layer.decode(x, cos, sin, kv, i)
         for c in kv:
             c.advance()
+        self.last_decode_weight_bytes = self.decode_weight_bytes
         return self.net.lm_head(lm.norm(x)).float()
