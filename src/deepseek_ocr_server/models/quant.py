@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import PackedLinear, replace_linears
+from .layers import PackedLinear, replace_linears, unfuse_linears
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -119,6 +119,7 @@ def quantize_linears_int8(
     whose top-k choice is sensitive, or an lm_head); layers with ``min(in, out) < min_features`` are kept
     too. Returns the number of layers replaced. The full-precision weights are freed layer by layer.
     """
+    unfuse_linears(module)  # fused projections (layers.fuse_linears) become separate layers first
     return replace_linears(module, Int8Linear.from_linear, skip, min_features, source=(nn.Linear, PackedLinear))
 
 
