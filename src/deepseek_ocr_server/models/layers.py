@@ -7,10 +7,13 @@ at 33-45 GB/s from 1 to 8 rows (bench: ``bench/bench_linear.py``), which is what
 prefill GEMMs get faster too (float32 ~2x, bfloat16 ~1.15x). For bfloat16 the results are bit-identical
 to ``F.linear`` (same kernel, same accumulation); for float32 they differ by rounding only.
 
-:class:`PackedLinear` replaces ``nn.Linear`` after loading (:func:`pack_linears`), layer by layer, so
+:class:`PackedLinear` replaces ``nn.Linear`` after loading (:func:`pack_model`), layer by layer, so
 no second copy of the weights is ever alive. It keeps one weight, in the model dtype: prefill, single
-and batched decode steps all use it. Where oneDNN cannot run the dtype (other devices, a CPU without
+and batched decode steps all use it. Sibling projections that read the same input (q/k/v, gate/up) are
+fused into one packed layer first (:func:`fuse_linears`; the originals stay as :class:`PackedRows`
+views, so ``state_dict()`` is unchanged). Where oneDNN cannot run the dtype (other devices, a CPU without
 bfloat16 support in oneDNN, float16 here) the layers stay plain ``nn.Linear`` (:func:`packing_supported`).
+:func:`weight_bytes` counts what a layer stack reads (decode accounting, ``ocr_decode_weight_bytes_total``).
 """
 
 from __future__ import annotations
@@ -35,13 +38,6 @@ def packing_supported(device: torch.device | str, dtype: torch.dtype) -> bool:
     if dtype == torch.float16:
         return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
     return False
-
-
-def is_decoder_linear(name: str) -> bool:
-    """Checkpoint keys of the language model's linear weights: ``lm_head.weight`` and every
-    ``model.layers.{L}.….{x}_proj.weight`` (attention q/k/v/o, dense MLP, routed and shared experts).
-    Routers (``mlp.gate.weight``), norms, embeddings, biases and the vision side are not."""
-    return name == "lm_head.weight" or (name.startswith("model.layers.") and name.endswith("_proj.weight"))
 
 
 class PackedLinear(nn.Module):
