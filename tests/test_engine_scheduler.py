@@ -144,6 +144,38 @@ def test_one_prefill_between_decode_steps():
     run(mgr.shutdown())
 
 
+def _long_prefill_run(slice_s: float) -> tuple[FakeOcrModel, list[tuple[str, Finished]]]:
+    """A runs alone; B (a prefill of 6 "layers") is admitted while A decodes."""
+    model = FakeOcrModel(name="a", min_answer=40, answer_span=1, prefill_layers=6, step_delay=0.002)
+    mgr = manager_for({"a": model}, max_running=4, prefill_slice_s=slice_s)
+
+    async def main():
+        a = mgr.submit(req("first page"))
+        first = await a.__anext__()  # A is running before B arrives
+        assert isinstance(first, TextDelta)
+        b = mgr.submit(req("second page", max_new_tokens=5))
+        return await asyncio.gather(collect(a, first.text), collect(b))
+
+    got = run(main())
+    run(mgr.shutdown())
+    assert model.live_caches == 0
+    return model, got
+
+
+def test_running_streams_decode_during_a_long_prefill():
+    ref = FakeOcrModel(name="a", min_answer=40, answer_span=1)
+    want = [generate(ref, ref.prepare(t, []), SamplingParams(), n) for t, n in (("first page", 256), ("second page", 5))]
+    # slice 0: a decode step for the running streams at every layer boundary of B's prefill
+    model, got = _long_prefill_run(0.0)
+    assert model.decodes_during_prefill >= 6
+    # nothing changes in the answers: A keeps its tokens, B's prefill is the same prefill
+    assert [(t, f.finish_reason) for t, f in got] == [(w.text, w.finish_reason) for w in want]
+    # a slice longer than any prefill: no decode step inside one (the bound of the previous engine)
+    model, got = _long_prefill_run(3600.0)
+    assert model.decodes_during_prefill == 0
+    assert [t for t, _ in got] == [w.text for w in want]
+
+
 # --- cancellation ---------------------------------------------------------------------------------
 
 

@@ -80,6 +80,7 @@ class ModelManager:
         max_queued: int = 32,
         queue_timeout_s: float = 300.0,
         failed_retry_s: float = 60.0,
+        prefill_slice_s: float = 0.25,
     ) -> None:
         self._ids = list(model_ids)
         self._loader = loader
@@ -94,6 +95,7 @@ class ModelManager:
             max_queued=max_queued,
             queue_timeout_s=queue_timeout_s,
             failed_retry_s=failed_retry_s,
+            prefill_slice_s=prefill_slice_s,
         )
 
     # --- queries -------------------------------------------------------------------------------

@@ -14,8 +14,12 @@ Admission and model choice (the rules the README documents):
 - ``max_running`` sequences decode together; at most ``max_queued`` requests wait for a slot (beyond:
   :class:`Overloaded`, HTTP 429 with ``Retry-After``); a request that waits longer than
   ``queue_timeout_s`` for its prefill to start gets :class:`QueueTimeout`.
-- At most one prefill runs between two decode steps, so a running stream waits at most one prefill
-  between two of its tokens, however many requests arrive.
+- One admission (prepare + vision + prefill) at a time. During it, the models call
+  ``models.base.progress()`` between layers; once the running streams have waited ``prefill_slice_s``
+  since their last token, the worker runs one decode step for them right there. So a running stream
+  waits at most ``prefill_slice_s`` plus one layer of the prefill (plus one preprocessing) between two
+  of its tokens, however long the page and however many requests arrive; the admitted request's own
+  prefill is delayed by at most one decode step per slice.
 - The oldest waiting request decides which model is wanted. Requests for the resident model are admitted
   in arrival order, except that a request that arrived after a still-waiting request for ANOTHER model is
   held back (unless it arrived before the resident model finished loading). When the oldest waiting
@@ -41,7 +45,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..models.base import InputError, OcrModel
+from ..models.base import InputError, OcrModel, progress_hook
 from . import metrics
 from .errors import BadRequest, EngineError, ModelUnavailable, Overloaded, QueueTimeout
 from .sequence import Sequence
@@ -154,15 +158,23 @@ class Scheduler:
         max_queued: int = 32,
         queue_timeout_s: float = 300.0,
         failed_retry_s: float = 60.0,
+        prefill_slice_s: float = 0.25,
     ) -> None:
-        if max_running < 1 or max_queued < 0 or queue_timeout_s <= 0:
-            raise ValueError("max_running >= 1, max_queued >= 0 and queue_timeout_s > 0 are required")
+        if max_running < 1 or max_queued < 0 or queue_timeout_s <= 0 or prefill_slice_s < 0:
+            raise ValueError(
+                "max_running >= 1, max_queued >= 0, queue_timeout_s > 0 and prefill_slice_s >= 0 are required"
+            )
         self.model_ids = list(model_ids)
         self._load = load
         self.max_running = max_running
         self.max_queued = max_queued
         self.queue_timeout_s = queue_timeout_s
         self.failed_retry_s = failed_retry_s
+        #: longest wait of the running streams for a decode step while a prefill runs (see module doc)
+        self.prefill_slice_s = prefill_slice_s
+        self._admitting = 0  # 1 while an admission runs (worker thread only)
+        self._last_step_end = 0.0  # perf_counter at the end of the last decode step
+        self._interleaved_s = 0.0  # decode time spent inside the current admission
         self._cond = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()  # guarded by _cond
         self._running: list[Running] = []  # worker thread only
@@ -378,11 +390,20 @@ class Scheduler:
             return
         model = self._model
         assert model is not None and self._resident == job.model_id
-        req = job.req
         metrics.QUEUE_WAIT.observe(time.monotonic() - job.t_submit)
+        self._admitting = 1
+        try:
+            self._admit_with(job, model)
+        finally:
+            self._admitting = 0
+            self._set_running(len(self._running))
+
+    def _admit_with(self, job: Job, model: OcrModel) -> None:
+        req = job.req
         self._set_running(len(self._running) + 1)
         seq: Sequence | None = None
         t0 = time.perf_counter()
+        self._interleaved_s = 0.0
         try:
             prepared = model.prepare(req.text, req.images, req.vision, req.system)
             room = model.max_context - prepared.num_prompt_tokens
@@ -391,7 +412,8 @@ class Scheduler:
                     f"the prompt is {prepared.num_prompt_tokens} tokens; the model's context is {model.max_context}"
                 )
             seq = Sequence(model, prepared, req.sampling, min(req.max_new_tokens, room), req.stop)
-            logits, seq.cache = model.prefill(prepared, seq.max_new_tokens)
+            with progress_hook(self._decode_during_prefill):
+                logits, seq.cache = model.prefill(prepared, seq.max_new_tokens)
         except InputError as exc:
             self._set_running(len(self._running))
             if seq is not None:
@@ -405,12 +427,21 @@ class Scheduler:
                 seq.release()
             job.send(EngineError(f"prefill failed: {type(exc).__name__}: {exc}"))
             return
-        metrics.PREFILL_SECONDS.observe(time.perf_counter() - t0)
+        metrics.PREFILL_SECONDS.observe(time.perf_counter() - t0 - self._interleaved_s)
         metrics.PROMPT_TOKENS.labels(model=job.model_id).inc(prepared.num_prompt_tokens)
         run = Running(job, seq, job.model_id)
         self._running.append(run)
         self._accept(run, logits, first=True)
         self._sweep()
+
+    def _decode_during_prefill(self) -> None:
+        """``progress()`` hook of an admission: one decode step for the running streams once they have
+        waited ``prefill_slice_s`` since their last one."""
+        if not self._running or time.perf_counter() - self._last_step_end < self.prefill_slice_s:
+            return
+        t0 = time.perf_counter()
+        self._step()
+        self._interleaved_s += time.perf_counter() - t0
 
     def _step(self) -> None:
         self._sweep()
@@ -435,6 +466,7 @@ class Scheduler:
         for row, run in zip(logits, batch, strict=True):
             self._accept(run, row, first=False)
         self._sweep()
+        self._last_step_end = time.perf_counter()
 
     def _accept(self, run: Running, logits: object, *, first: bool) -> None:
         job, seq = run.job, run.seq
@@ -470,7 +502,7 @@ class Scheduler:
             else:
                 keep.append(run)
         self._running = keep
-        self._set_running(len(keep))
+        self._set_running(len(keep) + self._admitting)
 
     def _fail_running(self, message: str) -> None:
         for run in self._running:

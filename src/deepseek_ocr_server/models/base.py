@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import abc
 import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -117,6 +120,33 @@ class SequenceCache(abc.ABC):
 
     def release(self) -> None:  # noqa: B027 - optional hook
         """Drop the buffers early (the engine calls this when a sequence leaves)."""
+
+
+_progress = threading.local()
+
+
+def progress() -> None:
+    """Called by the models between layers of vision and prefill (a few dozen times per page): lets the
+    engine run a decode step of the other sequences in the middle of a long prefill
+    (:func:`progress_hook`). Does nothing outside such a hook, or while the hook itself runs."""
+    fn = getattr(_progress, "fn", None)
+    if fn is not None:
+        _progress.fn = None  # not re-entered by what the hook runs
+        try:
+            fn()
+        finally:
+            _progress.fn = fn
+
+
+@contextmanager
+def progress_hook(fn: Callable[[], None]) -> Iterator[None]:
+    """Call ``fn`` at every :func:`progress` of this thread while the block runs."""
+    old = getattr(_progress, "fn", None)
+    _progress.fn = fn
+    try:
+        yield
+    finally:
+        _progress.fn = old
 
 
 class OcrModel(abc.ABC):

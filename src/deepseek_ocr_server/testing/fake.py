@@ -15,7 +15,9 @@ Used by the engine and API tests (and by anyone who needs a model that loads in 
 - Batched ``decode`` takes sequences of different lengths; each cache checks it is not overrun or used
   after ``release``; ``live_caches`` counts caches not yet released.
 - ``step_delay`` / ``prefill_delay`` (seconds) slow the model down; ``on_decode`` / ``on_prefill``
-  callbacks let tests block or observe the worker deterministically.
+  callbacks let tests block or observe the worker deterministically. ``prefill_layers`` > 0 makes a
+  prefill call ``models.base.progress()`` that many times, as the real models do between layers (the
+  delay split among them); ``decodes_during_prefill`` counts decode calls made in the middle of one.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from ..models.base import InputError, ModelFiles, OcrModel, Prepared, SequenceCache, VisionSettings
+from ..models.base import InputError, ModelFiles, OcrModel, Prepared, SequenceCache, VisionSettings, progress
 
 BOS = "<|bos|>"
 EOS = "<|eos|>"
@@ -112,6 +114,7 @@ class FakeOcrModel(OcrModel):
         prefill_delay: float = 0.0,
         on_decode: Callable[[FakeOcrModel, int], None] | None = None,
         on_prefill: Callable[[FakeOcrModel, Prepared], None] | None = None,
+        prefill_layers: int = 0,
     ) -> None:
         self.name = name
         self.salt = zlib.crc32(name.encode())  # two fakes with different names answer differently
@@ -128,6 +131,9 @@ class FakeOcrModel(OcrModel):
         self.prefill_delay = prefill_delay
         self.on_decode = on_decode
         self.on_prefill = on_prefill
+        self.prefill_layers = prefill_layers
+        self.in_prefill = False
+        self.decodes_during_prefill = 0
         self.quantized: str | None = None
         # observation counters (tests)
         self._lock = threading.Lock()
@@ -205,8 +211,15 @@ class FakeOcrModel(OcrModel):
     def prefill(self, prepared: Prepared, max_new_tokens: int) -> tuple[torch.Tensor, FakeCache]:
         if self.on_prefill is not None:
             self.on_prefill(self, prepared)
-        if self.prefill_delay:
-            time.sleep(self.prefill_delay)
+        self.in_prefill = True
+        try:
+            for _ in range(self.prefill_layers):
+                time.sleep(self.prefill_delay / self.prefill_layers)
+                progress()
+            if self.prefill_delay and not self.prefill_layers:
+                time.sleep(self.prefill_delay)
+        finally:
+            self.in_prefill = False
         n = prepared.num_prompt_tokens
         if n + max_new_tokens > self.max_context:
             raise InputError(f"prompt ({n}) + max_new_tokens ({max_new_tokens}) exceeds the context {self.max_context}")
@@ -224,6 +237,7 @@ class FakeOcrModel(OcrModel):
         with self._lock:
             self.decode_calls += 1
             self.batch_sizes.append(len(tokens))
+            self.decodes_during_prefill += self.in_prefill
         if self.on_decode is not None:
             self.on_decode(self, len(tokens))
         if self.step_delay:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import SequenceCache
+from ..base import SequenceCache, progress
 from .config import LanguageConfig
 
 
@@ -298,6 +298,7 @@ class DeepseekV2Decoder(nn.Module):
             a = layer.self_attn.forward_prefill(layer.input_layernorm(h), cos, sin, cache.k[i], cache.v[i], start)
             h = h + a
             h = h + layer.mlp(layer.post_attention_layernorm(h))
+            progress()
         cache.advance(t)
         return self.norm(h)
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..base import progress
 from .config import ClipConfig, SamConfig
 
 # Upper bound on the elements of one materialised rel-pos bias chunk in SAM global attention.
@@ -199,6 +200,7 @@ class SamEncoder(nn.Module):
         x = x + self.abs_pos(x.shape[1])
         for blk in self.blocks:
             x = blk(x)
+            progress()
         x = self.neck(x.permute(0, 3, 1, 2))
         return self.net_3(self.net_2(x))
 
@@ -296,6 +298,7 @@ class ClipVisionModel(nn.Module):
         x = self.pre_layrnorm(self.embeddings(sam_features))
         for layer in self.transformer.layers:
             x = layer(x)
+            progress()
         return x
 
 

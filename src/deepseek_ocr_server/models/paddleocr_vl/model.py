@@ -20,6 +20,7 @@ from ..base import (
     SequenceCache,
     VisionSettings,
     check_load_options,
+    progress,
 )
 from ..layers import pack_model, packed_count, weight_bytes
 from ..quant import quantize_linears_int8, skip_vision
@@ -279,6 +280,7 @@ class PaddleOcrVlModel(OcrModel):
         )
         for i, layer in enumerate(lm.layers):
             x = layer.prefill(x, cos, sin, cache, i)
+            progress()
         cache.advance(n)
         h = lm.norm(x[-1:])
         return self.net.lm_head(h).float()[0], cache

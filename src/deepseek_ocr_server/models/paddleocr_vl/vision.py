@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..base import progress
 from .attention import apply_rotary, tiled_attention
 from .config import PaddleOcrVlConfig, VisionConfig
 
@@ -143,6 +144,7 @@ class VisionTransformer(nn.Module):
         lengths = [gh * gw for t, gh, gw in grids for _ in range(t)]
         for layer in self.encoder.layers:
             x = layer(x, cos, sin, lengths)
+            progress()
         return self.post_layernorm(x)
 
 
