@@ -105,7 +105,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(path: Path, model: str, ckpt: Path, max_running: int, max_queued: int) -> None:
+def write_config(
+    path: Path, model: str, ckpt: Path, max_running: int, max_queued: int, prefill_slice: float | None = None
+) -> None:
     sys.path.insert(0, str(REPO / "src"))
     from deepseek_ocr_server.models.base import ModelFiles
 
@@ -121,7 +123,8 @@ def write_config(path: Path, model: str, ckpt: Path, max_running: int, max_queue
         "[server]\n"
         f"max_running = {max_running}\n"
         f"max_queued = {max_queued}\n"
-        "queue_timeout_s = 3600\n",
+        "queue_timeout_s = 3600\n"
+        + (f"prefill_slice_s = {prefill_slice}\n" if prefill_slice is not None else ""),
         encoding="utf-8",
     )
 
@@ -135,7 +138,7 @@ def peak_rss_mib(pid: int) -> float:
 
 def start_server(args: argparse.Namespace, tmp: Path, quantize: str | None) -> tuple[subprocess.Popen, str]:
     cfg = tmp / "config.toml"
-    write_config(cfg, args.model, args.ckpt, args.max_running, args.max_queued)
+    write_config(cfg, args.model, args.ckpt, args.max_running, args.max_queued, args.prefill_slice)
     port = free_port()
     cmd = [sys.executable, "-m", "deepseek_ocr_server", "--config", str(cfg), "--model", args.model,
            "--host", "127.0.0.1", "--port", str(port), "--cache-dir", str(tmp / "cache"),
@@ -294,6 +297,8 @@ def summarize(results: list[StreamResult], n: int, wall: float) -> dict:
     in_window = sum(sum(1 for t in r.chunk_times if lo < t <= hi) for r in results)
     steady = in_window / (hi - lo) if hi > lo and in_window >= 4 * n else float("nan")
     ttft = [(r.t_first or r.t_end) - r.t_send for r in results]
+    # the longest a started stream waited between two of its chunks (e.g. while others were prefilled)
+    gaps = [b - a for r in results for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False)]
     return {
         "clients": n,
         "tokens": sum(toks),
@@ -303,6 +308,7 @@ def summarize(results: list[StreamResult], n: int, wall: float) -> dict:
         "per_stream_tok_s": statistics.median(per_stream) if per_stream else float("nan"),
         "ttft_p50_s": pct(ttft, 0.5),
         "ttft_p95_s": pct(ttft, 0.95),
+        "max_gap_s": max(gaps, default=float("nan")),
         "wall_s": wall,
     }
 
@@ -509,8 +515,9 @@ def report(args: argparse.Namespace, rows: list[dict], bound: dict) -> None:
         return per_step if ok else bound["params_at"].get(n, bound["params"]) * bytes_per_param * n
 
     print("| clients | decode tok/s, all N in batch | range over runs | GB read per step | GB/s probe | bound at N | of bound | per-stream tok/s at N "
-          "| per-stream tok/s e2e | agg tok/s e2e | TTFT p50 s | TTFT p95 s | prefill s (mean) | peak RSS MiB | finish |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| per-stream tok/s e2e | agg tok/s e2e | TTFT p50 s | TTFT p95 s | max token gap s | prefill s (mean) | peak RSS MiB "
+          "| finish |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         b = bound_at(r["clients"])
         gb = r.get("weight_bytes_per_step_at_n", float("nan")) / 1e9
@@ -519,7 +526,7 @@ def report(args: argparse.Namespace, rows: list[dict], bound: dict) -> None:
               f"{r.get('bandwidth_gbs', bound['bandwidth_gbs']):.1f} | {b:.1f} | {r['decode_tok_s_at_n'] / b:.0%} | "
               f"{r['stream_tok_s_at_n']:.2f} | "
               f"{r['per_stream_tok_s']:.2f} | {r['agg_e2e_tok_s']:.2f} | {r['ttft_p50_s']:.2f} | "
-              f"{r['ttft_p95_s']:.2f} | {r['prefill_s_mean']:.2f} | {r['peak_rss_mib']:.0f} | {','.join(r['finish'])} |")
+              f"{r['ttft_p95_s']:.2f} | {r.get('max_gap_s', float('nan')):.2f} | {r['prefill_s_mean']:.2f} | {r['peak_rss_mib']:.0f} | {','.join(r['finish'])} |")
     print("(decode columns: the engine's own step timings for steps where all N streams were in the batch; "
           "GB read per step: weights the model reported reading per step at N (MoE: the experts some row "
           "selected); GB/s probe: read bandwidth measured right before that run; bound at N: N tokens per "
@@ -551,6 +558,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-running", type=int, default=16)
     p.add_argument("--max-queued", type=int, default=64)
+    p.add_argument("--prefill-slice", type=float, help="the server's prefill_slice_s (default: its own)")
     p.add_argument("--load-timeout", type=float, default=900)
     p.add_argument("--json", type=Path, help="also write all rows here")
     p.add_argument("--int8-check", action="store_true",

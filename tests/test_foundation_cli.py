@@ -40,6 +40,7 @@ FLAGS = {
     "--max-running": "8",
     "--max-queued": "32",
     "--queue-timeout": "300",
+    "--prefill-slice": "0.25",
     "--quantize": "none",
     "--cache-dir": "deepseek-ocr",
 }
@@ -101,6 +102,7 @@ def test_help_via_console_entry_point() -> None:
         (["--quantize", "int4"], "--quantize"),
         (["--max-running", "0"], "--max-running"),
         (["--queue-timeout", "0"], "--queue-timeout"),
+        (["--prefill-slice", "-1"], "--prefill-slice"),
         (["--allow-private-image-urls", "sure"], "--allow-private-image-urls"),
         (["--frobnicate"], "--frobnicate"),
         (["--model", "nope"], "--model"),

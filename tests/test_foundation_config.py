@@ -175,8 +175,10 @@ def test_layer_cli_over_everything(tmp_path: Path) -> None:
     path = write(
         tmp_path / "c.toml",
         "[inference]\nmax_new_tokens = 100\ntop_k = 5\n[models.entries.paddleocr-vl]\nmax_new_tokens = 200\n"
-        "[server]\nport = 9000\nhost = \"127.0.0.1\"\n",
+        "[server]\nport = 9000\nhost = \"127.0.0.1\"\nprefill_slice_s = 0.5\n",
     )
+    assert load_settings({}, path).server.prefill_slice_s == 0.5
+    assert load_settings({"prefill_slice": 0.0}, path).server.prefill_slice_s == 0.0
     s = load_settings({"max_new_tokens": 300, "top_k": None, "port": 9100, "queue_timeout": 5.0}, path)
     assert s.inference_for("paddleocr-vl").max_new_tokens == 300
     assert s.inference_for("deepseek-ocr").max_new_tokens == 300

@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"requests waiting for a slot before new ones get 429 (default: {_SRV.max_queued})")
     g.add_argument("--queue-timeout", metavar="SECONDS", type=_typed("queue_timeout_s", float),
                    help=f"longest wait in the queue before a 503 (default: {_SRV.queue_timeout_s:g})")
+    g.add_argument("--prefill-slice", metavar="SECONDS", type=_typed("prefill_slice_s", float),
+                   help="during a prefill, running streams get a decode step at least this often "
+                        f"(0: at every layer; large: none until the prefill ends) (default: {_SRV.prefill_slice_s:g})")
 
     g = p.add_argument_group("misc")
     g.add_argument("--log-level", metavar="LEVEL", type=str.upper,

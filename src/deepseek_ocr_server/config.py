@@ -141,6 +141,7 @@ class ServerSettings:
     max_running: int = 8
     max_queued: int = 32
     queue_timeout_s: float = 300.0
+    prefill_slice_s: float = 0.25
 
 
 SERVER_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerSettings))
@@ -361,6 +362,7 @@ _SPECS: dict[str, Any] = {
     "max_running": _int(1),
     "max_queued": _int(0),
     "queue_timeout_s": _float(0.0, lo_open=True),
+    "prefill_slice_s": _float(0.0),
 }
 assert set(_SPECS) == set(INFERENCE_KEYS) | set(SERVER_KEYS)
 
@@ -436,6 +438,7 @@ image_fetch_max_bytes = 20971520   # 20 MiB: largest encoded image (data: URL or
 max_running = 8                    # sequences decoded together
 max_queued = 32                    # waiting requests before 429
 queue_timeout_s = 300.0            # longest wait for a slot (503 after)
+prefill_slice_s = 0.25             # running streams get a decode step at least this often during a prefill
 """
 
 
@@ -467,7 +470,7 @@ def write_default_config(path: Path) -> bool:
 # --------------------------------------------------------------------------------------------------
 _ENTRY_KEYS = {"kind", "repo", "revision", "config", "tokenizer", "weights", "prompt"}
 _CLI_PATH_KEYS = {"weights": "weights", "tokenizer": "tokenizer", "model_config": "config"}
-_CLI_SERVER_RENAMES = {"queue_timeout": "queue_timeout_s"}
+_CLI_SERVER_RENAMES = {"queue_timeout": "queue_timeout_s", "prefill_slice": "prefill_slice_s"}
 
 
 class _FileErrors:

@@ -54,6 +54,7 @@ def build_app(settings: Settings):  # -> (FastAPI, ModelManager)
         max_running=srv.max_running,
         max_queued=srv.max_queued,
         queue_timeout_s=srv.queue_timeout_s,
+        prefill_slice_s=srv.prefill_slice_s,
     )
     app = create_app(manager, settings)
     return app, manager
