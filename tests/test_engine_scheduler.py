@@ -145,8 +145,10 @@ def test_one_prefill_between_decode_steps():
 
 
 def _long_prefill_run(slice_s: float) -> tuple[FakeOcrModel, list[tuple[str, Finished]]]:
-    """A runs alone; B (a prefill of 6 "layers") is admitted while A decodes."""
-    model = FakeOcrModel(name="a", min_answer=40, answer_span=1, prefill_layers=6, step_delay=0.002)
+    """A runs alone; B (a prefill of 6 "layers", 0.3 s in all) is admitted while A decodes."""
+    model = FakeOcrModel(
+        name="a", min_answer=40, answer_span=1, prefill_layers=6, prefill_delay=0.3, step_delay=0.002
+    )
     mgr = manager_for({"a": model}, max_running=4, prefill_slice_s=slice_s)
 
     async def main():
@@ -170,10 +172,16 @@ def test_running_streams_decode_during_a_long_prefill():
     assert model.decodes_during_prefill >= 6
     # nothing changes in the answers: A keeps its tokens, B's prefill is the same prefill
     assert [(t, f.finish_reason) for t, f in got] == [(w.text, w.finish_reason) for w in want]
-    # a slice longer than any prefill: no decode step inside one (the bound of the previous engine)
+    # a slice longer than any prefill: no decode step inside one (the bound of the previous engine);
+    # the step-gap histogram sees A wait the whole 0.3 s prefill
+    gaps0 = sample("ocr_decode_step_gap_seconds_count")
+    long0 = gaps0 - sample("ocr_decode_step_gap_seconds_bucket", le="0.25")
     model, got = _long_prefill_run(3600.0)
     assert model.decodes_during_prefill == 0
     assert [t for t, _ in got] == [w.text for w in want]
+    gaps = sample("ocr_decode_step_gap_seconds_count")
+    assert gaps >= gaps0 + 38  # A's steps after its first one (B's first step has no gap yet)
+    assert gaps - sample("ocr_decode_step_gap_seconds_bucket", le="0.25") >= long0 + 1
 
 
 # --- cancellation ---------------------------------------------------------------------------------

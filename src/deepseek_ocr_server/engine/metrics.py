@@ -48,6 +48,12 @@ DECODE_SECONDS = Counter(
     "ocr_decode_seconds_total", "Wall time spent in decode steps, by batch size (sequences per step)", ["batch"]
 )
 DECODE_STEPS = Counter("ocr_decode_steps_total", "Decode steps, by batch size", ["batch"])
+STEP_GAP = Histogram(
+    "ocr_decode_step_gap_seconds",
+    "Time the running sequences waited between two decode steps (a prefill admitted in between, "
+    "bounded by prefill_slice_s plus one layer): the engine's inter-token latency on top of a step",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40),
+)
 DECODE_WEIGHT_BYTES = Counter(
     "ocr_decode_weight_bytes_total",
     "Bytes of weights the decode steps read (dense layers once per step, MoE: the experts some row "

@@ -174,6 +174,7 @@ class Scheduler:
         self.prefill_slice_s = prefill_slice_s
         self._admitting = 0  # 1 while an admission runs (worker thread only)
         self._last_step_end = 0.0  # perf_counter at the end of the last decode step
+        self._gap_from: float | None = None  # same, while sequences were left running after it
         self._interleaved_s = 0.0  # decode time spent inside the current admission
         self._cond = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()  # guarded by _cond
@@ -446,12 +447,15 @@ class Scheduler:
     def _step(self) -> None:
         self._sweep()
         if not self._running:
+            self._gap_from = None
             return
         model = self._model
         assert model is not None
         batch = list(self._running)
         metrics.BATCH_SIZE.observe(len(batch))
         t0 = time.perf_counter()
+        if self._gap_from is not None:
+            metrics.STEP_GAP.observe(t0 - self._gap_from)
         try:
             logits = model.decode([r.seq.last_token for r in batch], [r.seq.cache for r in batch])  # type: ignore[misc]
         except Exception as exc:  # noqa: BLE001
@@ -467,6 +471,7 @@ class Scheduler:
             self._accept(run, row, first=False)
         self._sweep()
         self._last_step_end = time.perf_counter()
+        self._gap_from = self._last_step_end if self._running else None
 
     def _accept(self, run: Running, logits: object, *, first: bool) -> None:
         job, seq = run.job, run.seq
@@ -505,6 +510,7 @@ class Scheduler:
         self._set_running(len(keep) + self._admitting)
 
     def _fail_running(self, message: str) -> None:
+        self._gap_from = None
         for run in self._running:
             run.seq.release()
             if not run.job.done and not run.job.cancelled:
