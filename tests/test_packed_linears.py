@@ -237,3 +237,24 @@ def test_int8_of_a_packed_model_quantizes_each_projection(deepseek_ckpt):
     assert not any(isinstance(x, PackedRows) for x in m.net.modules())
     prep = m.prepare("Free OCR.", [], TINY)
     assert torch.equal(_steps(m, prep, 4)[1], _steps(ref, prep, 4)[1])
+
+
+def test_broken_onednn_ops_leave_plain_layers(monkeypatch, caplog):
+    """The packing ops are torch-internal: a build where they fail (or compute something else) keeps
+    plain nn.Linear layers, with a warning, instead of failing the load."""
+    import deepseek_ocr_server.models.layers as layers
+
+    def broken(*_a, **_k):
+        raise RuntimeError("no such op")
+
+    layers._packing_works.cache_clear()
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", broken)
+    try:
+        net = nn.Sequential(nn.Linear(8, 8))
+        assert not packing_supported("cpu", torch.float32)
+        assert pack_linears(net) == 0 and type(net[0]) is nn.Linear
+        assert "plain layers" in caplog.text
+    finally:
+        monkeypatch.undo()
+        layers._packing_works.cache_clear()
+    assert packing_supported("cpu", torch.float32) == torch.backends.mkldnn.is_available()

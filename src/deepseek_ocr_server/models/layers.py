@@ -18,26 +18,49 @@ bfloat16 support in oneDNN, float16 here) the layers stay plain ``nn.Linear`` (:
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-_linear_pointwise = torch.ops.mkldnn._linear_pointwise
+log = logging.getLogger(__name__)
 
 
 def packing_supported(device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether :class:`PackedLinear` runs ``dtype`` on ``device`` (CPU with oneDNN: float32 always,
-    bfloat16/float16 when oneDNN supports them on this CPU)."""
-    if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
+    bfloat16/float16 when oneDNN supports them on this CPU), checked once per dtype by a small self-test
+    (the ops are torch-internal: a torch build without them, or with other semantics, keeps plain layers)."""
+    if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
-    if dtype == torch.float32:
-        return True
-    if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if dtype == torch.float16:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    return False
+    return _packing_works(dtype)
+
+
+@functools.cache
+def _packing_works(dtype: torch.dtype) -> bool:
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        if dtype == torch.float16 and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+            return False
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(48, 64, generator=g).to(dtype)
+        b = torch.randn(48, generator=g).to(dtype)
+        x = torch.randn(3, 64, generator=g).to(dtype)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        with torch.inference_mode():
+            got = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "").float()
+        want = torch.nn.functional.linear(x.float(), w.float(), b.float())
+        ok = bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2)) and torch.equal(packed.to_dense(), w)
+    except Exception as exc:  # noqa: BLE001 - any failure means: keep plain layers
+        log.warning("oneDNN packed linear layers unavailable for %s (%s): using plain layers", dtype, exc)
+        return False
+    if not ok:
+        log.warning("oneDNN packed linear layers give wrong results for %s: using plain layers", dtype)
+    return ok
 
 
 class PackedLinear(nn.Module):
@@ -63,8 +86,10 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.dtype:
-            return _linear_pointwise(x.to(self.dtype), self.packed, self.bias, "none", [], "").to(x.dtype)
-        return _linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, self.bias, "none", [], "").to(
+                x.dtype
+            )
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as an ordinary (N, K) tensor (a copy)."""
