@@ -82,10 +82,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
     """One query position over a cache: q [Hkv, G, d], k/v [Hkv, L, d] -> [Hkv, G, d].
 
-    Plain matmul-softmax-matmul (fast at query length 1, unlike SDPA on CPU)."""
-    scores = torch.bmm(q * scale, k.transpose(1, 2)).float()
+    Plain matmul-softmax-matmul (fast at query length 1, unlike SDPA on CPU). ``scale=None``: ``q`` is
+    already scaled (a batched decode step scales every row's query at once)."""
+    scores = torch.bmm(q if scale is None else q * scale, k.transpose(1, 2)).float()
     p = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.bmm(p, v)

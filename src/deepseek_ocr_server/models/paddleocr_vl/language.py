@@ -133,15 +133,16 @@ class ErnieAttention(nn.Module):
         q, k, v = self._qkv(h, cos, sin)
         g = self.num_heads // self.num_kv
         outs = []
-        scale = self.head_dim**-0.5
+        assert caches[0].k is not None
+        # every row's query in the cache dtype and scaled at once (the same numbers as row by row)
+        qs = q.view(len(caches), self.num_kv, g, self.head_dim).to(caches[0].k.dtype) * self.head_dim**-0.5
         for b, cache in enumerate(caches):
             assert cache.k is not None and cache.v is not None
             pos = cache.length
             kc, vc = cache.k[layer], cache.v[layer]
             kc[:, pos] = k[b]
             vc[:, pos] = v[b]
-            qb = q[b].view(self.num_kv, g, self.head_dim).to(kc.dtype)
-            outs.append(decode_attention(qb, kc[:, : pos + 1], vc[:, : pos + 1], scale).reshape(-1))
+            outs.append(decode_attention(qs[b], kc[:, : pos + 1], vc[:, : pos + 1], None).reshape(-1))
         o = torch.stack(outs).to(h.dtype)
         return self.o_proj(o)
 
