@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from probe import measure_bandwidth_gbs
 
 DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32, "f16": torch.float16}
 # approximate peak RSS needs (GiB) to decide whether a dtype can run here
@@ -40,18 +41,6 @@ def ensure_checkpoint(cache: Path) -> Path:
         done.write_text("ok")
         print(f"  built in {time.perf_counter() - t:.0f} s", flush=True)
     return cache
-
-
-def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """DRAM read bandwidth (GB/s) of a reduction over a buffer much larger than the caches."""
-    x = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
-    x.sum()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t)
-    return x.numel() * 4 / min(times) / 1e9
 
 
 def params_per_token(cfg) -> int:
@@ -186,7 +175,7 @@ def main() -> None:
 
     ensure_checkpoint(args.cache_dir)
     cfg = DeepseekOcrConfig.from_file(args.cache_dir / "config.json")
-    bw = measure_bandwidth()
+    bw = measure_bandwidth_gbs(repeats=5)
     ppt = params_per_token(cfg)
     print(f"memory read bandwidth: {bw:.1f} GB/s; weights read per decode token: {ppt / 1e6:.0f} M params")
     results = []

@@ -19,11 +19,11 @@ Also prints the sum-probe bandwidth measured in the same run and each packed/pla
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from probe import measure_bandwidth_gbs
 
 from deepseek_ocr_server.models.layers import PackedLinear, packing_supported
 from deepseek_ocr_server.models.quant import Int8Linear
@@ -36,17 +36,6 @@ SHAPES = {
     "ds lm_head [129280,1280]": (129280, 1280),
 }
 POOL_BYTES = 320 * 2**20  # distinct bf16 weights per shape: far bigger than the caches
-
-
-def bandwidth_gbs() -> float:
-    a = torch.ones(256 * 2**20, dtype=torch.float32)
-    a.sum()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        a.sum()
-        times.append(time.perf_counter() - t0)
-    return a.numel() * 4 / statistics.median(times) / 1e9
 
 
 def rate(layers: list, x: torch.Tensor, nbytes: int, repeats: int = 3) -> float:
@@ -68,7 +57,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"# sum-probe read bandwidth: {bandwidth_gbs():.1f} GB/s ({args.threads} threads)")
+    print(f"# sum-probe read bandwidth: {measure_bandwidth_gbs(size_mb=256, repeats=5):.1f} GB/s ({args.threads} threads)")
     print("| layer | rows | plain bf16 | packed bf16 | f16 gemv | int8 | plain f32 | packed f32 | packed/plain bf16 |")
     print("|---|---|---|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from probe import measure_bandwidth_gbs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,21 +50,6 @@ NOT_DECODE = ("model.sam_model.", "model.vision_model.", "model.projector.", "mo
 
 
 # --- the bound -----------------------------------------------------------------------------------
-def measure_bandwidth_gbs(threads: int, size_mb: int = 1024, repeats: int = 7) -> float:
-    """Sustained DRAM read rate: median of sums over a buffer much larger than the caches."""
-    import torch
-
-    torch.set_num_threads(threads)
-    a = torch.ones(size_mb * 1024 * 1024 // 4, dtype=torch.float32)
-    a.sum()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a.sum()
-        times.append(time.perf_counter() - t0)
-    return a.numel() * 4 / statistics.median(times) / 1e9
-
-
 def _safetensors_headers(ckpt: Path) -> dict[str, dict]:
     index = sorted(ckpt.glob("*.safetensors.index.json"))
     files = sorted({ckpt / f for f in json.loads(index[0].read_text())["weight_map"].values()}) if index else sorted(
