@@ -237,16 +237,36 @@ def packed_count(module: nn.Module) -> int:
     return sum(1 for m in module.modules() if isinstance(m, PackedLinear))
 
 
-def pack_model(net: nn.Module, packed: bool = True) -> int:
+class PackedNet:
+    """Mixin for a model family whose torch modules live in ``self.net``: packing of its linear layers
+    (:func:`pack_model`) as a model-level switch, and what depends on how they are stored."""
+
+    net: nn.Module
+
+    @property
+    def packed_layers(self) -> int:
+        """Layers now running pre-packed (:func:`packed_count`; 0 with plain layers)."""
+        return packed_count(self.net)
+
+    def set_packed(self, packed: bool) -> None:
+        """Store the linear layers pre-packed for oneDNN, sibling projections fused (the default on CPU),
+        or as plain ``nn.Linear`` layers (tests compare both). Int8 layers and routers are left alone."""
+        pack_model(self.net, packed)
+        self._account_weights()
+
+    def _account_weights(self) -> None:
+        """Recompute what depends on how the layers are stored (the decode weight-byte accounting)."""
+
+
+def pack_model(net: nn.Module, packed: bool = True) -> None:
     """Pack (:func:`pack_linears`) and fuse (:func:`fuse_linears`) every linear layer of ``net``, or
-    undo both (``packed=False``). Returns :func:`packed_count`."""
+    undo both (``packed=False``)."""
     if packed:
         fuse_linears(net)  # first: straight from the plain weights (one transient copy per group)
         pack_linears(net)
     else:
         unfuse_linears(net)
         unpack_linears(net)
-    return packed_count(net)
 
 
 def release_freed_memory() -> None:

@@ -29,7 +29,7 @@ from ..base import (
     VisionSettings,
     check_load_options,
 )
-from ..layers import pack_model, packed_count, weight_bytes
+from ..layers import PackedNet, pack_model, weight_bytes
 from ..quant import quantize_linears_int8, skip_vision
 from ..weights import load_checkpoint
 from . import processor
@@ -79,7 +79,7 @@ class DeepseekOcrForCausalLM(nn.Module):
 # ---------------------------------------------------------------------------------- the protocol
 
 
-class DeepseekOcrModel(OcrModel):
+class DeepseekOcrModel(PackedNet, OcrModel):
     kind: ClassVar[str] = "deepseek-ocr"
 
     def __init__(
@@ -106,8 +106,6 @@ class DeepseekOcrModel(OcrModel):
         #: KV cache dtype: float32 on CPU (exact for the values written; fast decode attention, see
         #: ``language.Attention.forward_decode``), the model dtype elsewhere
         self.cache_dtype = torch.float32 if device.type == "cpu" else dtype
-        #: number of linear layers stored pre-packed for oneDNN (``layers.PackedLinear``), see set_packed
-        self.packed_layers = packed_count(net)
         self._account_weights()
         self.rope = Rope(cfg.language.head_dim, cfg.language.rope_theta, self.max_context, dtype, device)
 
@@ -153,12 +151,6 @@ class DeepseekOcrModel(OcrModel):
             quantize_linears_int8(net, skip=skip_vision)
         pack_model(net)  # every remaining nn.Linear packed (and siblings fused) where oneDNN runs the dtype
         return cls(cfg, net, tokenizer, dev, dtype, frozenset(int(x) for x in eos), int(image_id))
-
-    def set_packed(self, packed: bool) -> None:
-        """Store the linear layers pre-packed for oneDNN, sibling projections fused (the default on CPU,
-        ``layers.pack_model``), or as plain ``nn.Linear`` layers (tests compare both). Routers and int8 layers are left alone."""
-        self.packed_layers = pack_model(self.net, packed)
-        self._account_weights()
 
     def _account_weights(self) -> None:
         """Bytes a decode step reads: every decoder linear and lm_head once, plus one routed expert's

@@ -22,7 +22,7 @@ from ..base import (
     check_load_options,
     progress,
 )
-from ..layers import pack_model, packed_count, weight_bytes
+from ..layers import PackedNet, pack_model, weight_bytes
 from ..quant import quantize_linears_int8, skip_vision
 from ..weights import load_checkpoint
 from .config import PaddleOcrVlConfig
@@ -78,7 +78,7 @@ def _special_token(cfg: dict[str, Any] | None, name: str) -> str | None:
     return v if isinstance(v, str) else None
 
 
-class PaddleOcrVlModel(OcrModel):
+class PaddleOcrVlModel(PackedNet, OcrModel):
     kind: ClassVar[str] = "paddleocr-vl"
 
     def __init__(
@@ -104,15 +104,10 @@ class PaddleOcrVlModel(OcrModel):
         self.dtype = dtype
         self.max_context = config.max_position_embeddings
         self.cache_dtype = torch.float32 if device.type == "cpu" else dtype
-        #: number of linear layers stored pre-packed for oneDNN (``layers.PackedLinear``), see set_packed
-        self.packed_layers = packed_count(net)
-        #: every decode step reads the decoder linears and lm_head once (``OcrModel.last_decode_weight_bytes``)
-        self.decode_weight_bytes = weight_bytes(net.model.layers) + weight_bytes(net.lm_head)
+        self._account_weights()
 
-    def set_packed(self, packed: bool) -> None:
-        """Store the linear layers pre-packed for oneDNN, sibling projections fused (the default on CPU,
-        ``layers.pack_model``), or as plain ``nn.Linear`` layers (tests compare both). Int8 layers are left alone."""
-        self.packed_layers = pack_model(self.net, packed)
+    def _account_weights(self) -> None:
+        """Every decode step reads the decoder linears and lm_head once (``last_decode_weight_bytes``)."""
         self.decode_weight_bytes = weight_bytes(self.net.model.layers) + weight_bytes(self.net.lm_head)
 
     # ------------------------------------------------------------------------------------ loading
