@@ -95,6 +95,10 @@ class PackedLinear(nn.Module):
         """The weight as an ordinary (N, K) tensor (a copy)."""
         return self.packed.to_dense()
 
+    def weight_nbytes(self) -> int:
+        """Bytes of the stored weight (:func:`weight_bytes`)."""
+        return self.in_features * self.out_features * self.packed.element_size()
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 (torch's signature)
         if not self.persistent:
             return
@@ -220,15 +224,14 @@ def unpack_linears(module: nn.Module) -> int:
 
 def weight_bytes(module: nn.Module) -> int:
     """Bytes of the linear weights under ``module`` as stored: plain, packed (a fused layer once, its
-    views not again) and int8 (values + scales) layers; biases and other parameters not counted."""
+    views not again) and int8 (values + scales) layers, each special kind by its ``weight_nbytes()``;
+    biases and other parameters not counted."""
     n = 0
     for m in module.modules():
         if type(m) is nn.Linear:
             n += m.weight.numel() * m.weight.element_size()
-        elif type(m) is PackedLinear:
-            n += m.in_features * m.out_features * m.packed.element_size()
-        elif hasattr(m, "scales") and isinstance(getattr(m, "weight", None), torch.Tensor):  # quant.Int8Linear
-            n += m.weight.numel() * m.weight.element_size() + m.scales.numel() * m.scales.element_size()
+        elif callable(nbytes := getattr(m, "weight_nbytes", None)):  # PackedLinear, quant.Int8Linear
+            n += nbytes()
     return n
 
 
@@ -291,11 +294,12 @@ def replace_linears(
     shared by several parents stays shared. Returns the number of layers converted."""
     # Only names are collected first: each old layer is dropped as soon as it is replaced, so the peak
     # memory is the model plus ONE layer, not the model twice.
+    sources = source if isinstance(source, tuple) else (source,)
     targets: list[tuple[nn.Module, str]] = []
     seen: dict[int, int] = {}
     for name, mod in module.named_modules():
         for child_name, child in mod._modules.items():  # not named_children(): it hides shared modules
-            if type(child) not in (source if isinstance(source, tuple) else (source,)):
+            if type(child) not in sources:
                 continue
             full = f"{name}.{child_name}" if name else child_name
             if skip is not None and skip(full, child):

@@ -95,6 +95,10 @@ class Int8Linear(nn.Module):
                 y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
+    def weight_nbytes(self) -> int:
+        """Bytes of int8 weights + float32 scales (``layers.weight_bytes``)."""
+        return self.weight.numel() * self.weight.element_size() + self.scales.numel() * self.scales.element_size()
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
 
@@ -125,8 +129,4 @@ def quantize_linears_int8(
 
 def int8_weight_bytes(module: nn.Module) -> int:
     """Bytes of int8 weights + scales held by the quantized layers of ``module``."""
-    n = 0
-    for mod in module.modules():
-        if isinstance(mod, Int8Linear):
-            n += mod.weight.numel() + mod.scales.numel() * 4
-    return n
+    return sum(mod.weight_nbytes() for mod in module.modules() if isinstance(mod, Int8Linear))
