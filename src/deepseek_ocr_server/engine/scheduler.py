@@ -173,8 +173,8 @@ class Scheduler:
         #: longest wait of the running streams for a decode step while a prefill runs (see module doc)
         self.prefill_slice_s = prefill_slice_s
         self._admitting = 0  # 1 while an admission runs (worker thread only)
-        self._last_step_end = 0.0  # perf_counter at the end of the last decode step
-        self._gap_from: float | None = None  # same, while sequences were left running after it
+        #: perf_counter at the end of the last decode step, while sequences were left running after it
+        self._gap_from: float | None = None
         self._interleaved_s = 0.0  # decode time spent inside the current admission
         self._cond = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()  # guarded by _cond
@@ -438,7 +438,7 @@ class Scheduler:
     def _decode_during_prefill(self) -> None:
         """``progress()`` hook of an admission: one decode step for the running streams once they have
         waited ``prefill_slice_s`` since their last one."""
-        if not self._running or time.perf_counter() - self._last_step_end < self.prefill_slice_s:
+        if self._gap_from is None or time.perf_counter() - self._gap_from < self.prefill_slice_s:
             return
         t0 = time.perf_counter()
         self._step()
@@ -470,8 +470,7 @@ class Scheduler:
         for row, run in zip(logits, batch, strict=True):
             self._accept(run, row, first=False)
         self._sweep()
-        self._last_step_end = time.perf_counter()
-        self._gap_from = self._last_step_end if self._running else None
+        self._gap_from = time.perf_counter() if self._running else None
 
     def _accept(self, run: Running, logits: object, *, first: bool) -> None:
         job, seq = run.job, run.seq
