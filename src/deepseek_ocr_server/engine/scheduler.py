@@ -415,15 +415,13 @@ class Scheduler:
             seq = Sequence(model, prepared, req.sampling, min(req.max_new_tokens, room), req.stop)
             with progress_hook(self._decode_during_prefill):
                 logits, seq.cache = model.prefill(prepared, seq.max_new_tokens)
-        except InputError as exc:
-            self._set_running(len(self._running))
+        except InputError as exc:  # (the running count is restored by _admit)
             if seq is not None:
                 seq.release()
             job.send(BadRequest(str(exc)))
             return
         except Exception as exc:  # noqa: BLE001
             log.exception("prefill failed for request %s", job.id)
-            self._set_running(len(self._running))
             if seq is not None:
                 seq.release()
             job.send(EngineError(f"prefill failed: {type(exc).__name__}: {exc}"))
@@ -465,7 +463,7 @@ class Scheduler:
         label = str(len(batch))
         metrics.DECODE_SECONDS.labels(batch=label).inc(time.perf_counter() - t0)
         metrics.DECODE_STEPS.labels(batch=label).inc()
-        if read := getattr(model, "last_decode_weight_bytes", 0):
+        if read := model.last_decode_weight_bytes:
             metrics.DECODE_WEIGHT_BYTES.labels(batch=label).inc(read)
         for row, run in zip(logits, batch, strict=True):
             self._accept(run, row, first=False)
