@@ -576,19 +576,13 @@ def parse_config(text: str, path: Path) -> dict[str, Any]:
         entries[mid] = ModelEntry(**kw)
     out["entries"] = entries
 
-    inference: dict[str, Any] = {}
-    for key, v in _table(ctx, data, "inference", "").items():
-        if key not in INFERENCE_KEYS:
-            raise _unknown(ctx, "inference.", key, INFERENCE_KEYS)
-        inference[key] = _check(ctx, "inference.", key, v)
-    out["inference"] = inference
-
-    server: dict[str, Any] = {}
-    for key, v in _table(ctx, data, "server", "").items():
-        if key not in SERVER_KEYS:
-            raise _unknown(ctx, "server.", key, SERVER_KEYS)
-        server[key] = _check(ctx, "server.", key, v)
-    out["server"] = server
+    for name, keys in (("inference", INFERENCE_KEYS), ("server", SERVER_KEYS)):
+        checked: dict[str, Any] = {}
+        for key, v in _table(ctx, data, name, "").items():
+            if key not in keys:
+                raise _unknown(ctx, f"{name}.", key, keys)
+            checked[key] = _check(ctx, f"{name}.", key, v)
+        out[name] = checked
     return out
 
 
