@@ -18,11 +18,14 @@ from pathlib import Path
 
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
-#: the official DeepSeek-OCR PDF script renders at 144 DPI; a request or the config can change it
-DEFAULT_DPI = 144
-DPI_RANGE = (36, 600)
-DEFAULT_MAX_PAGES = 100
-DEFAULT_MAX_PIXELS = 64_000_000
+from ..config import PDF_DPI_RANGE as DPI_RANGE
+from ..config import ServerSettings
+
+#: the official DeepSeek-OCR PDF script renders at 144 DPI; the config (``[server] pdf_dpi``, ``max_pages``,
+#: ``max_image_pixels``) and a request can change these
+DEFAULT_DPI: int = ServerSettings.pdf_dpi
+DEFAULT_MAX_PAGES: int = ServerSettings.max_pages
+DEFAULT_MAX_PIXELS: int = ServerSettings.max_image_pixels
 
 # pdfium is not thread-safe: one call into it at a time, whichever request asks
 _PDFIUM_LOCK = threading.Lock()
