@@ -56,8 +56,9 @@ def test_several_boxes_labels_with_spaces_and_locate_answers() -> None:
         ("the red car", (500, 500, 999, 999)),
     ]
     # figures with several boxes get one link each
-    fig = GROUNDING.process("<|ref|>image<|/ref|><|det|>[[0,0,10,10],[20,20,30,30]]<|/det|>", 999, 999,
-                            lambda box: f"f{box[0]}")
+    fig = GROUNDING.process(
+        "<|ref|>image<|/ref|><|det|>[[0,0,10,10],[20,20,30,30]]<|/det|>", 999, 999, lambda box: f"f{box[0]}"
+    )
     assert fig.markdown == "![](f0)\n![](f20)"
 
 
@@ -114,28 +115,30 @@ TABLE = (
 
 def test_otsl_tables_with_merged_cells_become_html() -> None:
     assert otsl_to_html(TABLE) == (
-        "<table><tr><th colspan=\"2\">Name</th><th>Score</th></tr>"
+        '<table><tr><th colspan="2">Name</th><th>Score</th></tr>'
         "<tr><td>first</td><td>last</td><td>$x^2$</td></tr>"
-        "<tr><td rowspan=\"2\">A</td><td>B</td><td>1</td></tr>"
+        '<tr><td rowspan="2">A</td><td>B</td><td>1</td></tr>'
         "<tr><td>C</td><td>2</td></tr></table>"
     )
     # a 2-D span: lcel to the right, ucel below, xcel in the corner
     assert otsl_to_html("<fcel>big<lcel><fcel>r<nl><ucel><xcel><ecel><nl><fcel>a<fcel>b<fcel>c<nl>") == (
-        "<table><tr><td colspan=\"2\" rowspan=\"2\">big</td><td>r</td></tr><tr><td></td></tr>"
+        '<table><tr><td colspan="2" rowspan="2">big</td><td>r</td></tr><tr><td></td></tr>'
         "<tr><td>a</td><td>b</td><td>c</td></tr></table>"
     )
     # malformed: a merge tag with nothing to merge into is an empty cell (which the ucel below then
     # joins), a short row is padded, text is escaped
     assert otsl_to_html("<lcel>x<fcel>a<b<nl><ucel><nl>") == (
-        "<table><tr><td rowspan=\"2\"></td><td>a&lt;b</td></tr><tr><td></td></tr></table>"
+        '<table><tr><td rowspan="2"></td><td>a&lt;b</td></tr><tr><td></td></tr></table>'
     )
     content = OTSL.process("Table 2\n" + TABLE, 500, 400)
-    assert content.markdown.startswith("Table 2\n\n<table><tr><th colspan=\"2\">")
+    assert content.markdown.startswith('Table 2\n\n<table><tr><th colspan="2">')
     assert [(b.type, b.bbox) for b in content.blocks] == [("table", None)]
 
 
 def test_paddle_formulas_and_plain_text() -> None:
-    content = OTSL.process("Energy \\( E = mc^2 \\) and\n\\[ \\int_0^1 x\\,dx \\]\nkeep \\\\[2pt] as is", 10, 10)
+    content = OTSL.process(
+        "Energy \\( E = mc^2 \\) and\n\\[ \\int_0^1 x\\,dx \\]\nkeep \\\\[2pt] as is", 10, 10
+    )
     assert content.markdown == "Energy $E = mc^2$ and\n$$\\int_0^1 x\\,dx$$\nkeep \\\\[2pt] as is"
     assert [(b.type, b.bbox) for b in content.blocks] == [("text", None)]
 
@@ -149,8 +152,14 @@ def test_unknown_kinds_pass_text_through_and_families_can_share_a_processor() ->
 
 RECORDED = [
     (GROUNDING, PAGE),
-    (GROUNDING, "<|ref|>text<|/ref|><|det|>[[1,2,3,4]]\n1. First \\coloneq \\coloneqq<|ref|>x<|/ref|><|det|>[[1,2"),
-    (GROUNDING, "a<|/det|>b<|ref|>this is\nbody<|ref|>image<|/ref|><|det|>[[0,0,500,500]]<|/det|>\n\n\n\nend\n\n"),
+    (
+        GROUNDING,
+        "<|ref|>text<|/ref|><|det|>[[1,2,3,4]]\n1. First \\coloneq \\coloneqq<|ref|>x<|/ref|><|det|>[[1,2",
+    ),
+    (
+        GROUNDING,
+        "a<|/det|>b<|ref|>this is\nbody<|ref|>image<|/ref|><|det|>[[0,0,500,500]]<|/det|>\n\n\n\nend\n\n",
+    ),
     (OTSL, "Table 2\n" + TABLE),
     (OTSL, "Energy \\( E = mc^2 \\) and\n\\[ \\int_0^1 x\\,dx \\]\nkeep \\\\[2pt] \\(open"),
 ]
@@ -161,7 +170,7 @@ def test_streaming_cleaner_emits_exactly_the_clean_markdown(pp, text: str) -> No
     whole = pp.process(text, W, H, lambda box: f"fig{box}").markdown
     for step in (1, 2, 3, 7, 50):
         cleaner = StreamCleaner(pp, W, H, lambda box: f"fig{box}")
-        out = "".join(cleaner.feed(text[i:i + step]) for i in range(0, len(text), step))
+        out = "".join(cleaner.feed(text[i : i + step]) for i in range(0, len(text), step))
         tail, content = cleaner.finish()
         assert out + tail == whole == content.markdown, step
     # the tags never reach the client, not even in part
@@ -172,8 +181,11 @@ def test_streaming_cleaner_emits_exactly_the_clean_markdown(pp, text: str) -> No
 
 def test_layout_picture_has_the_boxes_drawn() -> None:
     page = Image.new("RGB", (400, 300), (255, 255, 255))
-    blocks = [Block("title", (20, 40, 380, 80), None, "T"), Block("image", (50, 120, 350, 280), None, ""),
-              Block("text", None, None, "not located")]
+    blocks = [
+        Block("title", (20, 40, 380, 80), None, "T"),
+        Block("image", (50, 120, 350, 280), None, ""),
+        Block("text", None, None, "not located"),
+    ]
     out = draw_layout(page, blocks)
     assert out.size == page.size and out.mode == "RGB"
     assert out.getpixel((200, 40)) != (255, 255, 255)  # the title box's top edge

@@ -99,12 +99,17 @@ def decode_file_data(value: str, opts: ApiOptions, param: str) -> bytes:
     if value[:5].lower() == "data:":
         head, sep, payload = value.partition(",")
         if not sep or "base64" not in [m.strip().lower() for m in head[5:].split(";")[1:]]:
-            raise ApiError("file_data data: URLs must be base64-encoded (data:application/pdf;base64,...)",
-                           param=param, code="invalid_file")
+            raise ApiError(
+                "file_data data: URLs must be base64-encoded (data:application/pdf;base64,...)",
+                param=param,
+                code="invalid_file",
+            )
         value = urllib.parse.unquote(payload)
     payload = "".join(value.split())
     if len(payload) > (opts.max_image_bytes * 4) // 3 + 4:
-        raise ApiError(f"the file is larger than {opts.max_image_bytes} bytes", param=param, code="file_too_large")
+        raise ApiError(
+            f"the file is larger than {opts.max_image_bytes} bytes", param=param, code="file_too_large"
+        )
     try:
         data = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
     except (binascii.Error, ValueError):
@@ -156,21 +161,34 @@ async def load_inputs(conv: Conversation, opts: ApiOptions, body: DecodeFields) 
     docs += [(raw, ref.param) for raw, ref, n in zip(images_raw, conv.images, frames, strict=True) if n != 1]
     if not docs:
         if body.pages is not None:
-            raise ApiError("'pages' selects pages of a document (a PDF or multi-page TIFF file part)",
-                           param="pages", code="invalid_value")
+            raise ApiError(
+                "'pages' selects pages of a document (a PDF or multi-page TIFF file part)",
+                param="pages",
+                code="invalid_value",
+            )
         decoded = await asyncio.gather(
-            *(asyncio.to_thread(decode_image, raw, opts, ref.param) for raw, ref in zip(images_raw, conv.images,
-                                                                                        strict=True))
+            *(
+                asyncio.to_thread(decode_image, raw, opts, ref.param)
+                for raw, ref in zip(images_raw, conv.images, strict=True)
+            )
         )
         return Inputs(list(decoded))
     if len(docs) > 1 or len(conv.images) + len(conv.files) > 1:
-        raise ApiError("send one document per request (a file part, or a multi-page image), without other "
-                       "images", param=docs[-1][1], code="too_many_documents")
+        raise ApiError(
+            "send one document per request (a file part, or a multi-page image), without other images",
+            param=docs[-1][1],
+            code="too_many_documents",
+        )
     raw, param = docs[0]
     dpi = body.dpi if body.dpi is not None else opts.pdf_dpi
     try:
         pages = await asyncio.to_thread(
-            load_pages, raw, dpi=dpi, pages=body.pages, max_pages=opts.max_pages, max_pixels=opts.max_image_pixels
+            load_pages,
+            raw,
+            dpi=dpi,
+            pages=body.pages,
+            max_pages=opts.max_pages,
+            max_pixels=opts.max_image_pixels,
         )
     except DocumentError as exc:
         raise document_error(exc, "pages" if exc.code == "invalid_pages" else param) from None
@@ -204,7 +222,10 @@ async def _events(
                     page = result.pages[0]
                     text = page.raw if raw else page.markdown
                 yield DocumentFinished(
-                    result.finish_reason, result.prompt_tokens, result.completion_tokens, text,
+                    result.finish_reason,
+                    result.prompt_tokens,
+                    result.completion_tokens,
+                    text,
                     document=result.to_dict() if include else None,
                 )
                 return
@@ -234,8 +255,12 @@ async def start_ocr(
         jobs, document = page_jobs(req.pages, req.template), True
     else:
         jobs, document = [PageJob(1, req.images[0], req)], False
-    it = _events(run_jobs(manager, jobs, kind, options, model_id=model_id), document=document, options=options,
-                 include=include)
+    it = _events(
+        run_jobs(manager, jobs, kind, options, model_id=model_id),
+        document=document,
+        options=options,
+        include=include,
+    )
     try:
         first = await it.__anext__()
     except StopAsyncIteration:

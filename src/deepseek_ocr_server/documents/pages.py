@@ -148,7 +148,10 @@ def pdf_pages(
                     raise DocumentError(f"page {number} of the PDF cannot be read ({exc})") from None
                 try:
                     w_pt, h_pt = page.get_size()
-                    w, h = math.ceil(w_pt * scale - 1e-6), math.ceil(h_pt * scale - 1e-6)  # as pdfium sizes it
+                    w, h = (
+                        math.ceil(w_pt * scale - 1e-6),
+                        math.ceil(h_pt * scale - 1e-6),
+                    )  # as pdfium sizes it
                     if w < 1 or h < 1:
                         raise DocumentError(f"page {number} of the PDF has no area")
                     if w * h > max_pixels:
