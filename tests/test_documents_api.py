@@ -280,3 +280,19 @@ def test_real_models_two_page_pdf_through_both_apis_raw_equals_page_images(
         assert [p["markdown"] for p in doc["pages"]] == clean, model
         assert split_pages(resp.output_text, [1, 2]) == clean
         assert resp.usage.output_tokens == chat_out.usage.completion_tokens
+
+
+def test_open_webui_external_extraction_endpoint(api_server: RunningServer, strict_server: RunningServer) -> None:
+    r = httpx.put(api_server.base_url + "/process", content=PDF,
+                  headers={"Content-Type": "application/pdf", "X-Filename": "my%20doc.pdf"}, timeout=120)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    prompt = api_server.settings.default_prompt("fake-a")
+    assert split_pages(out["page_content"], [1, 2, 3]) == [expected_answer("fake-a", prompt, [p.image]) for p in PAGES]
+    assert out["metadata"]["source"] == "my doc.pdf" and out["metadata"]["pages"] == 3
+    r = httpx.put(api_server.base_url + "/process?model=fake-b", content=PDF, timeout=120)
+    assert r.json()["metadata"]["model"] == "fake-b"
+    bad = httpx.put(api_server.base_url + "/process", content=encrypted_pdf(), timeout=120)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "document_encrypted"
+    # the API key guards it like /v1
+    assert httpx.put(strict_server.base_url + "/process", content=PDF, timeout=120).status_code == 401

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+import urllib.parse
 import uuid
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -25,14 +26,14 @@ from ..engine import metrics
 from ..engine.manager import ModelManager
 from ..engine.types import Finished
 from . import chat, responses, sse
-from .documents import model_kind, output_options, start_ocr
+from .documents import extract_for_open_webui, model_kind, output_options, start_ocr
 from .errors import ApiError, error_body, install_exception_handlers
 from .messages import collapse_chat, collapse_responses
 from .options import ApiOptions
 from .schemas import ChatCompletionRequest, ResponsesRequest, parse_body
 from .service import Generation, build_request, check_model
 
-_ENDPOINTS = {"/v1/models", "/v1/chat/completions", "/v1/responses", "/health", "/metrics"}
+_ENDPOINTS = {"/v1/models", "/v1/chat/completions", "/v1/responses", "/health", "/metrics", "/process"}
 _STARTED = int(time.time())
 T = TypeVar("T")
 
@@ -250,4 +251,19 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
         return JSONResponse(sse.dump(rb.final(text, fin)))
 
     app.include_router(v1)
+
+    @app.put("/process", dependencies=[Depends(_auth_dependency(opts))])
+    async def open_webui_extract(request: Request) -> Response:
+        """Open WebUI's "External" content extraction engine (Documents settings): the raw document in the
+        body, ``X-Filename`` naming it; answers ``{"page_content", "metadata"}``. ``?model=ID`` picks the
+        model (default: the configured active model)."""
+        model_id = request.query_params.get("model") or getattr(settings, "active", None) or manager.model_ids()[0]
+        check_model(manager, model_id)
+        filename = urllib.parse.unquote(request.headers.get("x-filename", "")) or None
+        data = await request.body()
+        out = await _unless_disconnected(
+            request, extract_for_open_webui(manager, settings, opts, data, filename, model_id)
+        )
+        return JSONResponse(out)
+
     return app

@@ -274,3 +274,64 @@ async def start_ocr(
         await it.aclose()
         raise ApiError(first.message, status=first.status, type=first.type)
     return Generation(first, it)
+
+
+# ------------------------------------------------------------------------------------------------
+# Open WebUI's "External" document extraction engine: PUT /process
+
+
+async def extract_for_open_webui(
+    manager: ModelManager, settings: Any, opts: ApiOptions, data: bytes, filename: str | None, model_id: str
+) -> dict[str, Any]:
+    """A document (the raw request body) -> ``{"page_content": markdown, "metadata": {...}}``, the answer
+    Open WebUI's external extraction engine expects. Figures are left out of the markdown (their data URLs
+    would only add noise to the retrieval index); pages are marked with ``<!-- page N -->``."""
+    from .resolve import default_prompt
+
+    if not data:
+        raise ApiError("the request body is empty: send the document's bytes", code="invalid_file")
+    try:
+        pages = await asyncio.to_thread(
+            load_pages, data, dpi=opts.pdf_dpi, max_pages=opts.max_pages, max_pixels=opts.max_image_pixels
+        )
+    except DocumentError as exc:
+        raise document_error(exc, None) from None
+    inference = (
+        settings.inference_for(model_id) if callable(getattr(settings, "inference_for", None)) else None
+    )
+    template = OcrRequest(
+        model_id=model_id,
+        text=default_prompt(settings, model_id),
+        images=[],
+        **(
+            {
+                "vision": inference.vision(),
+                "sampling": inference.sampling(),
+                "max_new_tokens": inference.max_new_tokens,
+            }
+            if inference is not None
+            else {}
+        ),
+    )
+    options = DocumentOptions(figures=lambda *_: None)
+    result: DocumentResult | None = None
+    try:
+        async for ev in run_jobs(
+            manager, page_jobs(pages, template), model_kind(settings, model_id), options, model_id=model_id
+        ):
+            if isinstance(ev, DocumentDone):
+                result = ev.result
+    except Exception as exc:  # noqa: BLE001 - mapped to the client's error
+        raise as_api_error(exc) from None
+    assert result is not None
+    return {
+        "page_content": result.joined(),
+        "metadata": {
+            "source": filename or "document",
+            "model": model_id,
+            "pages": len(result.pages),
+            "finish_reason": result.finish_reason,
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+        },
+    }
