@@ -46,7 +46,9 @@ def make_pdf(pages: int, size_pt: tuple[int, int]) -> bytes:
         d = ImageDraw.Draw(img)
         d.text((12, 10), f"Report page {i + 1}", fill=(0, 0, 0))
         for line in range(2, size_pt[1] // 14):
-            d.text((12, 10 + 14 * line), f"{line:02d} lorem ipsum dolor sit amet {i * 31 + line}", fill=(0, 0, 0))
+            d.text(
+                (12, 10 + 14 * line), f"{line:02d} lorem ipsum dolor sit amet {i * 31 + line}", fill=(0, 0, 0)
+            )
         imgs.append(img)
     buf = io.BytesIO()
     imgs[0].save(buf, "PDF", save_all=True, append_images=imgs[1:], resolution=72.0)
@@ -55,8 +57,13 @@ def make_pdf(pages: int, size_pt: tuple[int, int]) -> bytes:
 
 def chat_stream(base: str, content: list[dict], args: argparse.Namespace) -> tuple[float, float, str]:
     """(seconds to the first SSE chunk, seconds to the end, text)."""
-    body = {"model": args.model, "stream": True, "max_tokens": args.max_tokens, "output_format": "raw",
-            "messages": [{"role": "user", "content": content}]}
+    body = {
+        "model": args.model,
+        "stream": True,
+        "max_tokens": args.max_tokens,
+        "output_format": "raw",
+        "messages": [{"role": "user", "content": content}],
+    }
     t0 = time.perf_counter()
     first = None
     parts: list[str] = []
@@ -77,13 +84,16 @@ def chat_stream(base: str, content: list[dict], args: argparse.Namespace) -> tup
     return first or float("nan"), time.perf_counter() - t0, "".join(parts)
 
 
-def run_round(base: str, pdf: bytes, page_urls: list[str], args: argparse.Namespace, order: list[str]) -> dict:
+def run_round(
+    base: str, pdf: bytes, page_urls: list[str], args: argparse.Namespace, order: list[str]
+) -> dict:
     out: dict = {}
     for mode in order:
         if mode == "document":
             url = "data:application/pdf;base64," + base64.b64encode(pdf).decode()
-            ttft, wall, text = chat_stream(base, [{"type": "file", "file": {"filename": "r.pdf", "file_data": url}}],
-                                           args)
+            ttft, wall, text = chat_stream(
+                base, [{"type": "file", "file": {"filename": "r.pdf", "file_data": url}}], args
+            )
             out["document"] = {"ttft": ttft, "wall": wall, "text": text}
         else:
             t0 = time.perf_counter()
@@ -98,12 +108,20 @@ def run_round(base: str, pdf: bytes, page_urls: list[str], args: argparse.Namesp
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=["paddleocr-vl", "deepseek-ocr", "fake"], default="paddleocr-vl",
-                   help="fake: a harness smoke test (the fake model sleeps 10 ms per step)")
+    p.add_argument(
+        "--model",
+        choices=["paddleocr-vl", "deepseek-ocr", "fake"],
+        default="paddleocr-vl",
+        help="fake: a harness smoke test (the fake model sleeps 10 ms per step)",
+    )
     p.add_argument("--ckpt", type=Path)
     p.add_argument("--pages", type=int, default=10)
-    p.add_argument("--page-pt", type=lambda s: tuple(int(x) for x in s.split("x")), default=(288, 360),
-                   help="page size in points (rendered at 144 DPI: twice that in pixels)")
+    p.add_argument(
+        "--page-pt",
+        type=lambda s: tuple(int(x) for x in s.split("x")),
+        default=(288, 360),
+        help="page size in points (rendered at 144 DPI: twice that in pixels)",
+    )
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"])
@@ -115,8 +133,13 @@ def main() -> None:
         from deepseek_ocr_server.testing.fake import write_fake_checkpoint
 
         args.ckpt = Path(tempfile.mkdtemp(prefix="fake_ckpt_"))
-        write_fake_checkpoint(args.ckpt, step_delay=0.01, min_answer=args.max_tokens * 2, answer_span=1,
-                              max_context=args.max_tokens * 4 + 512)
+        write_fake_checkpoint(
+            args.ckpt,
+            step_delay=0.01,
+            min_answer=args.max_tokens * 2,
+            answer_span=1,
+            max_context=args.max_tokens * 4 + 512,
+        )
     args.ckpt = args.ckpt or Path(default_dir)
     if not (args.ckpt / "config.json").is_file():
         print(f"# building the full-size random checkpoint in {args.ckpt}", file=sys.stderr)
@@ -139,10 +162,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         proc, base = serve_bench.start_server(args, Path(tmp), None)
         try:
-            chat_stream(base, [{"type": "image_url", "image_url": {"url": page_urls[0]}}],
-                        argparse.Namespace(**{**vars(args), "max_tokens": 2}))  # warm-up
-            rounds = [run_round(base, pdf, page_urls, args, ["sequential", "document"] if i % 2 == 0
-                                else ["document", "sequential"]) for i in range(args.repeat)]
+            chat_stream(
+                base,
+                [{"type": "image_url", "image_url": {"url": page_urls[0]}}],
+                argparse.Namespace(**{**vars(args), "max_tokens": 2}),
+            )  # warm-up
+            rounds = [
+                run_round(
+                    base,
+                    pdf,
+                    page_urls,
+                    args,
+                    ["sequential", "document"] if i % 2 == 0 else ["document", "sequential"],
+                )
+                for i in range(args.repeat)
+            ]
             rss = serve_bench.peak_rss_mib(proc.pid)
         finally:
             proc.terminate()
@@ -161,15 +195,23 @@ def main() -> None:
     n = args.pages
     seq_wall, doc_wall = med("sequential", "wall"), med("document", "wall")
     seq_ttft, doc_ttft = med("sequential", "ttft"), med("document", "ttft")
-    print(f"# CPU capability: {torch.backends.cpu.get_cpu_capability()}, threads {args.threads}, dtype {args.dtype}")
-    print(f"# {args.model}, {n} pages of {pages[0].image.width}x{pages[0].image.height} px (144 DPI), "
-          f"max_tokens {args.max_tokens}, {args.repeat} round(s), medians; server peak RSS {rss:.0f} MiB")
+    print(
+        f"# CPU capability: {torch.backends.cpu.get_cpu_capability()}, threads {args.threads}, dtype {args.dtype}"
+    )
+    print(
+        f"# {args.model}, {n} pages of {pages[0].image.width}x{pages[0].image.height} px (144 DPI), "
+        f"max_tokens {args.max_tokens}, {args.repeat} round(s), medians; server peak RSS {rss:.0f} MiB"
+    )
     print("| mode | wall s | pages/min | first page's first token s |")
     print("|---|---|---|---|")
-    print(f"| 10 sequential single-image requests | {seq_wall:.1f} | {60 * n / seq_wall:.2f} | {seq_ttft:.2f} |")
+    print(
+        f"| 10 sequential single-image requests | {seq_wall:.1f} | {60 * n / seq_wall:.2f} | {seq_ttft:.2f} |"
+    )
     print(f"| one {n}-page PDF request | {doc_wall:.1f} | {60 * n / doc_wall:.2f} | {doc_ttft:.2f} |")
-    print(f"document vs sequential: {seq_wall / doc_wall:.2f}x faster (goal >= 3x); first token "
-          f"{doc_ttft / seq_ttft:.2f}x the single image's (goal <= 1)")
+    print(
+        f"document vs sequential: {seq_wall / doc_wall:.2f}x faster (goal >= 3x); first token "
+        f"{doc_ttft / seq_ttft:.2f}x the single image's (goal <= 1)"
+    )
     print(f"pages identical to their single-image answers: {same} of {n * len(rounds)}")
 
 

@@ -282,13 +282,21 @@ def test_real_models_two_page_pdf_through_both_apis_raw_equals_page_images(
         assert resp.usage.output_tokens == chat_out.usage.completion_tokens
 
 
-def test_open_webui_external_extraction_endpoint(api_server: RunningServer, strict_server: RunningServer) -> None:
-    r = httpx.put(api_server.base_url + "/process", content=PDF,
-                  headers={"Content-Type": "application/pdf", "X-Filename": "my%20doc.pdf"}, timeout=120)
+def test_open_webui_external_extraction_endpoint(
+    api_server: RunningServer, strict_server: RunningServer
+) -> None:
+    r = httpx.put(
+        api_server.base_url + "/process",
+        content=PDF,
+        headers={"Content-Type": "application/pdf", "X-Filename": "my%20doc.pdf"},
+        timeout=120,
+    )
     assert r.status_code == 200, r.text
     out = r.json()
     prompt = api_server.settings.default_prompt("fake-a")
-    assert split_pages(out["page_content"], [1, 2, 3]) == [expected_answer("fake-a", prompt, [p.image]) for p in PAGES]
+    assert split_pages(out["page_content"], [1, 2, 3]) == [
+        expected_answer("fake-a", prompt, [p.image]) for p in PAGES
+    ]
     assert out["metadata"]["source"] == "my doc.pdf" and out["metadata"]["pages"] == 3
     r = httpx.put(api_server.base_url + "/process?model=fake-b", content=PDF, timeout=120)
     assert r.json()["metadata"]["model"] == "fake-b"
