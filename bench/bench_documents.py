@@ -95,6 +95,7 @@ def run_round(
                 base, [{"type": "file", "file": {"filename": "r.pdf", "file_data": url}}], args
             )
             out["document"] = {"ttft": ttft, "wall": wall, "text": text}
+            print(f"# document: first token {ttft:.2f} s, done {wall:.1f} s", file=sys.stderr, flush=True)
         else:
             t0 = time.perf_counter()
             ttfts, texts = [], []
@@ -102,6 +103,11 @@ def run_round(
                 ttft, _, text = chat_stream(base, [{"type": "image_url", "image_url": {"url": url}}], args)
                 ttfts.append(ttft)
                 texts.append(text)
+                print(
+                    f"# single image {len(texts)}: first token {ttft:.2f} s, done {time.perf_counter() - t0:.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
             out["sequential"] = {"ttft": ttfts[0], "wall": time.perf_counter() - t0, "texts": texts}
     return out
 
@@ -159,6 +165,9 @@ def main() -> None:
         page.image.save(buf, "PNG")
         page_urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
 
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))  # a timeout still stops the server (finally)
     with tempfile.TemporaryDirectory() as tmp:
         proc, base = serve_bench.start_server(args, Path(tmp), None)
         try:
