@@ -304,3 +304,23 @@ def test_open_webui_external_extraction_endpoint(
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "document_encrypted"
     # the API key guards it like /v1
     assert httpx.put(strict_server.base_url + "/process", content=PDF, timeout=120).status_code == 401
+
+
+def test_file_urls_go_through_the_guarded_fetcher(
+    strict_server: RunningServer, image_server: ImageServer
+) -> None:
+    from fixtures.server import API_KEY
+
+    image_server.files["/doc.pdf"] = PDF
+    body = {
+        "model": "fake-a",
+        "input": [
+            {"role": "user", "content": [{"type": "input_file", "file_url": image_server.url("/doc.pdf")}]}
+        ],
+    }
+    r = httpx.post(
+        strict_server.v1 + "/responses", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60
+    )
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "image_url_forbidden" and err["param"] == "input[0].content[0].file_url"
