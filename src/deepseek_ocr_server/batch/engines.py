@@ -1,0 +1,256 @@
+"""The two ways a page gets read: in this process (the server's engine) or by a running server (HTTP).
+
+Both take one page image and return the model's raw text (:class:`PageAnswer`); what happens to the
+text afterwards (post-processing, outputs) is the same for both.
+
+- :class:`InProcessEngine` loads the model once, as the server does (settings -> assets, downloaded
+  if needed -> ``load_model``), and feeds every page to the same continuous-batching scheduler the
+  server uses: the pages in flight (``--jobs``, default ``max_running``) decode together.
+- :class:`HttpEngine` sends each page as a Chat Completions request with the page as a PNG ``data:``
+  URL to ``--server URL`` (``deepseek-ocr-server`` or any OpenAI-compatible server serving the model),
+  ``--jobs`` requests at a time. Only the decoding/vision flags the user typed are sent (as request
+  fields); the server's own configuration decides the rest. 429/5xx answers are retried by the
+  ``openai`` client (it honours ``Retry-After``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from PIL import Image
+
+from ..config import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PageAnswer:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class PageError(Exception):
+    """One page could not be read (the engine or the server refused it); fails its document."""
+
+
+class FatalError(Exception):
+    """Nothing can be read (the model does not load, the server is unreachable): the run stops."""
+
+
+class Engine(Protocol):
+    async def start(self) -> None: ...
+
+    async def ocr(self, image: Image.Image) -> PageAnswer: ...
+
+    async def close(self, *, interrupted: bool = False) -> None: ...
+
+
+async def in_daemon_thread(fn: Any, *args: Any) -> Any:
+    """Run a blocking call (a model load, an engine shutdown) in a daemon thread: unlike
+    ``asyncio.to_thread`` it never makes Ctrl-C wait for the call to end."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not fut.done():
+            (fut.set_result if ok else fut.set_exception)(value)
+
+    def work() -> None:
+        try:
+            result, ok = fn(*args), True
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting side
+            result, ok = exc, False
+        try:
+            loop.call_soon_threadsafe(settle, ok, result)
+        except RuntimeError:  # the loop is gone (interrupted run): nobody waits for it
+            pass
+
+    threading.Thread(target=work, name="ocr-batch-blocking", daemon=True).start()
+    return await fut
+
+
+class InProcessEngine:
+    def __init__(self, settings: Settings, model_id: str, prompt: str | None, jobs: int) -> None:
+        self.settings = settings
+        self.model_id = model_id
+        self.prompt = prompt if prompt is not None else settings.default_prompt(model_id)
+        self.inference = settings.inference_for(model_id)
+        self.jobs = jobs
+        self.manager: Any = None
+
+    async def start(self) -> None:
+        from ..engine.manager import ModelManager
+        from ..server import build_loader
+
+        srv = self.settings.server
+        # The run keeps at most ``jobs`` pages in the engine, so the queue never refuses one, and a
+        # page may wait as long as the pages before it take.
+        self.manager = ModelManager(
+            [self.model_id],
+            build_loader(self.settings),
+            max_running=srv.max_running,
+            max_queued=max(self.jobs, 1),
+            queue_timeout_s=10.0**9,
+            prefill_slice_s=srv.prefill_slice_s,
+        )
+        try:
+            await in_daemon_thread(self.manager.load_sync, self.model_id)
+        except Exception as exc:  # noqa: BLE001 - reported as the run's reason to stop
+            raise FatalError(str(exc)) from None
+
+    async def ocr(self, image: Image.Image) -> PageAnswer:
+        from ..engine.errors import EngineError
+        from ..engine.types import Failed, Finished, OcrRequest
+
+        inf = self.inference
+        req = OcrRequest(
+            model_id=self.model_id,
+            text=self.prompt,
+            images=[image],
+            vision=inf.vision(),
+            sampling=inf.sampling(),
+            max_new_tokens=inf.max_new_tokens,
+        )
+        try:
+            stream = self.manager.submit(req)
+        except EngineError as exc:
+            raise PageError(str(exc)) from None
+        try:
+            async for ev in stream:
+                if isinstance(ev, Finished):
+                    return PageAnswer(ev.text, ev.finish_reason, ev.prompt_tokens, ev.completion_tokens)
+                if isinstance(ev, Failed):
+                    raise PageError(ev.message)
+        except EngineError as exc:
+            raise PageError(str(exc)) from None
+        finally:
+            await stream.aclose()
+        raise PageError("generation ended without a result")
+
+    async def close(self, *, interrupted: bool = False) -> None:
+        if self.manager is not None:
+            # after Ctrl-C do not wait for a prefill in progress: the worker thread is a daemon
+            await in_daemon_thread(self.manager.scheduler.shutdown, 2.0 if interrupted else 60.0)
+
+
+#: flag (settings key) -> Chat Completions request field, for --server mode
+REQUEST_FIELDS = {
+    "max_new_tokens": "max_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "seed": "seed",
+    "do_sample": "do_sample",
+    "top_k": "top_k",
+    "repetition_penalty": "repetition_penalty",
+    "no_repeat_ngram_size": "no_repeat_ngram_size",
+    "base_size": "base_size",
+    "image_size": "image_size",
+    "crop_mode": "crop_mode",
+}
+_STANDARD = {"max_tokens", "temperature", "top_p", "seed"}
+
+
+def api_base(url: str) -> str:
+    """``http://host:8000`` or ``http://host:8000/v1`` -> ``http://host:8000/v1``."""
+    url = url.rstrip("/")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+def png_data_url(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class HttpEngine:
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None,
+        model_id: str,
+        prompt: str | None,
+        fields: dict[str, Any],
+        timeout_s: float,
+    ) -> None:
+        self.base_url = api_base(url)
+        self.api_key = api_key
+        self.model_id = model_id
+        self.prompt = prompt
+        self.fields = {REQUEST_FIELDS[k]: v for k, v in fields.items() if k in REQUEST_FIELDS}
+        self.timeout_s = timeout_s
+        self.client: Any = None
+
+    async def start(self) -> None:
+        import openai
+
+        self.client = openai.AsyncOpenAI(
+            base_url=self.base_url, api_key=self.api_key or "unused", timeout=self.timeout_s, max_retries=5
+        )
+        try:
+            models = [m.id async for m in self.client.models.list()]
+        except openai.AuthenticationError:
+            raise FatalError(
+                f"{self.base_url}: the server refused the API key (401); pass --api-key "
+                "or set DEEPSEEK_OCR_API_KEY"
+            ) from None
+        except openai.APIConnectionError as exc:
+            raise FatalError(f"cannot reach {self.base_url}: {exc}") from None
+        except openai.APIError as exc:
+            raise FatalError(f"{self.base_url}/models: {exc}") from None
+        if self.model_id not in models:
+            raise FatalError(
+                f"{self.base_url} does not serve model {self.model_id!r} "
+                f"(it serves: {', '.join(models) or 'nothing'}); pick one with --model"
+            )
+
+    async def ocr(self, image: Image.Image) -> PageAnswer:
+        import openai
+
+        url = await asyncio.to_thread(png_data_url, image)
+        content: list[dict[str, Any]] = []
+        if self.prompt:
+            content.append({"type": "text", "text": self.prompt})
+        content.append({"type": "image_url", "image_url": {"url": url}})
+        std = {k: v for k, v in self.fields.items() if k in _STANDARD}
+        extra = {k: v for k, v in self.fields.items() if k not in _STANDARD}
+        try:
+            out = await self.client.chat.completions.create(
+                model=self.model_id,
+                messages=[{"role": "user", "content": content}],
+                extra_body=extra or None,
+                **std,
+            )
+        except openai.APIStatusError as exc:
+            raise PageError(f"the server answered {exc.status_code}: {_message(exc)}") from None
+        except openai.APIConnectionError as exc:
+            raise PageError(f"cannot reach {self.base_url}: {exc}") from None
+        choice = out.choices[0]
+        usage = out.usage
+        return PageAnswer(
+            choice.message.content or "",
+            choice.finish_reason or "stop",
+            usage.prompt_tokens if usage else 0,
+            usage.completion_tokens if usage else 0,
+        )
+
+    async def close(self, *, interrupted: bool = False) -> None:
+        if self.client is not None:
+            await self.client.close()
+
+
+def _message(exc: Any) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+    return str(getattr(exc, "message", exc))
