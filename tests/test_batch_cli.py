@@ -20,7 +20,7 @@ from PIL import Image
 from deepseek_ocr_server.batch import cli as batch_cli
 from deepseek_ocr_server.batch import inputs as batch_inputs
 from deepseek_ocr_server.batch import outputs as batch_outputs
-from deepseek_ocr_server.batch import pipeline
+from deepseek_ocr_server.documents import load_pages, page_prefix
 from deepseek_ocr_server.testing.fake import FakeOcrModel, write_fake_checkpoint
 
 SRC = Path(__file__).parents[1] / "src"
@@ -35,15 +35,22 @@ def _config(path: Path, entries: dict[str, dict[str, Any]], active: str, inferen
     lines = ["[models]", f'active = "{active}"']
     for mid, e in entries.items():
         lines.append(f"[models.entries.{mid}]")
-        lines += [f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in e.items()]
+        lines += [
+            f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in e.items()
+        ]
     lines += ["[inference]", 'dtype = "f32"', inference]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
 def _fake_entry(files: Any, prompt: str = PROMPT) -> dict[str, Any]:
-    return {"kind": "fake", "config": str(files.config), "tokenizer": str(files.tokenizer),
-            "weights": str(files.weights), "prompt": prompt}
+    return {
+        "kind": "fake",
+        "config": str(files.config),
+        "tokenizer": str(files.tokenizer),
+        "weights": str(files.weights),
+        "prompt": prompt,
+    }
 
 
 def _folder(root: Path) -> Path:
@@ -62,11 +69,8 @@ def _folder(root: Path) -> Path:
 
 
 def _pages_of(path: Path) -> list[Image.Image]:
-    src = pipeline.open_document(path.read_bytes(), path.name)
-    try:
-        return [src.render(i) for i in range(src.count)]
-    finally:
-        src.close()
+    """The pages as the shared document pipeline renders them (what the model sees)."""
+    return [p.image for p in load_pages(path.read_bytes())]
 
 
 def _fake_answers(path: Path, **opts: Any) -> list[str]:
@@ -75,8 +79,8 @@ def _fake_answers(path: Path, **opts: Any) -> list[str]:
 
 
 def _md(answers: list[str]) -> str:
-    return pipeline.assemble("x", None, "m", [
-        pipeline.PageOut(i, 1, 1, a, a, "stop") for i, a in enumerate(answers)], "md", False, "").main_text
+    """A document's text: each page after its page marker (the fake kind's text needs no cleaning)."""
+    return "".join(page_prefix(i + 1, i == 0) + a for i, a in enumerate(answers))
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -86,8 +90,12 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
 
 @pytest.fixture
 def fake_cfg(tmp_path: Path, fake_checkpoints: dict[str, Any]) -> Path:
-    return _config(tmp_path / "config.toml", {"fake-a": _fake_entry(fake_checkpoints["fake-a"])}, "fake-a",
-                   "max_new_tokens = 64")
+    return _config(
+        tmp_path / "config.toml",
+        {"fake-a": _fake_entry(fake_checkpoints["fake-a"])},
+        "fake-a",
+        "max_new_tokens = 64",
+    )
 
 
 def test_folder_resume_overwrite(tmp_path: Path, fake_cfg: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -103,7 +111,9 @@ def test_folder_resume_overwrite(tmp_path: Path, fake_cfg: Path, capsys: pytest.
         answers = _fake_answers(src / source)
         assert (out / f"{rel}.md").read_text(encoding="utf-8") == _md(answers)
         doc = json.loads((out / f"{rel}.json").read_text(encoding="utf-8"))
-        assert len(doc["pages"]) == len(answers)
+        assert doc["object"] == "ocr.document" and doc["model"] == "fake-a"
+        assert [p["markdown"] for p in doc["pages"]] == answers
+        assert [p["page"] for p in doc["pages"]] == list(range(1, len(answers) + 1))
     assert len(_fake_answers(src / "doc.pdf")) == 3
     assert not list(out.rglob(".*")), "temporary files left behind"
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
@@ -131,36 +141,65 @@ def test_folder_resume_overwrite(tmp_path: Path, fake_cfg: Path, capsys: pytest.
     assert _run(argv, capsys)[0] == 0
 
 
-def test_raw_format_and_single_files(tmp_path: Path, fake_cfg: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_raw_format_and_single_files(
+    tmp_path: Path, fake_cfg: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     src = _folder(tmp_path)
     out = tmp_path / "out"
-    code, err = _run(["--config", str(fake_cfg), str(src / "doc.pdf"), str(src / "sub" / "*.jpg"),
-                      "--format", "raw", "-o", str(out), "-q"], capsys)
+    code, err = _run(
+        [
+            "--config",
+            str(fake_cfg),
+            str(src / "doc.pdf"),
+            str(src / "sub" / "*.jpg"),
+            "--format",
+            "raw",
+            "-o",
+            str(out),
+            "-q",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert err == ""  # -q: nothing but errors and failures
     assert sorted(p.name for p in out.iterdir()) == ["b.txt", "doc.txt"]
-    assert (out / "doc.txt").read_text(encoding="utf-8") == "\n\n".join(_fake_answers(src / "doc.pdf"))
+    assert (out / "doc.txt").read_text(encoding="utf-8") == _md(_fake_answers(src / "doc.pdf"))
 
 
-def test_missing_input_fails_the_rest_runs(tmp_path: Path, fake_cfg: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_input_fails_the_rest_runs(
+    tmp_path: Path, fake_cfg: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     src = _folder(tmp_path)
-    code, err = _run(["--config", str(fake_cfg), str(src / "a.png"), str(tmp_path / "nope.png"),
-                      "-o", str(tmp_path / "out")], capsys)
+    code, err = _run(
+        [
+            "--config",
+            str(fake_cfg),
+            str(src / "a.png"),
+            str(tmp_path / "nope.png"),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capsys,
+    )
     assert code == 1
     assert "nope.png: no such file or directory" in err
     assert (tmp_path / "out" / "a.md").is_file()
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], "no INPUT given"),
-    (["-", "a.png"], "cannot be combined"),
-    (["x.png", "--server", "http://127.0.0.1:9", "--device", "cpu"], "--device"),
-    (["x.png", "--top-p", "1.5"], "--top-p"),
-    (["x.png", "--model", "nope"], "unknown model 'nope'"),
-    (["x.png", "--jobs", "0"], "--jobs"),
-])
-def test_usage_errors_exit_2(argv: list[str], message: str, fake_cfg: Path,
-                             capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "no INPUT given"),
+        (["-", "a.png"], "cannot be combined"),
+        (["x.png", "--server", "http://127.0.0.1:9", "--device", "cpu"], "--device"),
+        (["x.png", "--top-p", "1.5"], "--top-p"),
+        (["x.png", "--model", "nope"], "unknown model 'nope'"),
+        (["x.png", "--jobs", "0"], "--jobs"),
+    ],
+)
+def test_usage_errors_exit_2(
+    argv: list[str], message: str, fake_cfg: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exc:
         batch_cli.main(["--config", str(fake_cfg), *argv])
     assert exc.value.code == 2
@@ -169,41 +208,87 @@ def test_usage_errors_exit_2(argv: list[str], message: str, fake_cfg: Path,
 
 def test_stdin_to_stdout(tmp_path: Path, fake_cfg: Path) -> None:
     src = _folder(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "deepseek_ocr_server.batch", "--config", str(fake_cfg), "-"],
-                         input=(src / "doc.pdf").read_bytes(), capture_output=True, env=_env(), timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "deepseek_ocr_server.batch", "--config", str(fake_cfg), "-"],
+        input=(src / "doc.pdf").read_bytes(),
+        capture_output=True,
+        env=_env(),
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr.decode()
     assert out.stdout.decode("utf-8") == _md(_fake_answers(src / "doc.pdf")) + "\n"
 
 
-def test_server_mode_matches_in_process(tmp_path: Path, fake_cfg: Path, api_server: Any,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_server_mode_matches_in_process(
+    tmp_path: Path, fake_cfg: Path, api_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     src = _folder(tmp_path)
     (src / "broken.pdf").unlink()
     local, remote = tmp_path / "local", tmp_path / "remote"
     assert _run(["--config", str(fake_cfg), str(src), "-o", str(local)], capsys)[0] == 0
-    code, err = _run(["--config", str(fake_cfg), str(src), "-o", str(remote), "--server", api_server.base_url,
-                      "--jobs", "3"], capsys)
+    code, err = _run(
+        [
+            "--config",
+            str(fake_cfg),
+            str(src),
+            "-o",
+            str(remote),
+            "--server",
+            api_server.base_url,
+            "--jobs",
+            "3",
+        ],
+        capsys,
+    )
     assert code == 0, err
     for rel in ("a.md", "doc.md", "sub/b.md"):
         assert (remote / rel).read_text(encoding="utf-8") == (local / rel).read_text(encoding="utf-8")
     # a model the server does not serve stops the run with exit 1 and the reason
     cfg = _config(tmp_path / "other.toml", {"other": {"kind": "fake"}}, "other")
-    code, err = _run(["--config", str(cfg), str(src / "a.png"), "-o", str(remote), "--overwrite", "--server",
-                      api_server.base_url], capsys)
+    code, err = _run(
+        [
+            "--config",
+            str(cfg),
+            str(src / "a.png"),
+            "-o",
+            str(remote),
+            "--overwrite",
+            "--server",
+            api_server.base_url,
+        ],
+        capsys,
+    )
     assert code == 1 and "does not serve model 'other'" in err
 
 
 def test_sigint_leaves_no_partial_file(tmp_path: Path) -> None:
-    slow = write_fake_checkpoint(tmp_path / "slow", name="fake-a", step_delay=0.03, min_answer=30, answer_span=4)
+    slow = write_fake_checkpoint(
+        tmp_path / "slow", name="fake-a", step_delay=0.03, min_answer=30, answer_span=4
+    )
     cfg = _config(tmp_path / "config.toml", {"fake-a": _fake_entry(slow)}, "fake-a", "max_new_tokens = 64")
     src = tmp_path / "in"
     src.mkdir()
     for i in range(8):
         Image.new("RGB", (32, 32), (30 * i, 100, 7)).save(src / f"p{i}.png")
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "deepseek_ocr_server.batch", "--config", str(cfg), str(src),
-                             "-o", str(out), "--max-running", "2", "--jobs", "2"],
-                            stderr=subprocess.PIPE, env=_env())
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deepseek_ocr_server.batch",
+            "--config",
+            str(cfg),
+            str(src),
+            "-o",
+            str(out),
+            "--max-running",
+            "2",
+            "--jobs",
+            "2",
+        ],
+        stderr=subprocess.PIPE,
+        env=_env(),
+    )
     try:
         deadline = time.monotonic() + 120
         while not list(out.glob("*.md")):
@@ -224,7 +309,9 @@ def test_sigint_leaves_no_partial_file(tmp_path: Path) -> None:
         assert (out / (md.stem + ".json")).is_file()
 
 
-def test_real_checkpoints_folder(tmp_path: Path, deepseek_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_real_checkpoints_folder(
+    tmp_path: Path, deepseek_ckpt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The tiny real DeepSeek-OCR checkpoint: each page's raw text equals the same page run alone."""
     import torch
 
@@ -234,9 +321,17 @@ def test_real_checkpoints_folder(tmp_path: Path, deepseek_ckpt: Path, capsys: py
     from deepseek_ocr_server.sampling import SamplingParams
 
     files = ModelFiles.from_dir(deepseek_ckpt)
-    entry = {"kind": "deepseek-ocr", "config": str(files.config), "tokenizer": str(files.tokenizer),
-             "weights": str(files.weights), "base_size": 512, "image_size": 512, "crop_mode": False,
-             "max_new_tokens": 6, "no_repeat_ngram_size": 0}
+    entry = {
+        "kind": "deepseek-ocr",
+        "config": str(files.config),
+        "tokenizer": str(files.tokenizer),
+        "weights": str(files.weights),
+        "base_size": 512,
+        "image_size": 512,
+        "crop_mode": False,
+        "max_new_tokens": 6,
+        "no_repeat_ngram_size": 0,
+    }
     cfg = _config(tmp_path / "config.toml", {"deepseek-ocr": entry}, "deepseek-ocr")
     src = _folder(tmp_path)
     out = tmp_path / "out"
@@ -246,22 +341,55 @@ def test_real_checkpoints_folder(tmp_path: Path, deepseek_ckpt: Path, capsys: py
     vision = VisionSettings(base_size=512, image_size=512, crop_mode=False)
     prompt = "<image>\n<|grounding|>Convert the document to markdown."
     for rel, source in (("a", "a.png"), ("doc", "doc.pdf"), ("sub/b", "sub/b.jpg")):
-        want = [generate(model, model.prepare(prompt, [p], vision), SamplingParams(no_repeat_ngram_size=0), 6).text
-                for p in _pages_of(src / source)]
-        assert (out / f"{rel}.txt").read_text(encoding="utf-8") == "\n\n".join(want)
+        want = [
+            generate(
+                model, model.prepare(prompt, [p], vision), SamplingParams(no_repeat_ngram_size=0), 6
+            ).text
+            for p in _pages_of(src / source)
+        ]
+        assert (out / f"{rel}.txt").read_text(encoding="utf-8") == _md(want)
     code, err = _run(["--config", str(cfg), str(src / "doc.pdf"), "-o", str(out)], capsys)
     assert code == 0, err
     assert len(json.loads((out / "doc.json").read_text(encoding="utf-8"))["pages"]) == 3
 
 
 def test_help_lists_every_flag() -> None:
-    out = subprocess.run([sys.executable, "-m", "deepseek_ocr_server.batch", "--help"], capture_output=True,
-                         text=True, env=_env(), timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "deepseek_ocr_server.batch", "--help"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
     assert out.returncode == 0 and out.stdout.startswith("usage: deepseek-ocr INPUT")
-    for flag in ("--output-dir", "--format", "--boxes", "--overwrite", "--prompt", "--dpi", "--server",
-                 "--api-key", "--jobs", "--quiet", "--config", "--model", "--weights", "--device", "--dtype",
-                 "--quantize", "--base-size", "--image-size", "--crop-mode", "--max-new-tokens", "--temperature",
-                 "--top-p", "--top-k", "--seed", "--no-repeat-ngram-size", "--max-running"):
+    for flag in (
+        "--output-dir",
+        "--format",
+        "--boxes",
+        "--overwrite",
+        "--prompt",
+        "--dpi",
+        "--server",
+        "--api-key",
+        "--jobs",
+        "--quiet",
+        "--config",
+        "--model",
+        "--weights",
+        "--device",
+        "--dtype",
+        "--quantize",
+        "--base-size",
+        "--image-size",
+        "--crop-mode",
+        "--max-new-tokens",
+        "--temperature",
+        "--top-p",
+        "--top-k",
+        "--seed",
+        "--no-repeat-ngram-size",
+        "--max-running",
+    ):
         assert flag in out.stdout, flag
     assert "--port" not in out.stdout and "--host" not in out.stdout
     assert "exit status" in out.stdout
@@ -272,8 +400,9 @@ def test_discover_names(tmp_path: Path) -> None:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
     out = tmp_path / "o"
-    docs = batch_inputs.discover([str(tmp_path / "x"), str(tmp_path / "y" / "a.png"), str(tmp_path / "x" / "a.png")],
-                                 out)
+    docs = batch_inputs.discover(
+        [str(tmp_path / "x"), str(tmp_path / "y" / "a.png"), str(tmp_path / "x" / "a.png")], out
+    )
     names = [d.out_base.relative_to(out).as_posix() for d in docs if d.out_base]
     assert names == ["a.pdf", "a.png", "deep/c", "a.png-2"]
 
@@ -301,3 +430,101 @@ def test_png_pages_roundtrip_for_server_mode() -> None:
 
     raw = base64.b64decode(png_data_url(img).split(",", 1)[1])
     assert Image.open(io.BytesIO(raw)).tobytes() == img.tobytes()
+
+
+GROUNDED = (
+    "<|ref|>title<|/ref|><|det|>[[100, 50, 900, 120]]<|/det|>\n# Quarterly report\n\n"
+    "<|ref|>image<|/ref|><|det|>[[100, 200, 600, 700]]<|/det|>\n\n"
+    "<|ref|>text<|/ref|><|det|>[[100, 720, 900, 800]]<|/det|>\nRevenue \\coloneqq grew."
+)
+
+
+class _OpenAIStub:
+    """A minimal OpenAI-compatible server answering every chat completion with a recorded DeepSeek-OCR
+    grounding answer; it records the request bodies and the Authorization headers."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        stub = self
+        self.bodies: list[dict[str, Any]] = []
+        self.auth: list[str | None] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _json(self, obj: dict[str, Any]) -> None:
+                raw = json.dumps(obj).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._json({"object": "list", "data": [{"id": "deepseek-ocr", "object": "model", "created": 0,
+                                                        "owned_by": "x"}]})
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.bodies.append(body)
+                stub.auth.append(self.headers.get("Authorization"))
+                self._json({"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
+                            "choices": [{"index": 0, "finish_reason": "stop",
+                                         "message": {"role": "assistant", "content": GROUNDED}}],
+                            "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self) -> _OpenAIStub:
+        import threading
+
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_server_mode_grounding_figures_and_boxes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Any OpenAI-compatible server: the answer is post-processed here (DeepSeek-OCR grounding -> clean
+    markdown, blocks, figure crop files, boxes pictures); typed flags travel as request fields."""
+    src = _folder(tmp_path)
+    cfg = _config(tmp_path / "config.toml", {}, "deepseek-ocr")
+    out = tmp_path / "out"
+    with _OpenAIStub() as stub:
+        code, err = _run(["--config", str(cfg), str(src / "doc.pdf"), "-o", str(out), "--boxes", "--server",
+                          stub.url, "--api-key", "k-1", "--max-new-tokens", "77", "--base-size", "640",
+                          "--pages", "2-3"], capsys)
+    assert code == 0, err
+    assert len(stub.bodies) == 2 and set(stub.auth) == {"Bearer k-1"}
+    body = stub.bodies[0]
+    assert body["max_tokens"] == 77 and body["base_size"] == 640 and "temperature" not in body
+    part = body["messages"][0]["content"][-1]
+    assert part["type"] == "image_url" and part["image_url"]["url"].startswith("data:image/png;base64,")
+    md = (out / "doc.md").read_text(encoding="utf-8")
+    assert "<|ref|>" not in md and "Revenue := grew." in md and "<!-- page 2 -->" in md and "page 1 -->" not in md
+    assert "![](doc_images/page-0002-1.jpg)" in md and "![](doc_images/page-0003-1.jpg)" in md
+    crop = Image.open(out / "doc_images" / "page-0002-1.jpg")
+    w, h = _pages_of(src / "doc.pdf")[1].size
+    assert abs(crop.width - 0.5 * w) <= 2 and abs(crop.height - 0.5 * h) <= 2
+    doc = json.loads((out / "doc.json").read_text(encoding="utf-8"))
+    assert [p["page"] for p in doc["pages"]] == [2, 3]
+    blocks = doc["pages"][0]["blocks"]
+    assert [b["type"] for b in blocks] == ["title", "image", "text"]
+    assert blocks[1]["figure"] == "doc_images/page-0002-1.jpg"
+    assert blocks[0]["bbox_norm"] == pytest.approx([0.1, 0.05, 0.9, 0.12], abs=0.02)
+    assert doc["pages"][0]["usage"] == {"prompt_tokens": 5, "completion_tokens": 9}
+    assert sorted(p.name for p in (out / "doc_boxes").iterdir()) == ["page-0002.png", "page-0003.png"]
+    assert Image.open(out / "doc_boxes" / "page-0002.png").size == (w, h)
+    # --boxes asked later on a finished document: redone, since its boxes are missing
+    import shutil
+
+    shutil.rmtree(out / "doc_boxes")
+    with _OpenAIStub() as stub:
+        code, err = _run(["--config", str(cfg), str(src / "doc.pdf"), "-o", str(out), "--boxes", "--server",
+                          stub.url, "--pages", "2-3"], capsys)
+    assert code == 0 and "1 written" in err and (out / "doc_boxes").is_dir()

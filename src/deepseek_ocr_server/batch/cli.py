@@ -51,11 +51,11 @@ _LOCAL_ONLY = (
 
 _EPILOG = f"""\
 outputs (per input document, under --output-dir, mirroring sub-folders of folder inputs):
-  NAME.md          clean markdown, pages separated by <!-- page N --> lines
+  NAME.md          clean markdown, each page after a <!-- page N --> line
   NAME.json        the structured blocks of every page (the HTTP API's schema)
   NAME_images/     figure crops the markdown links to (only when there are figures)
   NAME_boxes/      with --boxes: page-0001.png, ... each page with its blocks drawn
-  NAME.txt         with --format raw instead: the model's raw text
+  NAME.txt         with --format raw instead: the model's raw text (same page lines)
 
 folders contribute files with these extensions (recursively): {" ".join(EXTENSIONS)}
 An input whose outputs exist and are newer is skipped (--overwrite redoes it). A document that fails
@@ -131,7 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         type=_dpi,
         default=pipeline.DEFAULT_DPI,
-        help=f"PDF rendering resolution (default: {pipeline.DEFAULT_DPI})",
+        help=f"PDF rendering resolution, {pipeline.DPI_RANGE[0]}..{pipeline.DPI_RANGE[1]} "
+        f"(default: {pipeline.DEFAULT_DPI})",
+    )
+    g.add_argument(
+        "--pages",
+        metavar="SPEC",
+        type=_pages,
+        help='pages to read of every document, e.g. "1-3,7" or "5-"; a document without those pages fails '
+        "(default: all)",
     )
 
     g = p.add_argument_group("remote server (instead of loading the model here)")
@@ -209,9 +217,18 @@ def _positive(text: str) -> int:
 
 def _dpi(text: str) -> int:
     v = _positive(text)
-    if v > 1200:
-        raise argparse.ArgumentTypeError(f"must be <= 1200, got {v}")
+    lo, hi = pipeline.DPI_RANGE
+    if not lo <= v <= hi:
+        raise argparse.ArgumentTypeError(f"must be in {lo}..{hi}, got {v}")
     return v
+
+
+def _pages(text: str) -> str:
+    try:
+        pipeline.selected_pages(text, 10**9)  # the syntax; each document checks its own length
+    except pipeline.DocumentError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 _OWN = {
@@ -222,6 +239,7 @@ _OWN = {
     "overwrite",
     "prompt",
     "dpi",
+    "pages",
     "server",
     "api_key",
     "jobs",
@@ -280,7 +298,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs = args["jobs"] or 8
         api_key = args["api_key"] or settings.server.api_key
         engine = HttpEngine(
-            args["server"], api_key, model_id, args["prompt"], settings.cli_inference, args["request_timeout"]
+            args["server"],
+            api_key,
+            model_id,
+            kind,
+            args["prompt"],
+            settings.cli_inference,
+            args["request_timeout"],
         )
     else:
         device = settings.inference_for(model_id).device
@@ -297,12 +321,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     opts = RunOptions(
         model_id=model_id,
-        kind=kind,
         fmt=args["format"],
         boxes=args["boxes"],
         overwrite=args["overwrite"],
         jobs=jobs,
         dpi=args["dpi"],
+        pages=args["pages"],
+        max_pixels=settings.server.max_image_pixels,
     )
     progress = Progress(quiet=args["quiet"])
     run = BatchRun(docs, engine, opts, progress)

@@ -1,16 +1,19 @@
-"""The two ways a page gets read: in this process (the server's engine) or by a running server (HTTP).
+"""The two ways pages get read: in this process (the server's engine) or by a running server (HTTP).
 
-Both take one page image and return the model's raw text (:class:`PageAnswer`); what happens to the
-text afterwards (post-processing, outputs) is the same for both.
+Both take a few pages of a document and yield each page's :class:`~..documents.PageResult` (raw text,
+clean markdown, blocks, figures through the document's figure sink), so everything after them
+(outputs, resume) is the same.
 
 - :class:`InProcessEngine` loads the model once, as the server does (settings -> assets, downloaded
-  if needed -> ``load_model``), and feeds every page to the same continuous-batching scheduler the
-  server uses: the pages in flight (``--jobs``, default ``max_running``) decode together.
+  if needed -> ``load_model``), and runs the pages through ``documents.run_jobs`` into the same
+  continuous-batching scheduler the server uses: all pages in flight (``--jobs``, default
+  ``max_running + 2``), of whatever documents, decode together.
 - :class:`HttpEngine` sends each page as a Chat Completions request with the page as a PNG ``data:``
   URL to ``--server URL`` (``deepseek-ocr-server`` or any OpenAI-compatible server serving the model),
-  ``--jobs`` requests at a time. Only the decoding/vision flags the user typed are sent (as request
-  fields); the server's own configuration decides the rest. 429/5xx answers are retried by the
-  ``openai`` client (it honours ``Retry-After``).
+  ``--jobs`` requests at a time, and post-processes the answer here with the family's post-processor
+  (so any server that returns the model's text works). Only the decoding/vision flags the user typed
+  are sent (as request fields); the server's own configuration decides the rest. 429/5xx answers are
+  retried by the ``openai`` client (it honours ``Retry-After``).
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import base64
 import io
 import logging
 import threading
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from PIL import Image
 
 from ..config import Settings
+from ..documents import Page, PageResult
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +51,16 @@ class FatalError(Exception):
     """Nothing can be read (the model does not load, the server is unreachable): the run stops."""
 
 
+#: ``figures(page_number, index, crop) -> link``: where a document's figure crops go
+Figures = Callable[[int, int, Image.Image], str | None]
+
+
 class Engine(Protocol):
     async def start(self) -> None: ...
 
-    async def ocr(self, image: Image.Image) -> PageAnswer: ...
+    def run_pages(self, pages: list[Page], figures: Figures) -> AsyncIterator[PageResult]:
+        """The post-processed result of every page (in any order); PageError when one fails."""
+        ...
 
     async def close(self, *, interrupted: bool = False) -> None: ...
 
@@ -79,11 +90,15 @@ async def in_daemon_thread(fn: Any, *args: Any) -> Any:
 
 
 class InProcessEngine:
+    """Pages go through ``documents.run_jobs`` (the API's document path) into the server's engine."""
+
     def __init__(self, settings: Settings, model_id: str, prompt: str | None, jobs: int) -> None:
+        from ..documents import request_template
+
         self.settings = settings
         self.model_id = model_id
-        self.prompt = prompt if prompt is not None else settings.default_prompt(model_id)
-        self.inference = settings.inference_for(model_id)
+        self.kind = settings.entry(model_id).kind
+        self.template = request_template(settings, model_id, prompt=prompt)
         self.jobs = jobs
         self.manager: Any = None
 
@@ -107,34 +122,21 @@ class InProcessEngine:
         except Exception as exc:  # noqa: BLE001 - reported as the run's reason to stop
             raise FatalError(str(exc)) from None
 
-    async def ocr(self, image: Image.Image) -> PageAnswer:
+    async def run_pages(self, pages: list[Page], figures: Figures) -> AsyncIterator[PageResult]:
+        from ..documents import DocumentOptions, PageDone, page_jobs, run_jobs
         from ..engine.errors import EngineError
-        from ..engine.types import Failed, Finished, OcrRequest
 
-        inf = self.inference
-        req = OcrRequest(
-            model_id=self.model_id,
-            text=self.prompt,
-            images=[image],
-            vision=inf.vision(),
-            sampling=inf.sampling(),
-            max_new_tokens=inf.max_new_tokens,
-        )
+        events = run_jobs(self.manager, page_jobs(pages, self.template), self.kind,
+                          DocumentOptions(figures=figures), model_id=self.model_id)  # fmt: skip
         try:
-            stream = self.manager.submit(req)
+            async for ev in events:
+                if isinstance(ev, PageDone):
+                    yield ev.result
         except EngineError as exc:
-            raise PageError(str(exc)) from None
-        try:
-            async for ev in stream:
-                if isinstance(ev, Finished):
-                    return PageAnswer(ev.text, ev.finish_reason, ev.prompt_tokens, ev.completion_tokens)
-                if isinstance(ev, Failed):
-                    raise PageError(ev.message)
-        except EngineError as exc:
-            raise PageError(str(exc)) from None
+            msg = str(exc)  # a multi-page group names the page itself
+            raise PageError(msg if msg.startswith("page ") else f"page {pages[0].number}: {msg}") from None
         finally:
-            await stream.aclose()
-        raise PageError("generation ended without a result")
+            await events.aclose()
 
     async def close(self, *, interrupted: bool = False) -> None:
         if self.manager is not None:
@@ -172,11 +174,14 @@ def png_data_url(image: Image.Image) -> str:
 
 
 class HttpEngine:
+    """Each page is one Chat Completions request; the family's post-processor runs here on the answer."""
+
     def __init__(
         self,
         url: str,
         api_key: str | None,
         model_id: str,
+        kind: str,
         prompt: str | None,
         fields: dict[str, Any],
         timeout_s: float,
@@ -184,6 +189,7 @@ class HttpEngine:
         self.base_url = api_base(url)
         self.api_key = api_key
         self.model_id = model_id
+        self.kind = kind
         self.prompt = prompt
         self.fields = {REQUEST_FIELDS[k]: v for k, v in fields.items() if k in REQUEST_FIELDS}
         self.timeout_s = timeout_s
@@ -241,6 +247,26 @@ class HttpEngine:
             usage.prompt_tokens if usage else 0,
             usage.completion_tokens if usage else 0,
         )
+
+    async def _page(self, page: Page, figures: Figures) -> PageResult:
+        from .pipeline import page_from_text
+
+        try:
+            ans = await self.ocr(page.image)
+        except PageError as exc:
+            raise PageError(f"page {page.number}: {exc}") from None
+        return page_from_text(self.kind, page, ans.text, ans.finish_reason, ans.prompt_tokens,
+                              ans.completion_tokens, figures)  # fmt: skip
+
+    async def run_pages(self, pages: list[Page], figures: Figures) -> AsyncIterator[PageResult]:
+        tasks = [asyncio.create_task(self._page(p, figures)) for p in pages]
+        try:
+            for fut in asyncio.as_completed(tasks):
+                yield await fut
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def close(self, *, interrupted: bool = False) -> None:
         if self.client is not None:

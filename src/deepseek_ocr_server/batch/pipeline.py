@@ -1,94 +1,153 @@
-"""The batch command's view of the document pipeline: open a document, render its pages, turn a page's
-raw model text into its outputs, assemble a document. (Temporary minimal version until the shared
-``documents`` package lands; replaced by calls into it.)"""
+"""The batch command's use of the shared document pipeline (``deepseek_ocr_server.documents``).
+
+Nothing here renders, post-processes or defines a schema of its own: pages come from
+``documents.load_pages``, clean markdown and blocks from the family's post-processor
+(``documents.for_kind``), the JSON from ``DocumentResult.to_dict()`` (the API's ``document`` field), the
+boxes pictures from ``documents.layout_png``. What is batch-specific: counting a document's pages up
+front (for the progress bar), loading the pages a few at a time (memory stays bounded on long PDFs),
+storing figure crops as files, and turning a result into the bytes of the output files.
+"""
 
 from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass, field
-from pathlib import Path
+import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
-from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
+from PIL import Image
 
+from ..documents import (
+    DEFAULT_DPI,
+    DPI_RANGE,
+    DocumentError,
+    DocumentResult,
+    Page,
+    PageResult,
+    crop,
+    data_url,
+    for_kind,
+    layout_png,
+    load_pages,
+    parse_page_selection,
+)
+from ..documents.pages import is_pdf
 from .outputs import DocumentOutput
 
-DEFAULT_DPI = 144
+__all__ = [
+    "DEFAULT_DPI",
+    "boxes_png",
+    "DPI_RANGE",
+    "DocumentError",
+    "FigureStore",
+    "count_pages",
+    "document_output",
+    "load_chunk",
+    "page_from_text",
+    "selected_pages",
+]
+
+#: a CLI run reads every page it is given: no per-request page cap as on the server
+NO_PAGE_CAP = 10**9
 
 
-class DocumentError(Exception):
-    """A document that cannot be read (corrupt, encrypted, not an image or PDF)."""
-
-
-class PageSource:
-    def __init__(self, data: bytes, name: str, dpi: int) -> None:
-        self.dpi = dpi
-        self._pdf: Any = None
-        self._frames: list[Image.Image] = []
-        if data[:5] == b"%PDF-":
+def count_pages(data: bytes) -> int:
+    """The number of pages (PDF) or frames (image) without rendering any; raises :class:`DocumentError`
+    (the pipeline's own reason) when the document cannot be read."""
+    n = 0
+    try:
+        if is_pdf(data):
             import pypdfium2 as pdfium
 
+            pdf = pdfium.PdfDocument(data)
             try:
-                self._pdf = pdfium.PdfDocument(data)
-            except pdfium.PdfiumError as exc:
-                raise DocumentError(f"not a readable PDF ({exc})") from None
-            self.count = len(self._pdf)
+                n = len(pdf)
+            finally:
+                pdf.close()
         else:
-            try:
-                img = Image.open(io.BytesIO(data))
-                self._frames = [
-                    ImageOps.exif_transpose(f.convert("RGB")) for f in ImageSequence.Iterator(img)
-                ]
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                raise DocumentError(f"not an image or PDF ({exc})") from None
-            self.count = len(self._frames)
-        if self.count == 0:
-            raise DocumentError("the document has no pages")
-
-    def render(self, index: int) -> Image.Image:
-        if self._pdf is not None:
-            page = self._pdf[index]
-            return page.render(scale=self.dpi / 72).to_pil().convert("RGB")
-        return self._frames[index]
-
-    def close(self) -> None:
-        if self._pdf is not None:
-            self._pdf.close()
+            with Image.open(io.BytesIO(data)) as img:
+                n = int(getattr(img, "n_frames", 1))
+    except Exception:  # noqa: BLE001 - load_pages below names the problem
+        n = 0
+    if n < 1:
+        return len(load_pages(data, max_pages=NO_PAGE_CAP))  # raises DocumentError with the reason
+    return n
 
 
-def open_document(data: bytes, name: str, dpi: int = DEFAULT_DPI) -> PageSource:
-    return PageSource(data, name, dpi)
+def selected_pages(spec: str | None, count: int) -> list[int]:
+    """``--pages`` (``"1-3,7"``, ``"5-"``) against a document of ``count`` pages; DocumentError if it
+    asks for a page the document does not have."""
+    return parse_page_selection(spec, count)
 
 
-@dataclass
-class PageOut:
-    index: int
-    width: int
-    height: int
-    raw: str
-    markdown: str
-    finish_reason: str
-    blocks: list[dict[str, Any]] = field(default_factory=list)
+def load_chunk(data: bytes, numbers: list[int], dpi: int, max_pixels: int) -> list[Page]:
+    """Render just these pages (1-based numbers, ascending)."""
+    spec = ",".join(str(n) for n in numbers)
+    return load_pages(data, dpi=dpi, pages=spec, max_pages=NO_PAGE_CAP, max_pixels=max_pixels)
 
 
-def page_result(
-    kind: str, raw: str, image: Image.Image, index: int, finish_reason: str, boxes: bool
-) -> PageOut:
-    return PageOut(index, image.width, image.height, raw, raw, finish_reason)
+class FigureStore:
+    """The figure sink of one document: each crop becomes ``<name>_images/page-0001-1.jpg``, linked
+    from the markdown and the blocks by that relative path. With ``folder_name=None`` (markdown to
+    stdout) crops are linked inline as JPEG data URLs, as the API does."""
+
+    def __init__(self, folder_name: str | None) -> None:
+        self.folder = folder_name
+        self.files: dict[str, bytes] = {}
+
+    def __call__(self, page: int, index: int, image: Image.Image) -> str | None:
+        rgb = image.convert("RGB")
+        if self.folder is None:
+            return data_url(rgb, "JPEG", quality=90)
+        name = f"page-{page:04d}-{index}.jpg"
+        buf = io.BytesIO()
+        rgb.save(buf, "JPEG", quality=90)
+        self.files[name] = buf.getvalue()
+        return urllib.parse.quote(f"{self.folder}/{name}")
 
 
-def assemble(
-    name: str, source: Path | None, model_id: str, pages: list[PageOut], fmt: str, boxes: bool, image_dir: str
+def page_from_text(
+    kind: str,
+    page: Page,
+    text: str,
+    finish_reason: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    figures: Callable[[int, int, Image.Image], str | None],
+) -> PageResult:
+    """A page result from text generated elsewhere (``--server``): the family's post-processor over it,
+    exactly as the in-process pipeline does for the engine's text."""
+    count = 0
+
+    def link(box: tuple[int, int, int, int]) -> str | None:
+        nonlocal count
+        count += 1
+        return figures(page.number, count, crop(page.image, box))
+
+    w, h = page.image.size
+    content = for_kind(kind).process(text, w, h, link)
+    return PageResult(
+        page=page.number, width=w, height=h, raw=text, content=content,
+        finish_reason="length" if finish_reason == "length" else "stop",
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+    )  # fmt: skip
+
+
+def boxes_png(page: Page, result: PageResult) -> bytes:
+    return layout_png(page.image, result.blocks)
+
+
+def document_output(
+    result: DocumentResult, fmt: str, figures: dict[str, bytes], boxes: dict[int, bytes]
 ) -> DocumentOutput:
+    """The bytes of a document's output files (see :mod:`.outputs`)."""
     if fmt == "raw":
-        return DocumentOutput(main_text="\n\n".join(p.raw for p in pages))
-    md = "".join((f"\n\n<!-- page {p.index + 1} -->\n\n" if p.index else "") + p.markdown for p in pages)
-    obj = {
-        "source": name,
-        "model": model_id,
-        "pages": [
-            {"page": p.index + 1, "width": p.width, "height": p.height, "blocks": p.blocks} for p in pages
-        ],
-    }
-    return DocumentOutput(main_text=md, json_text=json.dumps(obj, ensure_ascii=False, indent=2))
+        return DocumentOutput(main_text=result.joined(raw=True))
+    doc: dict[str, Any] = result.to_dict()
+    return DocumentOutput(
+        main_text=result.joined(),
+        json_text=json.dumps(doc, ensure_ascii=False, indent=2) + "\n",
+        images=dict(figures),
+        boxes={f"page-{n:04d}.png": png for n, png in sorted(boxes.items())},
+    )

@@ -1,10 +1,13 @@
 """One batch run: documents -> pages -> engine -> post-processing -> outputs, with resume and failures.
 
 - Inputs already done (:func:`.outputs.up_to_date`) are skipped unless ``overwrite``; missing inputs
-  and documents that cannot be opened fail at once, with their reason, and the run goes on.
-- Every page of every remaining document goes through the one engine, at most ``jobs`` pages in
-  flight, documents in command-line order, pages in page order; pages of consecutive documents are in
-  flight together, so a folder of single-page images batches as well as a long PDF.
+  and documents that cannot be opened fail at once, with their reason, and the run goes on. Pages are
+  counted up front (no rendering) for the progress total.
+- Every selected page of every remaining document goes through the one engine, at most ``jobs`` pages
+  in flight, documents in command-line order, pages in page order. Pages are rendered a few at a time
+  (``jobs // 4``, at least 1) when there is room, so memory stays bounded on long PDFs, and pages of
+  consecutive documents are in flight together: a folder of single-page images batches as well as a
+  long PDF.
 - A document is written (atomically, main file last) once all its pages are read; a page that fails
   fails its document (nothing of it is written) and the others continue.
 - Cancelling the run (Ctrl-C) stops the pages in flight; documents already written stay complete,
@@ -19,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from ..documents import DocumentResult, Page, PageResult
 from . import pipeline
 from .engines import Engine, FatalError, PageError
 from .inputs import Doc
@@ -29,12 +33,13 @@ from .progress import Progress
 @dataclass
 class RunOptions:
     model_id: str
-    kind: str
     fmt: str = "md"
     boxes: bool = False
     overwrite: bool = False
     jobs: int = 4
     dpi: int = pipeline.DEFAULT_DPI
+    pages: str | None = None  # page selection applied to every document ("1-3,7")
+    max_pixels: int = 64_000_000
 
 
 @dataclass
@@ -56,12 +61,32 @@ class Summary:
 @dataclass(eq=False)
 class _DocState:
     doc: Doc
-    data: bytes
-    count: int
-    pages: list[pipeline.PageOut | None]
-    left: int
+    data: bytes  # kept for stdin only; files are read again when their turn comes
+    numbers: list[int]  # the selected page numbers
+    figures: pipeline.FigureStore
+    results: dict[int, PageResult] = field(default_factory=dict)
+    boxes: dict[int, bytes] = field(default_factory=dict)
     failed: str | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+class _Budget:
+    """Pages in flight (one producer acquires, page completions release)."""
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self._changed = asyncio.Event()
+
+    async def acquire(self, k: int) -> None:
+        while self.free < k:
+            self._changed.clear()
+            await self._changed.wait()
+        self.free -= k
+
+    def release(self, k: int) -> None:
+        if k:
+            self.free += k
+            self._changed.set()
 
 
 class BatchRun:
@@ -79,7 +104,7 @@ class BatchRun:
         self.progress = progress
         self.stdout = stdout or sys.stdout
         self.summary = Summary()
-        # pdfium is not thread-safe: one thread renders and post-processes, the engine has its own
+        # pdfium is not thread-safe: one thread counts, renders and draws; the engine has its own
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ocr-render")
 
     # --- helpers -----------------------------------------------------------------------------------
@@ -95,13 +120,9 @@ class BatchRun:
             return doc.data if doc.data is not None else sys.stdin.buffer.read()
         return doc.source.read_bytes()
 
-    def _count(self, doc: Doc) -> tuple[bytes, int]:
+    def _open(self, doc: Doc) -> tuple[bytes, list[int]]:
         data = self._read(doc)
-        src = pipeline.open_document(data, doc.name, self.opts.dpi)
-        try:
-            return data, src.count
-        finally:
-            src.close()
+        return data, pipeline.selected_pages(self.opts.pages, pipeline.count_pages(data))
 
     # --- the run -----------------------------------------------------------------------------------
     async def run(self) -> Summary:
@@ -125,16 +146,18 @@ class BatchRun:
                 self.summary.skipped.append(doc.name)
                 continue
             try:
-                data, count = await self._in_pool(self._count, doc)
+                data, numbers = await self._in_pool(self._open, doc)
             except pipeline.DocumentError as exc:
                 self._fail(doc.name, str(exc))
                 continue
             except OSError as exc:
                 self._fail(doc.name, f"cannot read it: {exc.strerror or exc}")
                 continue
-            # keep the bytes only for stdin (files are read again when their turn comes)
-            todo.append(_DocState(doc, data if doc.source is None else b"", count, [None] * count, count))
-            self.progress.add(count)
+            folder = images_dir(doc.out_base).name if doc.out_base is not None else None
+            todo.append(
+                _DocState(doc, data if doc.source is None else b"", numbers, pipeline.FigureStore(folder))
+            )
+            self.progress.add(len(numbers))
         if self.summary.skipped:
             n = len(self.summary.skipped)
             self.progress.info(
@@ -156,37 +179,37 @@ class BatchRun:
             interrupted = True
             raise
         finally:
-            for st in todo:
-                for t in st.tasks:
-                    t.cancel()
-            await asyncio.gather(*(t for st in todo for t in st.tasks), return_exceptions=True)
+            tasks = [t for st in todo for t in st.tasks]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self.engine.close(interrupted=interrupted)
 
     async def _pages(self, todo: list[_DocState]) -> None:
-        slots = asyncio.Semaphore(max(1, self.opts.jobs))
+        budget = _Budget(max(1, self.opts.jobs))
+        per_load = max(1, self.opts.jobs // 4)
         for st in todo:
             try:
                 data = st.data or await self._in_pool(self._read, st.doc)
-                source = await self._in_pool(pipeline.open_document, data, st.doc.name, self.opts.dpi)
-            except (pipeline.DocumentError, OSError) as exc:
-                self._fail(st.doc.name, str(exc))
+            except OSError as exc:
+                self._fail(st.doc.name, f"cannot read it: {exc.strerror or exc}")
                 continue
             st.data = b""
-            try:
-                for i in range(st.count):
-                    await slots.acquire()
-                    if st.failed:
-                        slots.release()
-                        break
-                    try:
-                        image = await self._in_pool(source.render, i)
-                    except Exception as exc:  # noqa: BLE001 - pdfium/PIL errors of one page
-                        slots.release()
-                        self._page_failed(st, f"page {i + 1}: cannot render it ({exc})")
-                        break
-                    st.tasks.append(asyncio.create_task(self._page(st, i, image, slots)))
-            finally:
-                await self._in_pool(source.close)
+            for k in range(0, len(st.numbers), per_load):
+                part = st.numbers[k : k + per_load]
+                await budget.acquire(len(part))
+                if st.failed:
+                    budget.release(len(part))
+                    break
+                try:
+                    pages = await self._in_pool(
+                        pipeline.load_chunk, data, part, self.opts.dpi, self.opts.max_pixels
+                    )
+                except pipeline.DocumentError as exc:
+                    budget.release(len(part))
+                    self._page_failed(st, str(exc))
+                    break
+                st.tasks.append(asyncio.create_task(self._chunk(st, pages, budget)))
         await asyncio.gather(*(t for st in todo for t in st.tasks), return_exceptions=True)
 
     def _page_failed(self, st: _DocState, reason: str) -> None:
@@ -198,35 +221,36 @@ class BatchRun:
                 t.cancel()
         self._fail(st.doc.name, reason)
 
-    async def _page(self, st: _DocState, i: int, image: Any, slots: asyncio.Semaphore) -> None:
+    async def _chunk(self, st: _DocState, pages: list[Page], budget: _Budget) -> None:
+        by_number = {p.number: p for p in pages}
+        held = len(pages)
         try:
-            ans = await self.engine.ocr(image)
-            out = await self._in_pool(
-                pipeline.page_result, self.opts.kind, ans.text, image, i, ans.finish_reason, self.opts.boxes
-            )
+            async for result in self.engine.run_pages(pages, st.figures):
+                if self.opts.boxes and self.opts.fmt == "md":
+                    st.boxes[result.page] = await self._in_pool(
+                        pipeline.boxes_png, by_number[result.page], result
+                    )
+                st.results[result.page] = result
+                held -= 1
+                budget.release(1)
+                self.summary.pages += 1
+                self.progress.page_done()
         except PageError as exc:
-            self._page_failed(st, f"page {i + 1}: {exc}")
+            self._page_failed(st, str(exc))
             return
         except Exception as exc:  # noqa: BLE001 - a bug must fail this document, not hang the run
-            self._page_failed(st, f"page {i + 1}: internal error: {type(exc).__name__}: {exc}")
+            self._page_failed(st, f"internal error: {type(exc).__name__}: {exc}")
             return
         finally:
-            slots.release()
-        st.pages[i] = out
-        st.left -= 1
-        self.summary.pages += 1
-        self.progress.page_done()
-        if st.left == 0 and not st.failed:
+            budget.release(held)
+        if len(st.results) == len(st.numbers) and not st.failed:
             self._finish(st)
 
     def _finish(self, st: _DocState) -> None:
         doc, opts = st.doc, self.opts
-        pages = [p for p in st.pages if p is not None]
-        image_dir = images_dir(doc.out_base).name if doc.out_base is not None else ""
+        result = DocumentResult(opts.model_id, [st.results[n] for n in st.numbers])
         try:
-            out = pipeline.assemble(
-                doc.name, doc.source, opts.model_id, pages, opts.fmt, opts.boxes, image_dir
-            )
+            out = pipeline.document_output(result, opts.fmt, st.figures.files, st.boxes)
             if doc.to_stdout:
                 self.stdout.write(out.main_text)
                 if not out.main_text.endswith("\n"):
@@ -239,4 +263,4 @@ class BatchRun:
             self._fail(doc.name, f"cannot write its outputs: {exc}")
             return
         self.summary.done.append(doc.name)
-        self.progress.doc_done(doc.name, st.count, dest)
+        self.progress.doc_done(doc.name, len(st.numbers), dest)
