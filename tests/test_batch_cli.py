@@ -528,3 +528,50 @@ def test_server_mode_grounding_figures_and_boxes(tmp_path: Path, capsys: pytest.
         code, err = _run(["--config", str(cfg), str(src / "doc.pdf"), "-o", str(out), "--boxes", "--server",
                           stub.url, "--pages", "2-3"], capsys)
     assert code == 0 and "1 written" in err and (out / "doc_boxes").is_dir()
+
+
+def test_progress_bar_and_plain_lines() -> None:
+    from deepseek_ocr_server.batch.progress import Progress
+
+    bar_out = io.StringIO()
+    bar = Progress(stream=bar_out, bar=True)
+    bar.add(4)
+    bar.start()
+    for _ in range(3):
+        bar.page_done()
+    bar.doc_done("a.pdf", 3, "out/a.md")  # the bar shows it; no separate line
+    bar.close()
+    text = bar_out.getvalue()
+    assert "3/4 pages" in text and "pages/min" in text and "a.pdf" not in text
+
+    plain_out = io.StringIO()
+    plain = Progress(stream=plain_out, bar=False)
+    plain.add(4)
+    plain.start()
+    plain.page_done()
+    plain.doc_done("a.png", 1, "out/a.md")
+    assert plain_out.getvalue().startswith("[1/4 pages, ") and "pages/min, ETA " in plain_out.getvalue()
+    assert "a.png: 1 page -> out/a.md" in plain_out.getvalue()
+
+    quiet_out = io.StringIO()
+    quiet = Progress(stream=quiet_out, quiet=True)
+    quiet.add(1)
+    quiet.page_done()
+    quiet.doc_done("a.png", 1, "out/a.md")
+    quiet.info("x")
+    quiet.error("boom")
+    assert quiet_out.getvalue() == "boom\n"
+
+
+@pytest.mark.parametrize("readme", ["README.md", "README_CN.md"])
+def test_readme_documents_every_batch_flag(readme: str) -> None:
+    import re
+
+    text = (Path(__file__).parents[1] / readme).read_text(encoding="utf-8")
+    m = re.search(r"<!-- section:batch .*?-->\n(.*?)<!-- /section:batch -->", text, re.S)
+    assert m, f"{readme}: batch section missing"
+    section = m.group(1)
+    for action in batch_cli.build_parser()._actions:
+        for flag in action.option_strings:
+            if flag.startswith("--") and flag not in ("--help", "--version"):
+                assert f"`{flag}" in section, f"{readme}: {flag} not documented in the batch section"

@@ -56,7 +56,13 @@ Figures = Callable[[int, int, Image.Image], str | None]
 
 
 class Engine(Protocol):
-    async def start(self) -> None: ...
+    def describe(self) -> str:
+        """One line for the log: what reads the pages."""
+        ...
+
+    async def start(self) -> None:
+        """Get ready (load the model / check the server); idempotent. FatalError when impossible."""
+        ...
 
     def run_pages(self, pages: list[Page], figures: Figures) -> AsyncIterator[PageResult]:
         """The post-processed result of every page (in any order); PageError when one fails."""
@@ -102,8 +108,16 @@ class InProcessEngine:
         self.jobs = jobs
         self.manager: Any = None
 
+    def describe(self) -> str:
+        inf = self.settings.inference_for(self.model_id)
+        quant = f", {inf.quantize}" if inf.quantize else ""
+        return f"model {self.model_id} in this process ({inf.device}, {inf.effective_dtype}{quant})"
+
     async def start(self) -> None:
         from ..engine.manager import ModelManager
+
+        if self.manager is not None:
+            return
         from ..server import build_loader
 
         srv = self.settings.server
@@ -195,9 +209,14 @@ class HttpEngine:
         self.timeout_s = timeout_s
         self.client: Any = None
 
+    def describe(self) -> str:
+        return f"model {self.model_id} on {self.base_url}"
+
     async def start(self) -> None:
         import openai
 
+        if self.client is not None:
+            return
         self.client = openai.AsyncOpenAI(
             base_url=self.base_url, api_key=self.api_key or "unused", timeout=self.timeout_s, max_retries=5
         )

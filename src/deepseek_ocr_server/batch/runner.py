@@ -165,6 +165,8 @@ class BatchRun:
             )
         if not todo:
             return
+        self.progress.info(f"{sum(len(st.numbers) for st in todo)} pages of {len(todo)} documents; "
+                           f"{self.engine.describe()}")  # fmt: skip
         try:
             await self.engine.start()
         except FatalError as exc:
