@@ -142,9 +142,14 @@ class ServerSettings:
     max_queued: int = 32
     queue_timeout_s: float = 300.0
     prefill_slice_s: float = 0.25
+    pdf_dpi: int = 144
+    max_pages: int = 100
 
 
 SERVER_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerSettings))
+
+#: the resolutions a PDF page may be rendered at (config ``pdf_dpi`` and a request's ``dpi``)
+PDF_DPI_RANGE = (36, 600)
 
 #: Built-in defaults that differ by model kind (the lowest layer: ``[inference]`` and everything above
 #: still override them). PaddleOCR-VL's reference decodes plain greedy with no n-gram ban (SPEC §9): a
@@ -363,6 +368,8 @@ _SPECS: dict[str, Any] = {
     "max_queued": _int(0),
     "queue_timeout_s": _float(0.0, lo_open=True),
     "prefill_slice_s": _float(0.0),
+    "pdf_dpi": _int(*PDF_DPI_RANGE),
+    "max_pages": _int(1, 10_000),
 }
 assert set(_SPECS) == set(INFERENCE_KEYS) | set(SERVER_KEYS)
 
@@ -439,6 +446,8 @@ max_running = 8                    # sequences decoded together
 max_queued = 32                    # waiting requests before 429
 queue_timeout_s = 300.0            # longest wait for a slot (503 after)
 prefill_slice_s = 0.25             # running streams get a decode step at least this often during a prefill
+pdf_dpi = 144                      # PDF pages are rendered at this resolution (a request's "dpi" overrides)
+max_pages = 100                    # pages per document request (more: 400, select fewer with "pages")
 """
 
 

@@ -8,6 +8,7 @@ a page whose render exceeds the pixel cap, more pages than the cap, a bad page s
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import threading
@@ -17,11 +18,14 @@ from pathlib import Path
 
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
-#: the official DeepSeek-OCR PDF script renders at 144 DPI; a request or the config can change it
-DEFAULT_DPI = 144
-DPI_RANGE = (36, 600)
-DEFAULT_MAX_PAGES = 100
-DEFAULT_MAX_PIXELS = 64_000_000
+from ..config import PDF_DPI_RANGE as DPI_RANGE
+from ..config import ServerSettings
+
+#: the official DeepSeek-OCR PDF script renders at 144 DPI; the config (``[server] pdf_dpi``, ``max_pages``,
+#: ``max_image_pixels``) and a request can change these
+DEFAULT_DPI: int = ServerSettings.pdf_dpi
+DEFAULT_MAX_PAGES: int = ServerSettings.max_pages
+DEFAULT_MAX_PIXELS: int = ServerSettings.max_image_pixels
 
 # pdfium is not thread-safe: one call into it at a time, whichever request asks
 _PDFIUM_LOCK = threading.Lock()
@@ -118,17 +122,18 @@ def pdf_pages(
         try:
             pdf = pdfium.PdfDocument(data)
         except pdfium.PdfiumError as exc:
+            # pdfium's error code is process-global and not reset by every failure: trust a password
+            # code only for a file that declares encryption
             code = getattr(exc, "err_code", None)
-            if code == pdfium_c.FPDF_ERR_PASSWORD:
+            if code in (pdfium_c.FPDF_ERR_PASSWORD, pdfium_c.FPDF_ERR_SECURITY) and b"/Encrypt" in data:
                 raise DocumentError(
                     "the PDF is password-protected (encrypted); send an unprotected copy",
                     "document_encrypted",
                 ) from None
-            if code == pdfium_c.FPDF_ERR_SECURITY:
-                raise DocumentError(
-                    "the PDF uses an unsupported security handler", "document_encrypted"
-                ) from None
-            raise DocumentError(f"the PDF is corrupt or truncated and cannot be opened ({exc})") from None
+            raise DocumentError(
+                "the PDF is corrupt, truncated or has no pages and cannot be opened"
+                f" ({str(exc).removeprefix('Failed to load document ')})"
+            ) from None
         try:
             count = len(pdf)
             if count < 1:
@@ -143,7 +148,10 @@ def pdf_pages(
                     raise DocumentError(f"page {number} of the PDF cannot be read ({exc})") from None
                 try:
                     w_pt, h_pt = page.get_size()
-                    w, h = round(w_pt * scale), round(h_pt * scale)
+                    w, h = (
+                        math.ceil(w_pt * scale - 1e-6),
+                        math.ceil(h_pt * scale - 1e-6),
+                    )  # as pdfium sizes it
                     if w < 1 or h < 1:
                         raise DocumentError(f"page {number} of the PDF has no area")
                     if w * h > max_pixels:

@@ -77,6 +77,8 @@ class PageFailed(EngineError):
 class Submitter(Protocol):
     """What the pipeline needs of the engine (``ModelManager`` has it)."""
 
+    def submit(self, req: OcrRequest) -> Any: ...
+
     def submit_group(self, reqs: list[OcrRequest]) -> list[Any]: ...
 
 
@@ -120,7 +122,12 @@ async def run_jobs(
     error names the page) and :class:`PageFailed`. Closing the iterator cancels every page."""
     opts = options or DocumentOptions()
     pp = for_kind(kind)
-    streams = manager.submit_group([j.request for j in jobs])
+    # one page is one plain request; several are one group (one request for the queue, fair slots)
+    streams = (
+        [manager.submit(jobs[0].request)]
+        if len(jobs) == 1
+        else manager.submit_group([j.request for j in jobs])
+    )
     result = DocumentResult(model_id or jobs[0].request.model_id)
     try:
         for job, stream in zip(jobs, streams, strict=True):
