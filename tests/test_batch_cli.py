@@ -575,3 +575,24 @@ def test_readme_documents_every_batch_flag(readme: str) -> None:
         for flag in action.option_strings:
             if flag.startswith("--") and flag not in ("--help", "--version"):
                 assert f"`{flag}" in section, f"{readme}: {flag} not documented in the batch section"
+
+
+def test_dpi_from_flag_and_config(tmp_path: Path, fake_checkpoints: dict[str, Any],
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    src = _folder(tmp_path)
+    entry = {"fake-a": _fake_entry(fake_checkpoints["fake-a"])}
+    cfg = _config(tmp_path / "c.toml", entry, "fake-a", "[server]\npdf_dpi = 72")
+    out = tmp_path / "out"
+
+    def sizes() -> list[tuple[int, int, int]]:
+        doc = json.loads((out / "doc.json").read_text(encoding="utf-8"))
+        return [(p["page"], p["width"], p["height"]) for p in doc["pages"]]
+
+    assert _run(["--config", str(cfg), str(src / "doc.pdf"), "-o", str(out), "--pages", "2-"], capsys)[0] == 0
+    assert sizes() == [(2, 60, 80), (3, 60, 80)]  # the config's 72 DPI: 60x80 pt pages -> 60x80 px
+    assert _run(["--config", str(cfg), str(src / "doc.pdf"), "-o", str(out), "--dpi", "144", "--overwrite"],
+                capsys)[0] == 0
+    assert sizes() == [(1, 120, 160), (2, 120, 160), (3, 120, 160)]  # the flag wins
+    code, err = _run(["--config", str(cfg), str(src / "doc.pdf"), "-o", str(out), "--pages", "4", "--overwrite"],
+                     capsys)
+    assert code == 1 and "asks for page 4, but the document has 3 pages" in err

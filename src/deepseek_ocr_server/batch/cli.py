@@ -24,7 +24,7 @@ from typing import Any
 
 from .. import __version__
 from .. import cli as server_cli
-from ..config import ConfigError, load_settings
+from ..config import PDF_DPI_RANGE, ConfigError, ServerSettings, load_settings
 from . import pipeline
 from .inputs import EXTENSIONS, UsageError, discover
 from .outputs import FORMATS
@@ -128,11 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--dpi",
+        dest="pdf_dpi",
         metavar="N",
-        type=_dpi,
-        default=pipeline.DEFAULT_DPI,
-        help=f"PDF rendering resolution, {pipeline.DPI_RANGE[0]}..{pipeline.DPI_RANGE[1]} "
-        f"(default: {pipeline.DEFAULT_DPI})",
+        type=server_cli._typed("pdf_dpi", int),
+        default=argparse.SUPPRESS,
+        help=f"PDF rendering resolution, {PDF_DPI_RANGE[0]}..{PDF_DPI_RANGE[1]}; [server] pdf_dpi of the config file "
+        f"(default: {ServerSettings().pdf_dpi})",
     )
     g.add_argument(
         "--pages",
@@ -215,14 +216,6 @@ def _positive(text: str) -> int:
     return v
 
 
-def _dpi(text: str) -> int:
-    v = _positive(text)
-    lo, hi = pipeline.DPI_RANGE
-    if not lo <= v <= hi:
-        raise argparse.ArgumentTypeError(f"must be in {lo}..{hi}, got {v}")
-    return v
-
-
 def _pages(text: str) -> str:
     try:
         pipeline.selected_pages(text, 10**9)  # the syntax; each document checks its own length
@@ -238,7 +231,6 @@ _OWN = {
     "boxes",
     "overwrite",
     "prompt",
-    "dpi",
     "pages",
     "server",
     "api_key",
@@ -325,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         boxes=args["boxes"],
         overwrite=args["overwrite"],
         jobs=jobs,
-        dpi=args["dpi"],
+        dpi=settings.server.pdf_dpi,
         pages=args["pages"],
         max_pixels=settings.server.max_image_pixels,
     )
