@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -218,7 +219,8 @@ def _positive(text: str) -> int:
 
 def _pages(text: str) -> str:
     try:
-        pipeline.selected_pages(text, 10**9)  # the syntax; each document checks its own length
+        # the syntax only (each document checks its own length): as if the last page were the highest named
+        pipeline.selected_pages(text, max([int(n) for n in re.findall(r"\d+", text)] or [1]))
     except pipeline.DocumentError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
