@@ -195,6 +195,8 @@ def test_missing_input_fails_the_rest_runs(
         (["x.png", "--top-p", "1.5"], "--top-p"),
         (["x.png", "--model", "nope"], "unknown model 'nope'"),
         (["x.png", "--jobs", "0"], "--jobs"),
+        (["x.png", "--pages", "3-1"], "invalid page range"),
+        (["x.png", "--dpi", "20"], "--dpi"),
     ],
 )
 def test_usage_errors_exit_2(
