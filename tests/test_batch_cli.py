@@ -407,6 +407,13 @@ def test_discover_names(tmp_path: Path) -> None:
     )
     names = [d.out_base.relative_to(out).as_posix() for d in docs if d.out_base]
     assert names == ["a.pdf", "a.png", "deep/c", "a.png-2"]
+    # our own output folders beside a NAME.md are not inputs (output folder inside an input folder)
+    (tmp_path / "x" / "r.md").write_text("")
+    for rel in ("r_images/page-0001-1.jpg", "r_boxes/page-0001.png", "s_images/keep.png"):
+        (tmp_path / "x" / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / "x" / rel).write_bytes(b"")
+    found = [d.name for d in batch_inputs.discover([str(tmp_path / "x")], out)]
+    assert not [n for n in found if "r_images" in n or "r_boxes" in n] and any("s_images" in n for n in found)
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -465,17 +472,33 @@ class _OpenAIStub:
                 self.wfile.write(raw)
 
             def do_GET(self) -> None:  # noqa: N802
-                self._json({"object": "list", "data": [{"id": "deepseek-ocr", "object": "model", "created": 0,
-                                                        "owned_by": "x"}]})
+                self._json(
+                    {
+                        "object": "list",
+                        "data": [{"id": "deepseek-ocr", "object": "model", "created": 0, "owned_by": "x"}],
+                    }
+                )
 
             def do_POST(self) -> None:  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.bodies.append(body)
                 stub.auth.append(self.headers.get("Authorization"))
-                self._json({"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
-                            "choices": [{"index": 0, "finish_reason": "stop",
-                                         "message": {"role": "assistant", "content": GROUNDED}}],
-                            "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}})
+                self._json(
+                    {
+                        "id": "c",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": GROUNDED},
+                            }
+                        ],
+                        "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14},
+                    }
+                )
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -498,9 +521,27 @@ def test_server_mode_grounding_figures_and_boxes(tmp_path: Path, capsys: pytest.
     cfg = _config(tmp_path / "config.toml", {}, "deepseek-ocr")
     out = tmp_path / "out"
     with _OpenAIStub() as stub:
-        code, err = _run(["--config", str(cfg), str(src / "doc.pdf"), "-o", str(out), "--boxes", "--server",
-                          stub.url, "--api-key", "k-1", "--max-new-tokens", "77", "--base-size", "640",
-                          "--pages", "2-3"], capsys)
+        code, err = _run(
+            [
+                "--config",
+                str(cfg),
+                str(src / "doc.pdf"),
+                "-o",
+                str(out),
+                "--boxes",
+                "--server",
+                stub.url,
+                "--api-key",
+                "k-1",
+                "--max-new-tokens",
+                "77",
+                "--base-size",
+                "640",
+                "--pages",
+                "2-3",
+            ],
+            capsys,
+        )
     assert code == 0, err
     assert len(stub.bodies) == 2 and set(stub.auth) == {"Bearer k-1"}
     body = stub.bodies[0]
@@ -508,7 +549,12 @@ def test_server_mode_grounding_figures_and_boxes(tmp_path: Path, capsys: pytest.
     part = body["messages"][0]["content"][-1]
     assert part["type"] == "image_url" and part["image_url"]["url"].startswith("data:image/png;base64,")
     md = (out / "doc.md").read_text(encoding="utf-8")
-    assert "<|ref|>" not in md and "Revenue := grew." in md and "<!-- page 2 -->" in md and "page 1 -->" not in md
+    assert (
+        "<|ref|>" not in md
+        and "Revenue := grew." in md
+        and "<!-- page 2 -->" in md
+        and "page 1 -->" not in md
+    )
     assert "![](doc_images/page-0002-1.jpg)" in md and "![](doc_images/page-0003-1.jpg)" in md
     crop = Image.open(out / "doc_images" / "page-0002-1.jpg")
     w, h = _pages_of(src / "doc.pdf")[1].size
@@ -527,8 +573,21 @@ def test_server_mode_grounding_figures_and_boxes(tmp_path: Path, capsys: pytest.
 
     shutil.rmtree(out / "doc_boxes")
     with _OpenAIStub() as stub:
-        code, err = _run(["--config", str(cfg), str(src / "doc.pdf"), "-o", str(out), "--boxes", "--server",
-                          stub.url, "--pages", "2-3"], capsys)
+        code, err = _run(
+            [
+                "--config",
+                str(cfg),
+                str(src / "doc.pdf"),
+                "-o",
+                str(out),
+                "--boxes",
+                "--server",
+                stub.url,
+                "--pages",
+                "2-3",
+            ],
+            capsys,
+        )
     assert code == 0 and "1 written" in err and (out / "doc_boxes").is_dir()
 
 
@@ -579,8 +638,9 @@ def test_readme_documents_every_batch_flag(readme: str) -> None:
                 assert f"`{flag}" in section, f"{readme}: {flag} not documented in the batch section"
 
 
-def test_dpi_from_flag_and_config(tmp_path: Path, fake_checkpoints: dict[str, Any],
-                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_dpi_from_flag_and_config(
+    tmp_path: Path, fake_checkpoints: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
     src = _folder(tmp_path)
     entry = {"fake-a": _fake_entry(fake_checkpoints["fake-a"])}
     cfg = _config(tmp_path / "c.toml", entry, "fake-a", "[server]\npdf_dpi = 72")
@@ -592,9 +652,15 @@ def test_dpi_from_flag_and_config(tmp_path: Path, fake_checkpoints: dict[str, An
 
     assert _run(["--config", str(cfg), str(src / "doc.pdf"), "-o", str(out), "--pages", "2-"], capsys)[0] == 0
     assert sizes() == [(2, 60, 80), (3, 60, 80)]  # the config's 72 DPI: 60x80 pt pages -> 60x80 px
-    assert _run(["--config", str(cfg), str(src / "doc.pdf"), "-o", str(out), "--dpi", "144", "--overwrite"],
-                capsys)[0] == 0
+    assert (
+        _run(
+            ["--config", str(cfg), str(src / "doc.pdf"), "-o", str(out), "--dpi", "144", "--overwrite"],
+            capsys,
+        )[0]
+        == 0
+    )
     assert sizes() == [(1, 120, 160), (2, 120, 160), (3, 120, 160)]  # the flag wins
-    code, err = _run(["--config", str(cfg), str(src / "doc.pdf"), "-o", str(out), "--pages", "4", "--overwrite"],
-                     capsys)
+    code, err = _run(
+        ["--config", str(cfg), str(src / "doc.pdf"), "-o", str(out), "--pages", "4", "--overwrite"], capsys
+    )
     assert code == 1 and "asks for page 4, but the document has 3 pages" in err

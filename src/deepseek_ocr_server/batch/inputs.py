@@ -2,7 +2,8 @@
 
 - A file named on the command line is taken whatever its extension (the renderer reports what it
   cannot read); a folder contributes every file below it (recursively, sorted) whose extension is in
-  :data:`EXTENSIONS`; anything else is tried as a glob pattern (``**`` recurses).
+  :data:`EXTENSIONS` (hidden files and this command's own ``NAME_images/`` / ``NAME_boxes/`` output
+  folders left out); anything else is tried as a glob pattern (``**`` recurses).
 - Outputs mirror the input's place: a named file or a glob match ``a/b.pdf`` -> ``OUTDIR/b``, a file
   ``sub/x.png`` inside a folder input -> ``OUTDIR/sub/x``. Two inputs that would share an output name
   (``a.png`` and ``a.pdf`` side by side) keep their extension in it (``a.png``, ``a.pdf``); the same
@@ -49,10 +50,24 @@ def _has_magic(text: str) -> bool:
     return glob.has_magic(text)
 
 
+#: folders this command writes beside a document's ``NAME.md`` (see :mod:`.outputs`)
+_OUTPUT_FOLDERS = ("_images", "_boxes")
+
+
+def _is_output_folder(parent: Path, name: str) -> bool:
+    """``NAME_images/`` or ``NAME_boxes/`` next to a ``NAME.md``/``NAME.json``: our own outputs (when the
+    output folder is inside an input folder), never inputs."""
+    for suffix in _OUTPUT_FOLDERS:
+        if name.endswith(suffix):
+            stem = name[: -len(suffix)]
+            return any((parent / f"{stem}{ext}").is_file() for ext in (".md", ".json"))
+    return False
+
+
 def _folder_files(folder: Path) -> list[Path]:
     found = []
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _is_output_folder(Path(root), d))
         for f in sorted(files):
             if not f.startswith(".") and os.path.splitext(f)[1].lower() in EXTENSIONS:
                 found.append(Path(root) / f)
