@@ -311,20 +311,28 @@ def test_sigint_leaves_no_partial_file(tmp_path: Path) -> None:
         assert (out / (md.stem + ".json")).is_file()
 
 
+@pytest.mark.parametrize(
+    "kind, fixture", [("deepseek-ocr", "deepseek_ckpt"), ("paddleocr-vl", "paddle_ckpt")]
+)
 def test_real_checkpoints_folder(
-    tmp_path: Path, deepseek_ckpt: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    kind: str,
+    fixture: str,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """The tiny real DeepSeek-OCR checkpoint: each page's raw text equals the same page run alone."""
+    """The tiny real checkpoints of both families: each page's raw text equals the same page run alone."""
     import torch
 
+    from deepseek_ocr_server.config import DEFAULT_PROMPTS
     from deepseek_ocr_server.engine.generate import generate
+    from deepseek_ocr_server.models import load_model
     from deepseek_ocr_server.models.base import ModelFiles, VisionSettings
-    from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
     from deepseek_ocr_server.sampling import SamplingParams
 
-    files = ModelFiles.from_dir(deepseek_ckpt)
+    files = ModelFiles.from_dir(request.getfixturevalue(fixture))
     entry = {
-        "kind": "deepseek-ocr",
+        "kind": kind,
         "config": str(files.config),
         "tokenizer": str(files.tokenizer),
         "weights": str(files.weights),
@@ -334,14 +342,14 @@ def test_real_checkpoints_folder(
         "max_new_tokens": 6,
         "no_repeat_ngram_size": 0,
     }
-    cfg = _config(tmp_path / "config.toml", {"deepseek-ocr": entry}, "deepseek-ocr")
+    cfg = _config(tmp_path / "config.toml", {kind: entry}, kind)
     src = _folder(tmp_path)
     out = tmp_path / "out"
     code, err = _run(["--config", str(cfg), str(src), "-o", str(out), "--format", "raw"], capsys)
     assert code == 1 and "broken.pdf" in err, err
-    model = DeepseekOcrModel.load(files, device="cpu", dtype=torch.float32)
+    model = load_model(kind, files, device="cpu", dtype=torch.float32)
     vision = VisionSettings(base_size=512, image_size=512, crop_mode=False)
-    prompt = "<image>\n<|grounding|>Convert the document to markdown."
+    prompt = DEFAULT_PROMPTS[kind]
     for rel, source in (("a", "a.png"), ("doc", "doc.pdf"), ("sub/b", "sub/b.jpg")):
         want = [
             generate(
