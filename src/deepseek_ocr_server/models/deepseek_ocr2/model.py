@@ -74,7 +74,8 @@ class DeepseekOcr2Model(DeepseekOcrModel):
 
     def check_vision_settings(self, settings: VisionSettings) -> None:
         sides = self.cfg.view_tokens()
-        for name in ("base_size", "image_size"):
+        # without crop mode only the image_size view exists (base_size is not used)
+        for name in ("base_size", "image_size") if settings.crop_mode else ("image_size",):
             v = getattr(settings, name)
             if v not in sides:
                 raise InputError(

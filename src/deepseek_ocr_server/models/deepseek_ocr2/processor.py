@@ -53,7 +53,10 @@ def preprocess(
     image: Image.Image, base_size: int, image_size: int, crop_mode: bool, view_tokens: Mapping[int, int]
 ) -> ImageInput:
     """Global view + tiles (``view_tokens``: supported view side -> tokens per view)."""
-    for name, side in (("base_size", base_size), ("image_size", image_size)):
+    used = (
+        (("base_size", base_size), ("image_size", image_size)) if crop_mode else (("image_size", image_size),)
+    )
+    for name, side in used:
         if side not in view_tokens:
             raise ValueError(f"{name} {side} has no query table (supported: {sorted(view_tokens)})")
     image = to_rgb(image)
