@@ -188,7 +188,7 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         if len(images) > 1:
             raise InputError(
                 f"{self.kind} serves at most one image per request, got {len(images)} "
-                "(the reference handles a single image per prompt)"
+                "(the reference handles a single image per prompt, SPEC §7.4)"
             )
         n_markers = text.count(marker)
         if n_markers > len(images):
