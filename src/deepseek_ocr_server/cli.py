@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--base-size", metavar="N", type=_typed("base_size", int),
                    help=f"global view resolution (default: {_INF.base_size})")
     g.add_argument("--image-size", metavar="N", type=_typed("image_size", int),
-                   help=f"local tile resolution in dynamic crop mode, DeepSeek-OCR only (default: {_INF.image_size})")
+                   help=f"local tile resolution in dynamic crop mode, DeepSeek-OCR only (default: {_INF.image_size}; "
+                        "768 for deepseek-ocr-2)")
     g.add_argument("--crop-mode", metavar="BOOL", type=_typed("crop_mode", parse_bool),
                    help="dynamic crop mode on/off, DeepSeek-OCR only; PaddleOCR-VL ignores it "
                         f"(default: {_show(_INF.crop_mode)})")

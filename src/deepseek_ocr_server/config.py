@@ -45,6 +45,7 @@ def model_kinds() -> tuple[str, ...]:
 #: Task prompt used when a request brings an image but no text, per model kind.
 DEFAULT_PROMPTS = {
     "deepseek-ocr": "<image>\n<|grounding|>Convert the document to markdown.",
+    "deepseek-ocr-2": "<image>\n<|grounding|>Convert the document to markdown.",
     "paddleocr-vl": "OCR:",
 }
 
@@ -154,10 +155,17 @@ PDF_DPI_RANGE = (36, 600)
 #: Built-in defaults that differ by model kind (the lowest layer: ``[inference]`` and everything above
 #: still override them). PaddleOCR-VL's reference decodes plain greedy with no n-gram ban (SPEC §9): a
 #: 20-gram ban would break long legitimate repeats (``<ecel>`` runs in tables, dot leaders).
-KIND_DEFAULTS: dict[str, dict[str, Any]] = {"paddleocr-vl": {"no_repeat_ngram_size": 0}}
+#: DeepSeek-OCR 2 cuts 768-px tiles (its encoder has learned queries for 768- and 1024-px views only).
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "paddleocr-vl": {"no_repeat_ngram_size": 0},
+    "deepseek-ocr-2": {"image_size": 768},
+}
 
 BUILTIN_MODELS: dict[str, ModelEntry] = {
     "deepseek-ocr": ModelEntry(id="deepseek-ocr", kind="deepseek-ocr", repo="deepseek-ai/DeepSeek-OCR"),
+    "deepseek-ocr-2": ModelEntry(
+        id="deepseek-ocr-2", kind="deepseek-ocr-2", repo="deepseek-ai/DeepSeek-OCR-2"
+    ),
     "paddleocr-vl": ModelEntry(id="paddleocr-vl", kind="paddleocr-vl", repo="PaddlePaddle/PaddleOCR-VL"),
 }
 
@@ -403,6 +411,14 @@ revision = "main"
 # image_size = 640
 # crop_mode = true
 
+[models.entries.deepseek-ocr-2]
+kind = "deepseek-ocr-2"
+repo = "deepseek-ai/DeepSeek-OCR-2"
+revision = "main"
+# prompt = "<image>\\n<|grounding|>Convert the document to markdown."
+# base_size = 1024          # 1024 or 768 (the encoder's two view sizes)
+# image_size = 768          # 768 or 1024
+
 [models.entries.paddleocr-vl]
 kind = "paddleocr-vl"
 repo = "PaddlePaddle/PaddleOCR-VL"
@@ -419,7 +435,7 @@ revision = "main"
 device = "cpu"              # cpu | cuda | metal
 dtype = "auto"              # auto | f32 | f16 | bf16 (auto: cpu bf16, cuda bf16, metal f16)
 base_size = 1024            # global view resolution
-image_size = 640            # local tile resolution in crop mode (DeepSeek-OCR only)
+# image_size = 640          # unset: 640 for deepseek-ocr, 768 for deepseek-ocr-2 (local tile resolution in crop mode)
 crop_mode = true            # dynamic crop mode (DeepSeek-OCR only)
 max_new_tokens = 512        # default decoding budget; a request's max_tokens overrides it
 do_sample = false
