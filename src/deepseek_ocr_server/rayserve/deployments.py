@@ -55,6 +55,8 @@ class ModelServer:
         ctx = serve.get_replica_context()
         self.model_id = model_id
         self.replica = ctx.replica_id.unique_id
+        #: the replica's Ray actor name (namespace "serve"): ``ray.get_actor(name, namespace="serve")``
+        self.actor_name = ctx.replica_id.to_full_id_str()
         self.node = ray.get_runtime_context().get_node_id()
         self.host = socket.gethostname()
         num_cpus = settings.ray_for(model_id).num_cpus
@@ -122,6 +124,7 @@ class ModelServer:
         st = self.manager.status()
         return {
             "replica": self.replica,
+            "actor_name": self.actor_name,
             "host": self.host,
             "node_id": self.node,
             "state": st.state,
