@@ -306,3 +306,40 @@ def test_killing_a_replica_mid_request_does_not_hang(cluster: Cluster) -> None:
               "fake-a back at 2 replicas")
         r = c.post("/v1/chat/completions", json=jobs[0])
         assert r.status_code == 200
+
+
+def test_serve_config_example_is_valid_and_builds(tmp_path: Path) -> None:
+    """The documented serve_config.yaml passes Serve's schema, and its import path builds our app."""
+    import importlib
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from deepseek_ocr_server.config import ConfigError
+
+    doc = yaml.safe_load((Path(__file__).parents[1] / "examples" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(doc) if hasattr(ServeDeploySchema, "model_validate") else (
+        ServeDeploySchema.parse_obj(doc))
+    app = schema.applications[0]
+    module, attr = app.import_path.split(":")
+    builder = getattr(importlib.import_module(module), attr)
+    built = builder({"config": str(tmp_path / "config.toml")})
+    names = {d.name for d in app.deployments}
+    assert names == {"OcrIngress", "model-deepseek-ocr", "model-paddleocr-vl"}
+    assert type(built).__name__ == "Application"
+    with pytest.raises(ConfigError, match="unknown application arguments"):
+        builder({"config": str(tmp_path / "config.toml"), "modle": "x"})
+
+
+def test_deployment_options_from_settings(ray_settings: Settings) -> None:
+    from deepseek_ocr_server.rayserve.deployments import model_deployment_options
+
+    a = model_deployment_options(ray_settings, "fake-a")
+    assert a["name"] == "model-fake-a" and a["num_replicas"] == 2 and "autoscaling_config" not in a
+    assert a["ray_actor_options"] == {"num_cpus": 0.2, "num_gpus": 0.0}
+    assert a["max_ongoing_requests"] == LIMITS["max_running"] + LIMITS["max_queued"] + 1
+    s = replace(ray_settings, cli_ray={"max_replicas": 5})
+    auto = model_deployment_options(s, "fake-a")
+    assert auto["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 5, "target_ongoing_requests": 2.0}
+    zero = model_deployment_options(replace(ray_settings, cli_ray={"min_replicas": 0}), "fake-slow")
+    assert zero["autoscaling_config"]["min_replicas"] == 0 and zero["autoscaling_config"]["max_replicas"] == 1

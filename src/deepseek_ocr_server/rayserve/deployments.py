@@ -199,7 +199,7 @@ def build_application(settings: Settings, *, ingress_options: dict[str, Any] | N
     ingress = serve.deployment(OcrIngress).options(
         name=INGRESS_NAME,
         max_ongoing_requests=INGRESS_MAX_ONGOING,
-        ray_actor_options={"num_cpus": 0.1},
+        ray_actor_options={"num_cpus": 0},  # it only relays: never holds back a model replica
         **(ingress_options or {}),
     )
     return ingress.bind(settings, handles, names)
