@@ -56,17 +56,25 @@ def _settings(root: Path, fake_checkpoints: dict[str, ModelFiles], deepseek_ckpt
     files = ModelFiles.from_dir(deepseek_ckpt)
     models = dict(s.models)
     models["deepseek-ocr"] = ModelEntry(
-        id="deepseek-ocr", kind="deepseek-ocr", config=files.config, tokenizer=files.tokenizer,
-        weights=files.weights, overrides={**REAL_VISION, "max_new_tokens": 8},
+        id="deepseek-ocr",
+        kind="deepseek-ocr",
+        config=files.config,
+        tokenizer=files.tokenizer,
+        weights=files.weights,
+        overrides={**REAL_VISION, "max_new_tokens": 8},
     )
     # fractional CPUs: five model replicas and the ingress fit a 2-CPU Ray instance
-    models = {m: replace(e, ray={"num_cpus": 0.2, "min_replicas": 2 if m == "fake-a" else 1}) for m, e in models.items()}
+    models = {
+        m: replace(e, ray={"num_cpus": 0.2, "min_replicas": 2 if m == "fake-a" else 1})
+        for m, e in models.items()
+    }
     return replace(s, models=models)
 
 
 @pytest.fixture(scope="module")
-def ray_settings(fake_checkpoints: dict[str, ModelFiles], deepseek_ckpt: Path,
-                 tmp_path_factory: pytest.TempPathFactory) -> Settings:
+def ray_settings(
+    fake_checkpoints: dict[str, ModelFiles], deepseek_ckpt: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Settings:
     return _settings(tmp_path_factory.mktemp("ray-app"), fake_checkpoints, deepseek_ckpt)
 
 
@@ -94,10 +102,15 @@ def single(ray_settings: Settings) -> Iterator[RunningServer]:
 def _chat(model: str, text: str, color: tuple[int, int, int], **kw: Any) -> dict[str, Any]:
     return {
         "model": model,
-        "messages": [{"role": "user", "content": [
-            {"type": "text", "text": text},
-            {"type": "image_url", "image_url": {"url": data_url(png_bytes(color))}},
-        ]}],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": text},
+                    {"type": "image_url", "image_url": {"url": data_url(png_bytes(color))}},
+                ],
+            }
+        ],
         **kw,
     }
 
@@ -105,10 +118,15 @@ def _chat(model: str, text: str, color: tuple[int, int, int], **kw: Any) -> dict
 def _responses(model: str, text: str, color: tuple[int, int, int], **kw: Any) -> dict[str, Any]:
     return {
         "model": model,
-        "input": [{"role": "user", "content": [
-            {"type": "input_text", "text": text},
-            {"type": "input_image", "image_url": data_url(png_bytes(color))},
-        ]}],
+        "input": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": text},
+                    {"type": "input_image", "image_url": data_url(png_bytes(color))},
+                ],
+            }
+        ],
         **kw,
     }
 
@@ -205,7 +223,10 @@ def test_streaming_through_the_ingress(cluster: Cluster, single: RunningServer) 
     rbody = _responses("deepseek-ocr", "Free OCR.", (9, 9, 9), stream=True)
 
     def kinds(base: str) -> tuple[list[str], str]:
-        with httpx.Client(base_url=base, timeout=TIMEOUT) as c, c.stream("POST", "/v1/responses", json=rbody) as r:
+        with (
+            httpx.Client(base_url=base, timeout=TIMEOUT) as c,
+            c.stream("POST", "/v1/responses", json=rbody) as r,
+        ):
             evs = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: ")]
         return [e["type"] for e in evs], evs[-1]["response"]["output"][0]["content"][0]["text"]
 
@@ -226,10 +247,12 @@ def test_cancel_mid_stream_frees_the_slot_and_429_beyond_the_queue(cluster: Clus
 
         # 2 running + 2 queued fill the replica; one more is refused with 429 and Retry-After
         with cf.ThreadPoolExecutor(4) as pool:
+
             def hold() -> int:
-                with httpx.Client(base_url=cluster.base_url, timeout=TIMEOUT) as hc, hc.stream(
-                    "POST", "/v1/chat/completions", json=body
-                ) as r:
+                with (
+                    httpx.Client(base_url=cluster.base_url, timeout=TIMEOUT) as hc,
+                    hc.stream("POST", "/v1/chat/completions", json=body) as r,
+                ):
                     for _ in r.iter_lines():
                         if done:
                             break
@@ -239,8 +262,11 @@ def test_cancel_mid_stream_frees_the_slot_and_429_beyond_the_queue(cluster: Clus
             futs = []
             for n in range(1, 5):  # one at a time: a burst could find the queue full before admissions
                 futs.append(pool.submit(hold))
-                _wait(lambda n=n: (st := _replicas(c, "fake-slow")[0])["running"] + st["queued"] == n, 30,
-                      f"{n} requests in the replica")
+                _wait(
+                    lambda n=n: (st := _replicas(c, "fake-slow")[0])["running"] + st["queued"] == n,
+                    30,
+                    f"{n} requests in the replica",
+                )
             st = _replicas(c, "fake-slow")[0]
             assert (st["running"], st["queued"]) == (2, 2)
             r = c.post("/v1/chat/completions", json={**body, "stream": False})
@@ -248,8 +274,11 @@ def test_cancel_mid_stream_frees_the_slot_and_429_beyond_the_queue(cluster: Clus
             assert r.json()["error"]["type"] == "rate_limit_error"
             done = True
             assert [f.result(timeout=60) for f in futs] == [200] * 4
-        _wait(lambda: (st := _replicas(c, "fake-slow")[0])["running"] == 0 and st["queued"] == 0, 30,
-              "the four streams to be cancelled")
+        _wait(
+            lambda: (st := _replicas(c, "fake-slow")[0])["running"] == 0 and st["queued"] == 0,
+            30,
+            "the four streams to be cancelled",
+        )
         r = c.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 3})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
@@ -259,8 +288,11 @@ def test_metrics_keep_ours_per_replica(cluster: Cluster) -> None:
         text = c.get("/metrics").text
     assert text.count("# TYPE ocr_generated_tokens_total counter") == 1
     assert 'ocr_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
-    replicas = {ln.split('replica="')[1].split('"')[0] for ln in text.splitlines()
-                if ln.startswith("ocr_generated_tokens_total{") and 'model="fake-a"' in ln}
+    replicas = {
+        ln.split('replica="')[1].split('"')[0]
+        for ln in text.splitlines()
+        if ln.startswith("ocr_generated_tokens_total{") and 'model="fake-a"' in ln
+    }
     assert len(replicas) >= 1
     assert 'ocr_running_sequences{model="fake-a",replica=' in text
 
@@ -279,8 +311,15 @@ def test_killing_a_replica_mid_request_does_not_hang(cluster: Cluster) -> None:
         assert "[DONE]" not in "".join(rest)
 
         # Serve replaces the replica; later requests succeed
-        _wait(lambda: [r for r in _replicas(c, "fake-slow") if r["replica"] != victim["replica"]
-                       and r["state"] == "ready"], 90, "a new fake-slow replica")
+        _wait(
+            lambda: [
+                r
+                for r in _replicas(c, "fake-slow")
+                if r["replica"] != victim["replica"] and r["state"] == "ready"
+            ],
+            90,
+            "a new fake-slow replica",
+        )
         r = c.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 3})
         assert r.status_code == 200
 
@@ -302,8 +341,11 @@ def test_killing_a_replica_mid_request_does_not_hang(cluster: Cluster) -> None:
         # an answer, a 429 (the survivor's queue took the retries) or a 5xx error (killed mid-answer)
         assert all(code in (200, 429) or code >= 500 for code in codes), codes
         assert 200 in codes
-        _wait(lambda: len([r for r in _replicas(c, "fake-a") if r["state"] == "ready"]) == 2, 90,
-              "fake-a back at 2 replicas")
+        _wait(
+            lambda: len([r for r in _replicas(c, "fake-a") if r["state"] == "ready"]) == 2,
+            90,
+            "fake-a back at 2 replicas",
+        )
         r = c.post("/v1/chat/completions", json=jobs[0])
         assert r.status_code == 200
 
@@ -318,8 +360,11 @@ def test_serve_config_example_is_valid_and_builds(tmp_path: Path) -> None:
     from deepseek_ocr_server.config import ConfigError
 
     doc = yaml.safe_load((Path(__file__).parents[1] / "examples" / "serve_config.yaml").read_text())
-    schema = ServeDeploySchema.model_validate(doc) if hasattr(ServeDeploySchema, "model_validate") else (
-        ServeDeploySchema.parse_obj(doc))
+    schema = (
+        ServeDeploySchema.model_validate(doc)
+        if hasattr(ServeDeploySchema, "model_validate")
+        else (ServeDeploySchema.parse_obj(doc))
+    )
     app = schema.applications[0]
     module, attr = app.import_path.split(":")
     builder = getattr(importlib.import_module(module), attr)
@@ -340,6 +385,10 @@ def test_deployment_options_from_settings(ray_settings: Settings) -> None:
     assert a["max_ongoing_requests"] == LIMITS["max_running"] + LIMITS["max_queued"] + 1
     s = replace(ray_settings, cli_ray={"max_replicas": 5})
     auto = model_deployment_options(s, "fake-a")
-    assert auto["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 5, "target_ongoing_requests": 2.0}
+    assert auto["autoscaling_config"] == {
+        "min_replicas": 2,
+        "max_replicas": 5,
+        "target_ongoing_requests": 2.0,
+    }
     zero = model_deployment_options(replace(ray_settings, cli_ray={"min_replicas": 0}), "fake-slow")
     assert zero["autoscaling_config"]["min_replicas"] == 0 and zero["autoscaling_config"]["max_replicas"] == 1

@@ -28,17 +28,22 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 def test_ray_table_per_model_and_flags_over_it(tmp_path: Path) -> None:
-    cfg = _write(tmp_path, """
+    cfg = _write(
+        tmp_path,
+        """
         [models.entries.deepseek-ocr.ray]
         min_replicas = 2
         max_replicas = 6
         num_cpus = 4
         target_ongoing_requests = 6
-        """)
+        """,
+    )
     s = load_settings({}, cfg)
     assert s.ray_for("deepseek-ocr") == RayDeploymentSettings(2, 6, 4.0, 0.0, 6.0)
     assert s.ray_for("paddleocr-vl") == RayDeploymentSettings()
-    s = settings_from_args(["--config", str(cfg), "--ray-num-cpus", "0.5", "--ray-max-replicas", "8", "--ray"])
+    s = settings_from_args(
+        ["--config", str(cfg), "--ray-num-cpus", "0.5", "--ray-max-replicas", "8", "--ray"]
+    )
     assert s.ray_for("deepseek-ocr") == RayDeploymentSettings(2, 8, 0.5, 0.0, 6.0)
     assert s.ray_for("paddleocr-vl").num_cpus == 0.5
 
@@ -48,7 +53,10 @@ def test_ray_table_per_model_and_flags_over_it(tmp_path: Path) -> None:
     [
         ("min_replicas = -1", "models.entries.deepseek-ocr.ray.min_replicas: must be >= 0, got -1"),
         ("num_cpus = 'two'", "models.entries.deepseek-ocr.ray.num_cpus: expected a number"),
-        ("replicas = 2", "models.entries.deepseek-ocr.ray.replicas: unknown key (did you mean 'min_replicas'?"),
+        (
+            "replicas = 2",
+            "models.entries.deepseek-ocr.ray.replicas: unknown key (did you mean 'min_replicas'?",
+        ),
         ("target_ongoing_requests = 0", "target_ongoing_requests: must be > 0.0"),
     ],
 )
@@ -86,20 +94,32 @@ def test_rejected_round_trip_keeps_fields() -> None:
 def test_metrics_merge_labels_each_replica() -> None:
     def replica_text(tokens: int) -> str:
         reg = CollectorRegistry()
-        Counter("ocr_generated_tokens_total", "Tokens generated", ["model"], registry=reg).labels("m").inc(tokens)
+        Counter("ocr_generated_tokens_total", "Tokens generated", ["model"], registry=reg).labels("m").inc(
+            tokens
+        )
         Gauge("ocr_queue_depth", "Requests waiting", registry=reg).set(tokens % 3)
         Counter("ocr_requests_total", "stale copy", ["endpoint", "status"], registry=reg)
         return generate_latest(reg).decode()
 
     local = CollectorRegistry()
-    Counter("ocr_requests_total", "HTTP requests", ["endpoint", "status"], registry=local).labels("/x", "200").inc()
+    Counter("ocr_requests_total", "HTTP requests", ["endpoint", "status"], registry=local).labels(
+        "/x", "200"
+    ).inc()
     Gauge("ocr_queue_depth", "idle copy in the ingress", registry=local).set(99)
     out = ray_metrics.merge(
-        generate_latest(local), [({"model": "m", "replica": "r1"}, replica_text(5)), ({"model": "m", "replica": "r2"}, replica_text(7))]
+        generate_latest(local),
+        [
+            ({"model": "m", "replica": "r1"}, replica_text(5)),
+            ({"model": "m", "replica": "r2"}, replica_text(7)),
+        ],
     ).decode()
     fams = {f.name: f for f in text_string_to_metric_families(out)}
     assert out.count("# TYPE ocr_generated_tokens_total counter") == 1
-    toks = {s.labels["replica"]: s.value for s in fams["ocr_generated_tokens"].samples if s.name.endswith("_total")}
+    toks = {
+        s.labels["replica"]: s.value
+        for s in fams["ocr_generated_tokens"].samples
+        if s.name.endswith("_total")
+    }
     assert toks == {"r1": 5.0, "r2": 7.0}
     depth = {s.labels.get("replica"): s.value for s in fams["ocr_queue_depth"].samples}
     assert depth == {"r1": 2.0, "r2": 1.0}  # the ingress's idle 99 is not reported

@@ -154,7 +154,8 @@ class RayDeploymentSettings:
     """One model's Ray Serve deployment (cluster mode only): ``[models.entries.<id>.ray]``, the
     ``--ray-*`` flags over it. ``max_replicas`` None means ``min_replicas`` (a fixed replica count, no
     autoscaling); above it, Serve autoscales on ongoing requests per replica
-    (``target_ongoing_requests``, None: the replica's ``max_running``)."""
+    (``target_ongoing_requests``, None: the replica's ``max_running``). ``min_replicas = 0`` scales from
+    zero (up to ``max_replicas``, at least 1). ``num_cpus`` is also the replica's torch thread count."""
 
     min_replicas: int = 1
     max_replicas: int | None = None

@@ -140,7 +140,14 @@ class RayBackend:
             replicas = [r for r in replies if isinstance(r, dict)]
             errors = [f"{type(r).__name__}: {r}" for r in replies if not isinstance(r, dict)]
             states = [r.get("state") for r in replicas]
-            state = "ready" if "ready" in states else "failed" if "failed" in states else "loading"
+            if "ready" in states:
+                state = "ready"
+            elif "failed" in states:
+                state = "failed"
+            elif not replicas and not errors and dep is not None and not any(dep.replica_states.values()):
+                state = "idle"  # scaled to zero (min_replicas = 0): the next request starts a replica
+            else:
+                state = "loading"
             models[mid] = {
                 "deployment": self._names[mid],
                 "state": state,
@@ -153,9 +160,10 @@ class RayBackend:
                 "unreachable": errors,
             }
         overall = [m["state"] for m in models.values()]
-        state = (
-            "ready" if all(s == "ready" for s in overall) else "failed" if "failed" in overall else "loading"
-        )
+        if all(s in ("ready", "idle") for s in overall):
+            state = "ready"
+        else:
+            state = "failed" if "failed" in overall else "loading"
         return {
             "mode": "ray",
             "state": state,

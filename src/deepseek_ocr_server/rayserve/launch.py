@@ -56,18 +56,22 @@ def run_ray(settings: Settings, address: str | None) -> int:
         print(f"{PROG}: error: --ray {address or ''}: cannot connect to or start Ray: {exc}", file=sys.stderr)
         return 1
     stop = threading.Event()
+    deploying = [True]
 
     def on_signal(sig: int, frame: FrameType | None) -> None:
         stop.set()
+        if deploying[0]:  # serve.run blocks until every replica is up: interrupt it
+            raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         serve.start(http_options={"host": settings.server.host, "port": settings.server.port})
-        log.info("deploying %s (loading every model on its replicas)...", APP_NAME)
+        log.info("deploying %s (every model loads on its replicas)...", APP_NAME)
         try:
             serve.run(app, name=APP_NAME, route_prefix="/")
         except RuntimeError as exc:  # a deployment failed: the others keep serving; /health says which
             log.error("deployment incomplete: %s", exc)
+        deploying[0] = False
         log.info(
             "serving on http://%s:%s (Ray cluster at %s)",
             settings.server.host,
@@ -76,11 +80,17 @@ def run_ray(settings: Settings, address: str | None) -> int:
         )
         while not stop.wait(1.0):
             pass
-        log.info("stopping: deleting application %s", APP_NAME)
-        serve.delete(APP_NAME)
-        if local:
-            serve.shutdown()
+    except KeyboardInterrupt:
+        log.info("interrupted while deploying")
     finally:
+        deploying[0] = False
+        log.info("stopping: removing application %s", APP_NAME)
+        try:
+            serve.delete(APP_NAME)
+            if local:
+                serve.shutdown()
+        except Exception as exc:  # noqa: BLE001 - best effort on the way out
+            log.warning("while stopping Serve: %s", exc)
         for s, h in previous.items():
             signal.signal(s, h)
         ray.shutdown()
