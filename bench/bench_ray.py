@@ -145,6 +145,7 @@ def main() -> None:
                 results[mode] = measure(args, base)
             finally:
                 stop(proc)
+            print(f"# {mode}: {results[mode]}", flush=True)
     med = {m: {k: statistics.median(v) for k, v in r.items()} for m, r in results.items()}
     print("| mode | 1 stream tok/s | TTFT 1 stream | 8 streams agg tok/s (e2e) | rounds (tok/s 1) |")
     print("|---|---|---|---|---|")

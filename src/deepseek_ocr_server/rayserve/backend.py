@@ -144,7 +144,7 @@ class RayBackend:
                 state = "ready"
             elif "failed" in states:
                 state = "failed"
-            elif not replicas and not errors and dep is not None and not any(dep.replica_states.values()):
+            elif not replicas and dep is not None and not any(dep.replica_states.values()):
                 state = "idle"  # scaled to zero (min_replicas = 0): the next request starts a replica
             else:
                 state = "loading"
