@@ -47,7 +47,7 @@ def test_loader_resolves_assets_and_passes_device_dtype_quantize(tmp_path: Path,
 def test_app_reports_a_failed_preload(tmp_path: Path) -> None:
     settings = load_settings({"cache_dir": tmp_path / "cache"}, tmp_path / "c.toml")
     app, manager = server.build_app(settings)
-    assert manager.model_ids() == ["deepseek-ocr", "paddleocr-vl"]
+    assert manager.model_ids() == ["deepseek-ocr", "paddleocr-vl", "glm-ocr"]
 
     async def go() -> dict:
         await manager.preload("deepseek-ocr")

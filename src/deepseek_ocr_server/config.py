@@ -46,6 +46,7 @@ def model_kinds() -> tuple[str, ...]:
 DEFAULT_PROMPTS = {
     "deepseek-ocr": "<image>\n<|grounding|>Convert the document to markdown.",
     "paddleocr-vl": "OCR:",
+    "glm-ocr": "Text Recognition:",
 }
 
 
@@ -149,11 +150,16 @@ SERVER_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerSettings))
 #: Built-in defaults that differ by model kind (the lowest layer: ``[inference]`` and everything above
 #: still override them). PaddleOCR-VL's reference decodes plain greedy with no n-gram ban (SPEC §9): a
 #: 20-gram ban would break long legitimate repeats (``<ecel>`` runs in tables, dot leaders).
-KIND_DEFAULTS: dict[str, dict[str, Any]] = {"paddleocr-vl": {"no_repeat_ngram_size": 0}}
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "paddleocr-vl": {"no_repeat_ngram_size": 0},
+    # GLM-OCR's reference: greedy, no n-gram ban, up to 8192 new tokens (a dense page runs long)
+    "glm-ocr": {"no_repeat_ngram_size": 0, "max_new_tokens": 8192},
+}
 
 BUILTIN_MODELS: dict[str, ModelEntry] = {
     "deepseek-ocr": ModelEntry(id="deepseek-ocr", kind="deepseek-ocr", repo="deepseek-ai/DeepSeek-OCR"),
     "paddleocr-vl": ModelEntry(id="paddleocr-vl", kind="paddleocr-vl", repo="PaddlePaddle/PaddleOCR-VL"),
+    "glm-ocr": ModelEntry(id="glm-ocr", kind="glm-ocr", repo="zai-org/GLM-OCR"),
 }
 
 
@@ -402,6 +408,12 @@ repo = "PaddlePaddle/PaddleOCR-VL"
 revision = "main"
 # prompt = "OCR:"
 
+[models.entries.glm-ocr]
+kind = "glm-ocr"
+repo = "zai-org/GLM-OCR"
+revision = "main"
+# prompt = "Text Recognition:"   # or "Formula Recognition:", "Table Recognition:"
+
 # A custom entry (a fine-tune of a supported kind) looks like this:
 # [models.entries.my-finetune]
 # kind = "deepseek-ocr"
@@ -414,13 +426,13 @@ dtype = "auto"              # auto | f32 | f16 | bf16 (auto: cpu bf16, cuda bf16
 base_size = 1024            # global view resolution
 image_size = 640            # local tile resolution in crop mode (DeepSeek-OCR only)
 crop_mode = true            # dynamic crop mode (DeepSeek-OCR only)
-max_new_tokens = 512        # default decoding budget; a request's max_tokens overrides it
+# max_new_tokens = 512      # unset: 512, 8192 for glm-ocr; a request's max_tokens overrides it
 do_sample = false
 temperature = 0.0
 top_p = 1.0
 # top_k = 50                # unset: no top-k cut
 repetition_penalty = 1.0
-# no_repeat_ngram_size = 20 # unset: 20 for deepseek-ocr, 0 for paddleocr-vl; 0 disables
+# no_repeat_ngram_size = 20 # unset: 20 for deepseek-ocr, 0 for paddleocr-vl and glm-ocr; 0 disables
 # seed = 0                  # unset: random
 quantize = "none"           # none | int8 (weight-only int8 linear layers)
 
