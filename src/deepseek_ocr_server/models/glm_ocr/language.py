@@ -28,6 +28,10 @@ def apply_rotary_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
 
 
+class GlmKVCache(KVCache):
+    """One sequence's keys (post-rotary) and values for every decoder layer (PaddleOCR-VL's layout)."""
+
+
 class GlmAttention(ErnieAttention):
     """q/k/v/o without biases, GQA; the pairwise rotary instead of the half-split one."""
 

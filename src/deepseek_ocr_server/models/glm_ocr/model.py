@@ -23,12 +23,11 @@ from ..base import (
     progress,
 )
 from ..layers import PackedNet, pack_model, weight_bytes
-from ..paddleocr_vl.language import KVCache
 from ..paddleocr_vl.processor import mrope_positions
 from ..quant import quantize_linears_int8, skip_vision
 from ..weights import match_layout, read_headers, read_tensors, weight_files
 from .config import GlmOcrConfig
-from .language import GlmTextModel
+from .language import GlmKVCache, GlmTextModel
 from .processor import (
     FALLBACK_CHAT_TEMPLATE,
     IMAGE_TOKEN,
@@ -250,7 +249,7 @@ class GlmOcrModel(PackedNet, OcrModel):
             x[mask] = feats.to(x.dtype)
         cos, sin = lm.rope(prepared.inputs["positions"].to(self.device), self.dtype)
         capacity = min(self.max_context, n + max(1, min(max_new_tokens, _INITIAL_DECODE_RESERVE)))
-        cache = KVCache(
+        cache = GlmKVCache(
             cfg.num_hidden_layers,
             cfg.num_key_value_heads,
             cfg.head_dim,
@@ -269,9 +268,9 @@ class GlmOcrModel(PackedNet, OcrModel):
     def decode(self, tokens: list[int], caches: list[SequenceCache]) -> torch.Tensor:
         if len(tokens) != len(caches):
             raise ValueError("one token per cache")
-        kv: list[KVCache] = []
+        kv: list[GlmKVCache] = []
         for c in caches:
-            if not isinstance(c, KVCache):
+            if not isinstance(c, GlmKVCache):
                 raise TypeError("not a GLM-OCR cache")
             c.reserve(c.length + 1)
             kv.append(c)
