@@ -141,9 +141,9 @@ class GlmTextModel(nn.Module):
         self.rope_axis = self._rope_axis(device)
 
     @property
-    def decoder_layers(self) -> nn.ModuleList:
+    def decoder_layers(self) -> list[GlmDecoderLayer]:
         """The layers plain decoding runs (without the MTP layers)."""
-        return self.layers[: self.cfg.num_hidden_layers]  # type: ignore[return-value]
+        return list(self.layers)[: self.cfg.num_hidden_layers]  # type: ignore[return-value]
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [3, S] (t, h, w) -> cos, sin [S, head_dim/2], computed in float32, cast to ``dtype``."""

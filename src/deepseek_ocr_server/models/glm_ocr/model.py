@@ -96,7 +96,7 @@ class GlmOcrModel(PackedNet, OcrModel):
     def _account_weights(self) -> None:
         """Every decode step reads the decoder linears and lm_head once (``last_decode_weight_bytes``)."""
         lm = self.net.model.language_model
-        self.decode_weight_bytes = weight_bytes(lm.decoder_layers) + weight_bytes(self.net.lm_head)
+        self.decode_weight_bytes = sum(weight_bytes(m) for m in (*lm.decoder_layers, self.net.lm_head))
 
     # ------------------------------------------------------------------------------------ loading
 
