@@ -7,7 +7,7 @@ decode tok/s, end-to-end page time and peak RSS, our/transformers ratios, and ou
 bandwidth bound (bytes of decoder + lm_head weights read per token / read bandwidth measured by
 ``probe.py`` in the same run), with the CPU class.
 
-    flock -x /tmp/ocr-heavy.lock env PYTHONPATH=src python bench/bench_glm_ocr.py --dtypes bf16
+    PYTHONPATH=src python bench/bench_glm_ocr.py --dtypes bf16            # alone on the machine
     PYTHONPATH=src python bench/bench_glm_ocr.py --impls ours --dtypes bf16 --max-pixels 400000   # quick
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ... bench/bench_glm_ocr.py                 # AVX2 class
 
