@@ -42,11 +42,14 @@ REPO = Path(__file__).resolve().parents[1]
 KINDS = {
     "deepseek-ocr": ("deepseek_ocr_server.testing.deepseek_ocr", "/work/cache/deepseek-ocr-full"),
     "paddleocr-vl": ("deepseek_ocr_server.testing.paddleocr_vl", "/work/cache/paddleocr-vl-full"),
+    "glm-ocr": ("deepseek_ocr_server.testing.glm_ocr", "/work/cache/glm-ocr-full"),
     "fake": ("deepseek_ocr_server.testing.fake", ""),  # harness smoke test (--in-process)
 }
 # prefixes of tensors that are not read per decoded token (vision side; embeddings read one row)
 NOT_DECODE = ("model.sam_model.", "model.vision_model.", "model.projector.", "model.image_newline",
-              "model.view_seperator", "visual.", "mlp_AR.", "model.embed_tokens.")
+              "model.view_seperator", "visual.", "mlp_AR.", "model.embed_tokens.",
+              # GLM-OCR: vision tower, embeddings, and the multi-token-prediction layer (not loaded)
+              "model.visual.", "model.language_model.embed_tokens.", "model.language_model.layers.16.")
 
 
 # --- the bound -----------------------------------------------------------------------------------

@@ -54,9 +54,10 @@ def test_default_file_equals_builtin_defaults(tmp_path: Path) -> None:
             assert value in ("auto", "none")
         else:
             assert value == expected, key
-    # unset = None, commented out; no_repeat_ngram_size and image_size are left to the per-kind built-in
-    # (KIND_DEFAULTS)
-    assert set(builtin) - set(data["inference"]) == {"top_k", "seed", "no_repeat_ngram_size", "image_size"}
+    # unset = None, commented out; no_repeat_ngram_size, image_size and max_new_tokens are left to the
+    # per-kind built-in (KIND_DEFAULTS)
+    kind_keys = {"no_repeat_ngram_size", "image_size", "max_new_tokens"}
+    assert set(builtin) - set(data["inference"]) == {"top_k", "seed", *kind_keys}
     assert data["server"] == {k: v for k, v in asdict(ServerSettings()).items() if k != "api_key"}
     assert set(data["models"]["entries"]) == set(cfg.BUILTIN_MODELS)
     # and parsing it gives the same Settings as no file at all

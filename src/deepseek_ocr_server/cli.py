@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     g = p.add_argument_group("model and assets")
     g.add_argument("--model", metavar="ID", type=_str,
-                   help="model entry to preload: deepseek-ocr, paddleocr-vl or a custom [models.entries.<id>] "
+                   help="model entry to preload: deepseek-ocr, paddleocr-vl, glm-ocr or a custom [models.entries.<id>] "
                         "(default: [models].active, else deepseek-ocr)")
     g.add_argument("--config", metavar="PATH", type=_path,
                    help=f"config file to load, or to create with defaults if missing (default: {default_config_path()})")
@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("decoding (server defaults; a request body overrides them)")
     g.add_argument("--max-new-tokens", metavar="N", type=_typed("max_new_tokens", int),
-                   help=f"default decoding budget; a request's max_tokens overrides it (default: {_INF.max_new_tokens})")
+                   help=f"default decoding budget; a request's max_tokens overrides it (default: {_INF.max_new_tokens}; "
+                        "glm-ocr: 8192)")
     g.add_argument("--do-sample", metavar="BOOL", type=_typed("do_sample", parse_bool),
                    help=f"sample instead of greedy decoding by default (default: {_show(_INF.do_sample)})")
     g.add_argument("--temperature", metavar="T", type=_typed("temperature", float),
@@ -149,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"> 1 discourages repeats (default: {_INF.repetition_penalty})")
     g.add_argument("--no-repeat-ngram-size", metavar="N", type=_typed("no_repeat_ngram_size", int),
                    help=f"global no-repeat n-gram size; 0 disables (default: {_INF.no_repeat_ngram_size}; "
-                        "paddleocr-vl: 0, as its reference decodes)")
+                        "paddleocr-vl and glm-ocr: 0, as their references decode)")
     g.add_argument("--seed", metavar="N", type=_typed("seed", _optional(int)),
                    help="sampling RNG seed, for reproducible sampling (default: none)")
 

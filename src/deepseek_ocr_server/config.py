@@ -47,6 +47,7 @@ DEFAULT_PROMPTS = {
     "deepseek-ocr": "<image>\n<|grounding|>Convert the document to markdown.",
     "deepseek-ocr-2": "<image>\n<|grounding|>Convert the document to markdown.",
     "paddleocr-vl": "OCR:",
+    "glm-ocr": "Text Recognition:",
 }
 
 
@@ -179,6 +180,8 @@ RAY_KEYS: tuple[str, ...] = tuple(f.name for f in fields(RayDeploymentSettings))
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "paddleocr-vl": {"no_repeat_ngram_size": 0},
     "deepseek-ocr-2": {"image_size": 768},
+    # GLM-OCR's reference: greedy, no n-gram ban, up to 8192 new tokens (a dense page runs long)
+    "glm-ocr": {"no_repeat_ngram_size": 0, "max_new_tokens": 8192},
 }
 
 BUILTIN_MODELS: dict[str, ModelEntry] = {
@@ -187,6 +190,7 @@ BUILTIN_MODELS: dict[str, ModelEntry] = {
         id="deepseek-ocr-2", kind="deepseek-ocr-2", repo="deepseek-ai/DeepSeek-OCR-2"
     ),
     "paddleocr-vl": ModelEntry(id="paddleocr-vl", kind="paddleocr-vl", repo="PaddlePaddle/PaddleOCR-VL"),
+    "glm-ocr": ModelEntry(id="glm-ocr", kind="glm-ocr", repo="zai-org/GLM-OCR"),
 }
 
 
@@ -465,6 +469,12 @@ repo = "PaddlePaddle/PaddleOCR-VL"
 revision = "main"
 # prompt = "OCR:"
 
+[models.entries.glm-ocr]
+kind = "glm-ocr"
+repo = "zai-org/GLM-OCR"
+revision = "main"
+# prompt = "Text Recognition:"   # or "Formula Recognition:", "Table Recognition:"
+
 # A custom entry (a fine-tune of a supported kind) looks like this:
 # [models.entries.my-finetune]
 # kind = "deepseek-ocr"
@@ -477,13 +487,13 @@ dtype = "auto"              # auto | f32 | f16 | bf16 (auto: cpu bf16, cuda bf16
 base_size = 1024            # global view resolution
 # image_size = 640          # unset: 640 for deepseek-ocr, 768 for deepseek-ocr-2 (local tile resolution in crop mode)
 crop_mode = true            # dynamic crop mode (DeepSeek-OCR only)
-max_new_tokens = 512        # default decoding budget; a request's max_tokens overrides it
+# max_new_tokens = 512      # unset: 512, 8192 for glm-ocr; a request's max_tokens overrides it
 do_sample = false
 temperature = 0.0
 top_p = 1.0
 # top_k = 50                # unset: no top-k cut
 repetition_penalty = 1.0
-# no_repeat_ngram_size = 20 # unset: 20 for deepseek-ocr, 0 for paddleocr-vl; 0 disables
+# no_repeat_ngram_size = 20 # unset: 20 for deepseek-ocr, 0 for paddleocr-vl and glm-ocr; 0 disables
 # seed = 0                  # unset: random
 quantize = "none"           # none | int8 (weight-only int8 linear layers)
 

@@ -13,6 +13,7 @@ MODEL_KINDS: dict[str, str] = {
     "deepseek-ocr": "deepseek_ocr_server.models.deepseek_ocr.model:DeepseekOcrModel",
     "deepseek-ocr-2": "deepseek_ocr_server.models.deepseek_ocr2.model:DeepseekOcr2Model",
     "paddleocr-vl": "deepseek_ocr_server.models.paddleocr_vl.model:PaddleOcrVlModel",
+    "glm-ocr": "deepseek_ocr_server.models.glm_ocr.model:GlmOcrModel",
     # deterministic test model (testing/fake.py): lets the server run without real weights
     "fake": "deepseek_ocr_server.testing.fake:FakeOcrModel",
 }

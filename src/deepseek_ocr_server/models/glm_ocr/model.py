@@ -1,0 +1,286 @@
+"""GLM-OCR behind the :class:`~..base.OcrModel` protocol: strict loading of the original checkpoint,
+prompt preparation, prefill and batched decode."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from tokenizers import Tokenizer
+from torch import nn
+
+from ..base import (
+    InputError,
+    ModelFiles,
+    ModelLoadError,
+    OcrModel,
+    Prepared,
+    SequenceCache,
+    VisionSettings,
+    check_load_options,
+    progress,
+)
+from ..layers import PackedNet, pack_model, weight_bytes
+from ..paddleocr_vl.processor import mrope_positions
+from ..quant import quantize_linears_int8, skip_vision
+from ..weights import match_layout, read_headers, read_tensors, weight_files
+from .config import GlmOcrConfig
+from .language import GlmKVCache, GlmTextModel
+from .processor import (
+    FALLBACK_CHAT_TEMPLATE,
+    IMAGE_TOKEN,
+    ImageProcessorConfig,
+    build_messages,
+    preprocess_image,
+    render_prompt,
+)
+from .vision import VisionModel
+
+#: Prompt tokens reserved for the KV cache beyond the prompt at prefill (it grows when needed).
+_INITIAL_DECODE_RESERVE = 1024
+
+
+class GlmOcrInner(nn.Module):
+    """``model``: the vision tower and the decoder."""
+
+    def __init__(self, cfg: GlmOcrConfig) -> None:
+        super().__init__()
+        self.visual = VisionModel(cfg.vision)
+        self.language_model = GlmTextModel(cfg)
+
+
+class GlmOcrNet(nn.Module):
+    """The whole network; module names are the checkpoint's keys."""
+
+    def __init__(self, cfg: GlmOcrConfig) -> None:
+        super().__init__()
+        self.model = GlmOcrInner(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+
+def mtp_pattern(cfg: GlmOcrConfig) -> re.Pattern[str]:
+    """Keys of the multi-token-prediction layers (``model.language_model.layers.<n>.`` for n >= layers)."""
+    first = cfg.num_hidden_layers
+    idx = "|".join(str(first + i) for i in range(cfg.num_nextn_predict_layers)) or "(?!)"
+    return re.compile(rf"^model\.language_model\.layers\.({idx})\.")
+
+
+class GlmOcrModel(PackedNet, OcrModel):
+    kind: ClassVar[str] = "glm-ocr"
+
+    def __init__(
+        self,
+        config: GlmOcrConfig,
+        net: GlmOcrNet,
+        tokenizer: Tokenizer,
+        image_config: ImageProcessorConfig,
+        chat_template: str,
+        eos_token_ids: frozenset[int],
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.config = config
+        self.net = net
+        self.tokenizer = tokenizer
+        self.image_config = image_config
+        self.chat_template = chat_template
+        self.eos_token_ids = eos_token_ids
+        self.device = device
+        self.dtype = dtype
+        self.max_context = config.max_position_embeddings
+        self.cache_dtype = torch.float32 if device.type == "cpu" else dtype
+        self._account_weights()
+
+    def _account_weights(self) -> None:
+        """Every decode step reads the decoder linears and lm_head once (``last_decode_weight_bytes``)."""
+        lm = self.net.model.language_model
+        self.decode_weight_bytes = sum(weight_bytes(m) for m in (*lm.decoder_layers, self.net.lm_head))
+
+    # ------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(
+        cls,
+        files: ModelFiles,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+        quantize: str | None = None,
+    ) -> GlmOcrModel:
+        """Strict: every checkpoint tensor must exist under its name with its shape, the MTP layer's
+        included. The MTP layer's DATA is not read and its module is dropped after the check: plain
+        greedy decoding never runs it, and it would hold 218M parameters (436 MB in bf16) for nothing.
+        (Using it as a speculative draft would need a multi-token step in the engine's decode protocol.)"""
+        check_load_options(cls.kind, dtype, quantize)
+        dev = torch.device(device)
+        config = GlmOcrConfig.from_file(files.config)
+        if config.vision.out_hidden_size != config.hidden_size:
+            raise ModelLoadError(
+                f"config.json: vision out_hidden_size {config.vision.out_hidden_size} != text hidden_size "
+                f"{config.hidden_size}"
+            )
+        with torch.device("meta"):
+            net = GlmOcrNet(config)
+        expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        tied = (
+            {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+            if config.tie_word_embeddings
+            else {}
+        )
+        plan = match_layout(
+            read_headers(weight_files(files.weights)),
+            expected,
+            source=files.weights,
+            model="GLM-OCR",
+            tied=tied,
+        )
+        mtp = mtp_pattern(config)
+        state = read_tensors({k: e for k, e in plan.items() if not mtp.search(k)}, dtype, device=dev)
+        for name, src in tied.items():
+            state.setdefault(name, state[src])
+        lm = net.model.language_model
+        del lm.layers[config.num_hidden_layers :]  # the MTP layers: checked above, not kept
+        net.load_state_dict(state, strict=True, assign=True)
+        lm.rebuild_buffers(dev)
+        del state
+        net.eval().requires_grad_(False)
+        if quantize == "int8":  # decoder linears + lm_head; vision tower and merger stay as loaded
+            quantize_linears_int8(net, skip=skip_vision)
+        pack_model(net)
+
+        try:
+            tokenizer = Tokenizer.from_file(str(files.tokenizer))
+        except Exception as e:  # noqa: BLE001
+            raise ModelLoadError(f"cannot load tokenizer {files.tokenizer}: {e}") from e
+        if tokenizer.token_to_id(IMAGE_TOKEN) != config.image_token_id:
+            raise ModelLoadError(f"tokenizer id of {IMAGE_TOKEN} differs from config image_token_id")
+        image_config = ImageProcessorConfig.from_dict(files.read_json("preprocessor_config.json"))
+        template_path = files.extra("chat_template.jinja")
+        chat_template = template_path.read_text(encoding="utf-8") if template_path else None
+        tok_cfg = files.read_json("tokenizer_config.json") or {}
+        if chat_template is None and isinstance(tok_cfg.get("chat_template"), str):
+            chat_template = tok_cfg["chat_template"]
+        eos = set(config.eos_token_ids)
+        gen = files.read_json("generation_config.json") or {}
+        g_eos = gen.get("eos_token_id")
+        if isinstance(g_eos, int):
+            eos.add(g_eos)
+        elif isinstance(g_eos, list):
+            eos.update(int(x) for x in g_eos)
+        return cls(
+            config,
+            net,
+            tokenizer,
+            image_config,
+            chat_template or FALLBACK_CHAT_TEMPLATE,
+            frozenset(eos),
+            dev,
+            dtype,
+        )
+
+    # ------------------------------------------------------------------------------------ prompt
+
+    def render(self, text: str, num_images: int, system: str | None = None) -> str:
+        """The prompt string before placeholder expansion."""
+        return render_prompt(
+            self.chat_template, build_messages(text, num_images, system, self.image_placeholder)
+        )
+
+    def prepare(
+        self,
+        text: str,
+        images: list[Image.Image],
+        settings: VisionSettings | None = None,
+        system: str | None = None,
+    ) -> Prepared:
+        processed = [preprocess_image(img, self.image_config) for img in images]
+        prompt = self.render(text, len(images), system)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        image_id = self.config.image_token_id
+        at = [i for i, t in enumerate(ids) if t == image_id]
+        if len(at) != len(processed):
+            raise InputError(
+                f"the prompt has {len(at)} image placeholders for {len(processed)} images "
+                f"(the text must not contain {IMAGE_TOKEN})"
+            )
+        expanded: list[int] = []
+        prev = 0
+        for i, img in zip(at, processed, strict=True):
+            expanded.extend(ids[prev:i])
+            expanded.extend([image_id] * img.num_tokens)
+            prev = i + 1
+        expanded.extend(ids[prev:])
+        if len(expanded) >= self.max_context:
+            raise InputError(f"prompt of {len(expanded)} tokens exceeds the context of {self.max_context}")
+        grids = [img.grid_thw for img in processed]
+        positions, delta = mrope_positions(expanded, grids, image_id, self.config.vision.spatial_merge_size)
+        inputs: dict[str, Any] = {"grids": grids, "positions": positions, "rope_delta": delta}
+        if processed:
+            inputs["pixel_values"] = torch.cat([p.pixel_values for p in processed])
+        return Prepared(input_ids=expanded, inputs=inputs)
+
+    # ------------------------------------------------------------------------------------ forward
+
+    @torch.inference_mode()
+    def encode_images(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Vision tower + merger: ``[sum(t*gh*gw/4), hidden]`` in the model dtype."""
+        return self.net.model.visual(pixel_values.to(self.device, self.dtype), grids)
+
+    @torch.inference_mode()
+    def prefill(self, prepared: Prepared, max_new_tokens: int) -> tuple[torch.Tensor, SequenceCache]:
+        cfg = self.config
+        n = len(prepared.input_ids)
+        if n == 0:
+            raise InputError("empty prompt")
+        if n >= self.max_context:
+            raise InputError(f"prompt of {n} tokens exceeds the context of {self.max_context}")
+        ids = torch.tensor(prepared.input_ids, dtype=torch.long, device=self.device)
+        lm = self.net.model.language_model
+        x = lm.embed_tokens(ids)
+        grids = prepared.inputs.get("grids") or []
+        if grids:
+            feats = prepared.inputs.get("image_features")  # precomputed by encode_images (benchmarks)
+            if feats is None:
+                feats = self.encode_images(prepared.inputs["pixel_values"], grids)
+            mask = ids == cfg.image_token_id
+            if int(mask.sum()) != feats.shape[0]:
+                raise InputError(f"{int(mask.sum())} image tokens but {feats.shape[0]} image features")
+            x[mask] = feats.to(x.dtype)
+        cos, sin = lm.rope(prepared.inputs["positions"].to(self.device), self.dtype)
+        capacity = min(self.max_context, n + max(1, min(max_new_tokens, _INITIAL_DECODE_RESERVE)))
+        cache = GlmKVCache(
+            cfg.num_hidden_layers,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            capacity,
+            int(prepared.inputs["rope_delta"]),
+            self.cache_dtype,
+            self.device,
+        )
+        for i, layer in enumerate(lm.decoder_layers):
+            x = layer.prefill(x, cos, sin, cache, i)
+            progress()
+        cache.advance(n)
+        return self.net.lm_head(lm.norm(x[-1:])).float()[0], cache
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], caches: list[SequenceCache]) -> torch.Tensor:
+        if len(tokens) != len(caches):
+            raise ValueError("one token per cache")
+        kv: list[GlmKVCache] = []
+        for c in caches:
+            if not isinstance(c, GlmKVCache):
+                raise TypeError("not a GLM-OCR cache")
+            c.reserve(c.length + 1)
+            kv.append(c)
+        lm = self.net.model.language_model
+        x = lm.embed_tokens(torch.tensor(tokens, dtype=torch.long, device=self.device))  # [B, C]
+        pos = torch.tensor([c.length + c.rope_delta for c in kv], dtype=torch.long, device=self.device)
+        cos, sin = lm.rope(pos[None].expand(3, -1), self.dtype)
+        for i, layer in enumerate(lm.decoder_layers):
+            x = layer.decode(x, cos, sin, kv, i)
+        for c in kv:
+            c.advance()
+        self.last_decode_weight_bytes = self.decode_weight_bytes
+        return self.net.lm_head(lm.norm(x)).float()
