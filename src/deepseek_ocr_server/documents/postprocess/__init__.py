@@ -18,7 +18,7 @@ def _plain(text: str, width: int, height: int, figure: FigureLink | None = None)
     return PageContent(text, [Block("text", None, None, text.strip())] if text.strip() else [], 0)
 
 
-PLAIN = PostProcessor("plain", _plain, len)
+PLAIN = PostProcessor("plain", _plain, len, append="verbatim")
 
 POSTPROCESSORS: dict[str, PostProcessor] = {
     "deepseek-ocr": GROUNDING,
