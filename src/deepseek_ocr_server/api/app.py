@@ -2,6 +2,11 @@
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/responses`` (OpenAI
 compatible, streaming and not), ``GET /health``, ``GET /metrics`` (Prometheus).
+
+The backend seam: ``manager`` is the local :class:`ModelManager` or anything with the same
+``model_ids()`` / ``submit(req)`` contract (the Ray Serve backend forwards ``submit`` to per-model
+deployments). A backend may also define ``async health() -> dict`` and ``async metrics() -> bytes``,
+used by ``/health`` and ``/metrics`` instead of the local manager's status and this process's registry.
 """
 
 from __future__ import annotations
@@ -190,13 +195,19 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
         max_age=600,
     )
 
+    backend_health = getattr(manager, "health", None)
+    backend_metrics = getattr(manager, "metrics", None)
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
+        if backend_health is not None:
+            return {"status": "ok", **(await backend_health())}
         return {"status": "ok", **manager.status().as_dict()}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        body = await backend_metrics() if backend_metrics is not None else generate_latest()
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth_dependency(opts))])
 
