@@ -45,7 +45,8 @@ def test_a_grounded_page_becomes_clean_markdown_and_located_blocks() -> None:
     assert content.blocks[2].figure == "fig1.jpg" and content.blocks[2].text == ""
     assert links == [(100, 640, 500, 1201)]
     assert content.dropped_boxes == 0
-    assert for_kind("deepseek-ocr") is GROUNDING
+    assert for_kind("deepseek-ocr") is GROUNDING and for_kind("deepseek-ocr-2") is GROUNDING
+    assert for_kind("paddleocr-vl") is OTSL
 
 
 def test_several_boxes_labels_with_spaces_and_locate_answers() -> None:

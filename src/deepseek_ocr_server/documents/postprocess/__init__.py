@@ -22,6 +22,7 @@ PLAIN = PostProcessor("plain", _plain, len, append="verbatim")
 
 POSTPROCESSORS: dict[str, PostProcessor] = {
     "deepseek-ocr": GROUNDING,
+    "deepseek-ocr-2": GROUNDING,  # DeepSeek-OCR 2 writes the same grounding format
     "paddleocr-vl": OTSL,
 }
 
