@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 
 import pytest
 from PIL import Image
@@ -44,7 +45,8 @@ def test_a_grounded_page_becomes_clean_markdown_and_located_blocks() -> None:
     assert content.blocks[2].figure == "fig1.jpg" and content.blocks[2].text == ""
     assert links == [(100, 640, 500, 1201)]
     assert content.dropped_boxes == 0
-    assert for_kind("deepseek-ocr") is GROUNDING
+    assert for_kind("deepseek-ocr") is GROUNDING and for_kind("deepseek-ocr-2") is GROUNDING
+    assert for_kind("paddleocr-vl") is OTSL
 
 
 def test_several_boxes_labels_with_spaces_and_locate_answers() -> None:
@@ -162,17 +164,23 @@ RECORDED = [
     ),
     (OTSL, "Table 2\n" + TABLE),
     (OTSL, "Energy \\( E = mc^2 \\) and\n\\[ \\int_0^1 x\\,dx \\]\nkeep \\\\[2pt] \\(open"),
+    # words right after a figure (whose link is followed by a newline), spaces held at the end of words
+    (GROUNDING, "  lead  words <|ref|>image<|/ref|><|det|>[[0,0,9,9]]<|/det|>after  it  \n\nmore   words  "),
+    (OTSL, "  plain  words  then \\(x\\)  end  "),
+    (PLAIN, "  a  b  "),
 ]
 
 
 @pytest.mark.parametrize(("pp", "text"), RECORDED)
 def test_streaming_cleaner_emits_exactly_the_clean_markdown(pp, text: str) -> None:  # noqa: ANN001
     whole = pp.process(text, W, H, lambda box: f"fig{box}").markdown
-    for step in (1, 2, 3, 7, 50):
+    pieces = {step: [text[i : i + step] for i in range(0, len(text), step)] for step in (1, 2, 3, 7, 50)}
+    pieces["words"] = re.findall(r" ?[^ ]+| +", text)  # what tokenizers give: a space, then a word
+    for how, deltas in pieces.items():
         cleaner = StreamCleaner(pp, W, H, lambda box: f"fig{box}")
-        out = "".join(cleaner.feed(text[i : i + step]) for i in range(0, len(text), step))
+        out = "".join(cleaner.feed(d) for d in deltas)
         tail, content = cleaner.finish()
-        assert out + tail == whole == content.markdown, step
+        assert out + tail == whole == content.markdown, how
     # the tags never reach the client, not even in part
     cleaner = StreamCleaner(pp, W, H, None)
     for i in range(len(text)):

@@ -18,10 +18,11 @@ def _plain(text: str, width: int, height: int, figure: FigureLink | None = None)
     return PageContent(text, [Block("text", None, None, text.strip())] if text.strip() else [], 0)
 
 
-PLAIN = PostProcessor("plain", _plain, len)
+PLAIN = PostProcessor("plain", _plain, len, append="verbatim")
 
 POSTPROCESSORS: dict[str, PostProcessor] = {
     "deepseek-ocr": GROUNDING,
+    "deepseek-ocr-2": GROUNDING,  # DeepSeek-OCR 2 writes the same grounding format
     "paddleocr-vl": OTSL,
 }
 

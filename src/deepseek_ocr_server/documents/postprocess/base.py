@@ -10,8 +10,10 @@ what lets a stream send clean markdown while the page is still being generated.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from ..schema import PageContent
 
@@ -24,6 +26,14 @@ class PostProcessor:
     name: str
     process: Callable[[str, int, int, FigureLink | None], PageContent]
     stable_length: Callable[[str], int]
+    #: how plain text appended to a fully stable page text shows in its markdown, so that a stream need not
+    #: clean the whole page again at every token: ``"strip"`` (verbatim, but the page is stripped: trailing
+    #: spaces wait for the next word), ``"verbatim"``, or None (always clean the whole text). "Plain" text
+    #: has no newline, ``<`` or backslash (nothing a tag, a blank-line collapse or a LaTeX fix could touch).
+    append: Literal["strip", "verbatim"] | None = None
+
+
+_NOT_PLAIN = re.compile(r"[<\\\n\r]")
 
 
 def partial_suffix(text: str, markers: tuple[str, ...]) -> int:
@@ -52,6 +62,7 @@ class StreamCleaner:
         self._links: dict[Box, str | None] = {}
         self._raw = ""
         self._stable = 0
+        self._held = ""  # trailing spaces of a stable text, not emitted yet (``append == "strip"``)
         self.emitted = ""
 
     def _link(self, box: Box) -> str | None:
@@ -76,12 +87,39 @@ class StreamCleaner:
     def feed(self, delta: str) -> str:
         if not delta:
             return ""
+        fast = self._can_append(delta)
         self._raw += delta
+        if fast:  # plain words after a final text: no need to clean the whole page again
+            self._stable = len(self._raw)
+            if self.pp.append == "verbatim":
+                self.emitted += delta
+                return delta
+            text = self._held + delta
+            body = text.rstrip(" \t")
+            self._held = text[len(body) :]
+            if not self.emitted:
+                body = body.lstrip(" \t")
+            self.emitted += body
+            return body
         k = self.pp.stable_length(self._raw)
         if k <= self._stable:
             return ""
         self._stable = k
-        return self._advance(self._process(self._raw[:k]).markdown)
+        out = self._advance(self._process(self._raw[:k]).markdown)
+        if k == len(self._raw) and self.pp.append == "strip":
+            self._held = self._raw[len(self._raw.rstrip(" \t")) :] if self.emitted else ""
+        return out
+
+    def _can_append(self, delta: str) -> bool:
+        """Whether ``delta`` only appends to the markdown: plain text after a final text whose last
+        stretch (since the last tag) is plain words too, ending in nothing but spaces."""
+        if self.pp.append is None or self._stable != len(self._raw) or _NOT_PLAIN.search(delta):
+            return False
+        if self.pp.append == "verbatim":
+            return True
+        tail = self._raw[self._raw.rfind(">") + 1 :]
+        body = tail.rstrip(" \t")
+        return bool(body.strip()) and not body[-1].isspace()
 
     def finish(self) -> tuple[str, PageContent]:
         content = self._process(self._raw)

@@ -223,4 +223,4 @@ def stable_length(text: str) -> int:
     return k
 
 
-GROUNDING = PostProcessor("deepseek-grounding", process, stable_length)
+GROUNDING = PostProcessor("deepseek-grounding", process, stable_length, append="strip")

@@ -139,4 +139,4 @@ def stable_length(text: str) -> int:
     return k
 
 
-OTSL = PostProcessor("paddleocr-otsl", process, stable_length)
+OTSL = PostProcessor("paddleocr-otsl", process, stable_length, append="strip")
