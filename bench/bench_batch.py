@@ -179,6 +179,10 @@ def run_http(args: argparse.Namespace, model: str, base: str, pdf: Path) -> dict
                     {"type": "image_url", "image_url": {"url": url}}]}]})  # fmt: skip
             r.raise_for_status()
             tokens += r.json()["usage"]["completion_tokens"]
+            done = urls.index(url) + 1
+            elapsed = time.perf_counter() - t0
+            print(f"# http: {done} pages in {elapsed:.1f} s ({done / elapsed * 60:.2f} pages/min)", file=sys.stderr,
+                  flush=True)  # fmt: skip
         dt = time.perf_counter() - t0
     return {"seconds": dt, "pages": len(urls), "tokens": tokens}
 
