@@ -22,6 +22,7 @@ PLAIN = PostProcessor("plain", _plain, len)
 
 POSTPROCESSORS: dict[str, PostProcessor] = {
     "deepseek-ocr": GROUNDING,
+    "deepseek-ocr-2": GROUNDING,  # same grounding output format as v1
     "paddleocr-vl": OTSL,
 }
 
