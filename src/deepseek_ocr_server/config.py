@@ -154,6 +154,7 @@ SERVER_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerSettings))
 #: the resolutions a PDF page may be rendered at (config ``pdf_dpi`` and a request's ``dpi``)
 PDF_DPI_RANGE = (36, 600)
 
+
 @dataclass(frozen=True)
 class RayDeploymentSettings:
     """One model's Ray Serve deployment (cluster mode only): ``[models.entries.<id>.ray]``, the
