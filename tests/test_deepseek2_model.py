@@ -271,3 +271,10 @@ def test_api_end_to_end(deepseek2_ckpt: Path, deepseek2_model, tmp_path: Path):
                 messages=[{"role": "user", "content": [img_part, img_part]}],
             )
         assert srv.loads == ["deepseek-ocr-2"]
+
+
+def test_documents_use_the_grounding_post_processor():
+    """DeepSeek-OCR 2 writes v1's grounding format: the document pipeline cleans it the same way."""
+    from deepseek_ocr_server.documents.postprocess import GROUNDING, for_kind
+
+    assert for_kind("deepseek-ocr-2") is GROUNDING is for_kind("deepseek-ocr")
