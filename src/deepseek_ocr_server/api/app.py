@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..cpu import cpu_info
 from ..engine import metrics
 from ..engine.manager import ModelManager
 from ..engine.types import Finished
@@ -190,7 +191,9 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", **manager.status().as_dict()}
+        cpu = await asyncio.to_thread(cpu_info)
+        metrics.publish_cpu_info(cpu)
+        return {"status": "ok", **manager.status().as_dict(), "cpu": cpu}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
