@@ -155,8 +155,12 @@ def _run(m, n: int, forced: list[int] | None = None) -> tuple[list[int], torch.T
     return toks, torch.stack(out)
 
 
-#: every distinct plan the table produces on CPU, plus the explicit ones
-PLANS = sorted({decide("cpu", c) for c in CPU_CLASSES} | {decide("cpu", None, "bf16")}, key=str)
+#: every distinct plan the table produces on CPU (the explicit bf16 one equals the native-bf16 one)
+PLANS = list(
+    {
+        (p.vision, p.compute, p.weights, p.kv_cache): p for p in map(lambda c: decide("cpu", c), CPU_CLASSES)
+    }.values()
+)
 
 
 @pytest.mark.parametrize("family", ["deepseek", "paddle"])
@@ -207,3 +211,22 @@ def test_health_and_metrics_show_the_cpu_class(api_server) -> None:  # noqa: ANN
         assert h["cpu"]["torch_capability"] == str(torch.backends.cpu.get_cpu_capability())
         metrics = http.get(api_server.base_url + "/metrics").text
     assert "ocr_cpu_info{" in metrics and f'class="{cpu.detect().cpu_class}"' in metrics
+
+
+def test_a_family_without_plans_gets_one_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepseek_ocr_server import models
+
+    seen: dict[str, object] = {}
+
+    class OneDtype:
+        @classmethod
+        def load(cls, files, device="cpu", dtype=None, quantize=None):  # noqa: ANN001, ANN206
+            seen["dtype"] = dtype
+            return cls()
+
+    monkeypatch.setattr(models, "model_class", lambda kind: OneDtype)
+    models.load_model("x", None, device="cpu", dtype=None)  # type: ignore[arg-type]
+    want = decide("cpu", cpu.detect().cpu_class).compute_dtype
+    assert seen["dtype"] == want
+    models.load_model("x", None, device="cpu", dtype=torch.float16)  # type: ignore[arg-type]
+    assert seen["dtype"] == torch.float16

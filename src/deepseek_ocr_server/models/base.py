@@ -172,6 +172,8 @@ class OcrModel(abc.ABC):
     #: the language model's compute dtype (activations, prefill); ``precision`` has every phase's
     dtype: torch.dtype
     precision: Precision | None = None
+    #: whether ``load(dtype=None)`` builds the per-phase plan (else ``models.load_model`` passes one dtype)
+    precision_plans: ClassVar[bool] = False
     #: Longest prompt + generation the model supports (positions).
     max_context: int
     #: Bytes of weights the last ``decode`` call read (dense layers once per step; MoE layers: the

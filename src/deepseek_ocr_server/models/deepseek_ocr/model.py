@@ -82,6 +82,8 @@ class DeepseekOcrForCausalLM(nn.Module):
 
 class DeepseekOcrModel(PackedNet, OcrModel):
     kind: ClassVar[str] = "deepseek-ocr"
+    #: ``load`` takes a per-phase precision plan (``models/precision.py``)
+    precision_plans: ClassVar[bool] = True
 
     def __init__(
         self,

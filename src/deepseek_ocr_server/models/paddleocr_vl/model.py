@@ -81,6 +81,8 @@ def _special_token(cfg: dict[str, Any] | None, name: str) -> str | None:
 
 class PaddleOcrVlModel(PackedNet, OcrModel):
     kind: ClassVar[str] = "paddleocr-vl"
+    #: ``load`` takes a per-phase precision plan (``models/precision.py``)
+    precision_plans: ClassVar[bool] = True
 
     def __init__(
         self,
