@@ -19,7 +19,13 @@ from deepseek_ocr_server import cpu
 from deepseek_ocr_server.cpu import CPU_CLASSES, classify
 from deepseek_ocr_server.models.base import ModelFiles, ModelLoadError, VisionSettings
 from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
-from deepseek_ocr_server.models.layers import WideningEmbedding, WideningLinear, storage_dtypes
+from deepseek_ocr_server.models.layers import (
+    WideningEmbedding,
+    WideningLinear,
+    keep_wide_copies,
+    storage_dtypes,
+    widen_language_layers,
+)
 from deepseek_ocr_server.models.paddleocr_vl.model import PaddleOcrVlModel
 from deepseek_ocr_server.models.precision import Precision, decide, slow_choice_warning
 from deepseek_ocr_server.models.quant import is_vision
@@ -116,6 +122,17 @@ def test_widening_linear_one_copy_both_paths() -> None:
         assert got.dtype == torch.float32
         tol = 0 if rows > lay.narrow_max_rows else 0.05  # the narrow path rounds x to bf16
         assert torch.allclose(got, want, atol=tol + 1e-5, rtol=1e-5 if not tol else 0.02), rows
+
+
+def test_wide_copies_only_within_the_budget() -> None:
+    net = nn.Sequential(nn.Linear(40, 48, bias=False), nn.Linear(48, 40_000, bias=False)).bfloat16()
+    widen_language_layers(net, torch.float32)
+    assert keep_wide_copies(net, max_bytes=100) == 0 and not net[0]._wide  # over budget: widen per call
+    assert keep_wide_copies(net) == 40 * 48 * 4  # the vocabulary-sized layer gets none
+    assert net[0]._wide and not net[1]._wide
+    x = torch.randn(net[0].narrow_max_rows + 3, 40)
+    assert torch.allclose(net[0](x), torch.nn.functional.linear(x, net[0].weight.float()), atol=1e-5)
+    assert "_wide" not in str(dict(net.named_modules()))  # not a submodule: state_dict unchanged
 
 
 def test_storage_dtypes_one_dtype_per_phase(deepseek_ckpt) -> None:  # noqa: ANN001

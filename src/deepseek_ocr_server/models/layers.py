@@ -354,6 +354,17 @@ class WideningLinear(nn.Module):
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
         self.compute_dtype = compute_dtype
+        #: an optional second copy in the compute dtype (packed where oneDNN runs it) that the many-rows
+        #: path uses instead of widening per call (:func:`keep_wide_copies`); a tuple: not a submodule
+        self._wide: tuple[nn.Module, ...] = ()
+
+    def keep_wide_copy(self) -> None:
+        self._wide = (storage_linear(self.weight.detach().to(self.compute_dtype), self.bias, self.compute_dtype),)
+
+    @property
+    def wide_nbytes(self) -> int:
+        """Bytes of the kept compute-dtype copy (0 without one)."""
+        return self.in_features * self.out_features * self.compute_dtype.itemsize if self._wide else 0
 
     @classmethod
     def from_linear(cls, linear: nn.Module, compute_dtype: torch.dtype) -> WideningLinear:
@@ -364,6 +375,8 @@ class WideningLinear(nn.Module):
         if rows <= self.narrow_max_rows:
             y = F.linear(x.to(self.weight.dtype), self.weight).to(self.compute_dtype)
             return y if self.bias is None else y + self.bias
+        if self._wide:
+            return self._wide[0](x.to(self.compute_dtype))
         return F.linear(x.to(self.compute_dtype), widened(self.weight, self.compute_dtype), self.bias)
 
     def dense_weight(self) -> torch.Tensor:
@@ -482,4 +495,28 @@ def prepare_for_inference(
         quantize_linears_int8(net, skip=lambda name, _lin: is_vision(name))
     if precision.widened:
         widen_language_layers(net, precision.compute_dtype)
+        keep_wide_copies(net)
     pack_model(net)
+
+
+def keep_wide_copies(net: nn.Module, max_bytes: int | None = None) -> int:
+    """When the widening layers' weights fit in ``max_bytes`` in the compute dtype (default
+    ``precision.WIDE_COPY_MAX_BYTES``), give each one a kept compute-dtype copy for its many-rows path
+    (prefill then runs at float32 GEMM speed, no per-call widening) and log the extra memory. Output
+    projections over a vocabulary (more than ``precision.VOCAB_ROWS`` outputs) are left out: prefill runs
+    them on one row. Returns the extra bytes kept (0: none, the model is too big)."""
+    from .precision import VOCAB_ROWS, WIDE_COPY_MAX_BYTES
+
+    limit = WIDE_COPY_MAX_BYTES if max_bytes is None else max_bytes
+    layers = [m for m in net.modules() if isinstance(m, WideningLinear) and m.out_features <= VOCAB_ROWS]
+    need = sum(m.in_features * m.out_features * m.compute_dtype.itemsize for m in layers)
+    if not layers or need > limit:
+        return 0
+    for m in layers:
+        m.keep_wide_copy()
+    release_freed_memory()
+    log.info(
+        "keeping a second, %s copy of %d language-model layers for prefill (+%.2f GB; the model's %s copy "
+        "serves decode)", layers[0].compute_dtype, len(layers), need / 1e9, layers[0].weight.dtype,
+    )
+    return need

@@ -15,9 +15,10 @@ A model has three kinds of work and they want different formats:
 
 So on a CPU without native bf16 the plan is: the vision tower in float32 (it is small: one copy, loaded
 straight in float32), the language model's linear weights and embedding stored ONCE in bfloat16 with
-float32 activations (``layers.WideningLinear``: a few rows run the bf16 kernel directly, many rows widen
-that one layer's weight to float32 for the duration of the call; no second copy of the weights is kept),
-norms and other small tensors in float32.
+float32 activations (``layers.WideningLinear``: a few rows run the bf16 kernel directly; many rows use a
+kept float32 copy when the language model is small (``WIDE_COPY_MAX_BYTES``, logged at load), else widen
+that one layer's weight to float32 for the duration of the call), norms and other small tensors in
+float32.
 
 An explicit ``--dtype`` keeps its meaning (everything in that dtype, the KV cache float32 on CPU);
 :func:`slow_choice_warning` says in one line when that is the slow choice on this CPU.
@@ -34,6 +35,12 @@ _TORCH = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 NATIVE_BF16_CLASSES = frozenset({"avx512-amx", "avx512-bf16", "arm64-bf16"})
 #: classes whose bf16-storage decode kernel was measured (others follow by analogy, see the table)
 MEASURED_CLASSES = frozenset({"avx512-bf16", "avx2"})
+#: A widened model (weights stored narrower than computed) keeps a second, compute-dtype copy of its
+#: language-model layers for prefill when that copy is at most this big: PaddleOCR-VL (+1.0 GB) does,
+#: DeepSeek-OCR (+10 GB) does not and widens per layer and call instead. The start log says which.
+WIDE_COPY_MAX_BYTES = 2 << 30
+#: layers with more outputs than this are vocabulary projections (prefill runs them on one row)
+VOCAB_ROWS = 32768
 #: where auto is not per phase: one dtype for everything (cuda, metal)
 _UNIFORM_BY_DEVICE = {"cuda": "bf16", "metal": "f16", "mps": "f16"}
 
@@ -76,7 +83,7 @@ class Precision:
         return self.weights != self.compute
 
     def summary(self) -> str:
-        widen = " (one bf16 copy, widened per layer for many rows)" if self.widened else ""
+        widen = f" (stored {self.weights}, computed in {self.compute})" if self.widened else ""
         return (
             f"{self.source}: vision {self.vision}, prefill {self.compute}, decode weights "
             f"{self.weights}{widen}, kv cache {self.kv_cache}"
