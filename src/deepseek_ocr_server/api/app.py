@@ -2,6 +2,11 @@
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/responses`` (OpenAI
 compatible, streaming and not), ``GET /health``, ``GET /metrics`` (Prometheus).
+
+The backend seam: ``manager`` is the local :class:`ModelManager` or anything with the same
+``model_ids()`` / ``submit(req)`` contract (the Ray Serve backend forwards ``submit`` to per-model
+deployments). A backend may also define ``async health() -> dict`` and ``async metrics() -> bytes``,
+used by ``/health`` and ``/metrics`` instead of the local manager's status and this process's registry.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+import urllib.parse
 import uuid
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -26,13 +32,14 @@ from ..engine import metrics
 from ..engine.manager import ModelManager
 from ..engine.types import Finished
 from . import chat, responses, sse
+from .documents import extract_for_open_webui, model_kind, output_options, start_ocr
 from .errors import ApiError, error_body, install_exception_handlers
 from .messages import collapse_chat, collapse_responses
 from .options import ApiOptions
 from .schemas import ChatCompletionRequest, ResponsesRequest, parse_body
-from .service import Generation, build_request, check_model, start
+from .service import Generation, build_request, check_model
 
-_ENDPOINTS = {"/v1/models", "/v1/chat/completions", "/v1/responses", "/health", "/metrics"}
+_ENDPOINTS = {"/v1/models", "/v1/chat/completions", "/v1/responses", "/health", "/metrics", "/process"}
 _STARTED = int(time.time())
 T = TypeVar("T")
 
@@ -189,15 +196,21 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
         max_age=600,
     )
 
+    backend_health = getattr(manager, "health", None)
+    backend_metrics = getattr(manager, "metrics", None)
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         cpu = await asyncio.to_thread(cpu_info)
         metrics.publish_cpu_info(cpu)
+        if backend_health is not None:
+            return {"status": "ok", **(await backend_health()), "cpu": cpu}
         return {"status": "ok", **manager.status().as_dict(), "cpu": cpu}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        body = await backend_metrics() if backend_metrics is not None else generate_latest()
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth_dependency(opts))])
 
@@ -221,7 +234,9 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
             manager=manager, settings=settings, opts=opts, model_id=body.model, conv=conv, body=body,
             max_new_tokens=budget, budget_param=budget_param, stop=body.stop, request_id=cid,
         )
-        gen = await _unless_disconnected(request, start(manager, req, body.model))
+        gen = await _unless_disconnected(
+            request, start_ocr(manager, req, body.model, model_kind(settings, body.model), output_options(body))
+        )
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return sse.SSEResponse(chat.stream(gen, cid, body.model, include_usage))
@@ -241,11 +256,28 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
         temperature = req.sampling.temperature if req is not None else (body.temperature or 0.0)
         top_p = req.sampling.top_p if req is not None else (body.top_p or 1.0)
         rb = responses.ResponseBuilder(rid, body.model, body, temperature, top_p)
-        gen = await _unless_disconnected(request, start(manager, req, body.model))
+        gen = await _unless_disconnected(
+            request, start_ocr(manager, req, body.model, model_kind(settings, body.model), output_options(body))
+        )
         if body.stream:
             return sse.SSEResponse(responses.stream(gen, rb))
         text, fin = await _collect(request, gen)
         return JSONResponse(sse.dump(rb.final(text, fin)))
 
     app.include_router(v1)
+
+    @app.put("/process", dependencies=[Depends(_auth_dependency(opts))])
+    async def open_webui_extract(request: Request) -> Response:
+        """Open WebUI's "External" content extraction engine (Documents settings): the raw document in the
+        body, ``X-Filename`` naming it; answers ``{"page_content", "metadata"}``. ``?model=ID`` picks the
+        model (default: the configured active model)."""
+        model_id = request.query_params.get("model") or getattr(settings, "active", None) or manager.model_ids()[0]
+        check_model(manager, model_id)
+        filename = urllib.parse.unquote(request.headers.get("x-filename", "")) or None
+        data = await request.body()
+        out = await _unless_disconnected(
+            request, extract_for_open_webui(manager, settings, opts, data, filename, model_id)
+        )
+        return JSONResponse(out)
+
     return app

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ..config import ServerSettings
+
 MiB = 1024 * 1024
 
 
@@ -36,6 +38,9 @@ class ApiOptions:
     #: whole download of one image URL, redirects included (seconds)
     image_fetch_timeout: float = 10.0
     max_redirects: int = 3
+    #: PDF render resolution when a request names none, and pages per document request
+    pdf_dpi: int = ServerSettings.pdf_dpi
+    max_pages: int = ServerSettings.max_pages
 
     @classmethod
     def from_settings(cls, settings: Any) -> ApiOptions:

@@ -8,7 +8,6 @@ the sequence in the engine.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,7 +17,6 @@ import anyio
 from ..engine.manager import ModelManager, UnknownModel
 from ..engine.types import Event, Failed, Finished, OcrRequest, TextDelta
 from .errors import ApiError, as_api_error
-from .images import load_image
 from .messages import Conversation
 from .options import ApiOptions
 from .resolve import default_prompt, resolve, stop_list
@@ -60,11 +58,14 @@ async def build_request(
     budget_param: str,
     stop: str | list[str] | None,
     request_id: str,
-) -> OcrRequest | None:
-    """The engine request, or None when the message carries no image (answered without the model)."""
+) -> Any:
+    """The engine request, a ``DocumentInput`` (``api/documents.py``) when the input is a document, or
+    None when the message carries no image and no file (answered without the model)."""
+    from .documents import DocumentInput, load_inputs  # (documents.py builds on this module)
+
     sampling, vision, budget = resolve(body, model_id, settings, max_new_tokens, budget_param=budget_param)
     stops = stop_list(stop)
-    if not conv.images:
+    if not conv.images and not conv.files:
         return None
     if len(conv.images) > opts.max_images:
         raise ApiError(
@@ -72,12 +73,12 @@ async def build_request(
             param=conv.images[opts.max_images].param,
             code="too_many_images",
         )
-    images = await asyncio.gather(*(load_image(ref.url, opts, ref.param) for ref in conv.images))
+    inputs = await load_inputs(conv, opts, body)
     text = conv.text if conv.text.strip() else default_prompt(settings, model_id)
-    return OcrRequest(
+    req = OcrRequest(
         model_id=model_id,
         text=text,
-        images=list(images),
+        images=inputs.images,
         vision=vision,
         sampling=sampling,
         max_new_tokens=budget,
@@ -85,6 +86,7 @@ async def build_request(
         system=conv.system,
         request_id=request_id,
     )
+    return DocumentInput(req, inputs.pages) if inputs.pages is not None else req
 
 
 async def _static(events: list[Event]) -> AsyncIterator[Event]:
