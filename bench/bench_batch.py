@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import httpx
+from probe import add_cpu_class_argument, apply_cpu_class
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -201,7 +202,9 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--results", type=Path, default=Path(tempfile.gettempdir()) / "bench_batch_results.json")
+    add_cpu_class_argument(p)
     args = p.parse_args()
+    apply_cpu_class(args)
 
     import torch
 

@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 import torch
-from probe import measure_bandwidth_gbs
+from probe import add_cpu_class_argument, apply_cpu_class, measure_bandwidth_gbs
 
-DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32, "f16": torch.float16}
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "f32": torch.float32, "f16": torch.float16}
 # approximate peak RSS needs (GiB) to decide whether a dtype can run here
-NEEDS_GIB = {"bf16": 8.0, "f32": 14.5, "f16": 8.0}
+NEEDS_GIB = {"auto": 9.0, "bf16": 8.0, "f32": 14.5, "f16": 8.0}
 
 
 def ensure_checkpoint(cache: Path) -> Path:
@@ -121,6 +121,8 @@ def child(args: argparse.Namespace) -> None:
         batch[b] = b / statistics.median(times[2:])
     out = {
         "dtype": args.dtype,
+        "precision": model.precision.summary(),
+        "weight_bytes_per_param": model.precision.weights_dtype.itemsize,
         "load_s": load_s,
         "rss_after_load_gib": rss_after_load,
         "prompt_tokens": prep.num_prompt_tokens,
@@ -161,12 +163,15 @@ def mem_available_gib() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache-dir", type=Path, default=Path("/work/cache/deepseek-ocr-full"))
-    ap.add_argument("--dtypes", default="bf16,f32", help="comma list of bf16,f32,f16")
+    ap.add_argument("--dtypes", default="auto,f32", help="comma list of auto,bf16,f32,f16 (auto: the default plan)")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, nargs="*", default=[4], help="also time batched decode steps")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--dtype", default="bf16", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="auto", help=argparse.SUPPRESS)
+    add_cpu_class_argument(ap)
     args = ap.parse_args()
+    if not args.child:
+        apply_cpu_class(args)
     if args.child:
         child(args)
         return
@@ -193,7 +198,8 @@ def main() -> None:
             continue
         r = json.loads(line[len("RESULT ") :])
         results.append(r)
-        elem = torch.empty(0, dtype=DTYPES[name]).element_size()
+        elem = r["weight_bytes_per_param"]
+        print(f"[{name}] precision {r['precision']}")
         bound = bw * 1e9 / (ppt * elem)
         print(
             f"[{name}] load {r['load_s']:.1f} s | prompt {r['prompt_tokens']} tok (grid {r['grid']}) | "

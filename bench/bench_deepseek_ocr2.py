@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from probe import measure_bandwidth_gbs
+from probe import add_cpu_class_argument, apply_cpu_class, measure_bandwidth_gbs
 
 DEFAULT_CKPT = Path(os.environ.get("DEEPSEEK_OCR2_BENCH_CKPT", "/work/cache/deepseek-ocr2-full"))
 DEFAULT_RESULTS = Path(os.environ.get("DEEPSEEK_OCR2_BENCH_RESULTS", "/tmp/deepseek-ocr2-bench.jsonl"))
@@ -249,7 +249,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    add_cpu_class_argument(ap)
     args = ap.parse_args()
+    apply_cpu_class(args)
     if args.child:
         child(args)
         return

@@ -32,6 +32,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve_bench  # noqa: E402 - the server start-up and config helpers
+from probe import add_cpu_class_argument, apply_cpu_class
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -133,7 +134,9 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--load-timeout", type=float, default=900)
+    add_cpu_class_argument(p)
     args = p.parse_args()
+    apply_cpu_class(args)
     module, default_dir = serve_bench.KINDS[args.model]
     if args.model == "fake":
         from deepseek_ocr_server.testing.fake import write_fake_checkpoint

@@ -9,11 +9,14 @@ rate in GB/s:
 - ``packed bf16`` / ``packed f32``: the weight reordered once for oneDNN (``layers.PackedLinear``, what
   the server runs on CPU);
 - ``f16 gemv``: ``F.linear`` on a float16 weight (the earlier decode storage; fast at 1 row only);
-- ``int8``: ``torch._weight_int8pack_mm`` (``quant.Int8Linear``, ``--quantize int8``), GB/s of int8 bytes.
+- ``int8``: ``torch._weight_int8pack_mm`` (``quant.Int8Linear``, ``--quantize int8``), GB/s of int8 bytes;
+- ``bf16->f32``: a bfloat16 weight widened to float32 per call, then a float32 ``F.linear`` (what
+  ``layers.WideningLinear`` does for many rows on a CPU without native bf16), GB/s of bf16 bytes;
+- ``stored``: the layer the precision plan of this CPU class builds (``layers.storage_linear``).
 
 Also prints the sum-probe bandwidth measured in the same run and each packed/plain ratio.
 
-    PYTHONPATH=src python bench/bench_linear.py [--rows 1,2,4,8,16] [--threads 2]
+    PYTHONPATH=src python bench/bench_linear.py [--rows 1,2,4,8,16] [--threads 2] [--as-cpu avx2]
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from probe import measure_bandwidth_gbs
+from probe import add_cpu_class_argument, apply_cpu_class, measure_bandwidth_gbs
 
-from deepseek_ocr_server.models.layers import PackedLinear, packing_supported
+from deepseek_ocr_server.models.layers import PackedLinear, packing_supported, storage_linear
 from deepseek_ocr_server.models.quant import Int8Linear
 
 SHAPES = {
@@ -55,11 +58,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--kinds", default="", help="comma list of columns to run (default: all)")
+    add_cpu_class_argument(p)
     args = p.parse_args()
+    apply_cpu_class(args)
+    from deepseek_ocr_server.models.precision import choose_precision
+
+    plan = choose_precision("cpu")
+    print(f"# precision plan here: {plan.summary()}")
     torch.set_num_threads(args.threads)
     print(f"# sum-probe read bandwidth: {measure_bandwidth_gbs(size_mb=256, repeats=5):.1f} GB/s ({args.threads} threads)")
-    print("| layer | rows | plain bf16 | packed bf16 | f16 gemv | int8 | plain f32 | packed f32 | packed/plain bf16 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    cols = ("plain bf16", "packed bf16", "f16 gemv", "int8", "plain f32", "packed f32", "bf16->f32", "stored")
+    wanted = [c for c in args.kinds.split(",") if c] or list(cols)
+    print("| layer | rows | " + " | ".join(wanted) + " |")
+    print("|---|---|" + "---|" * len(wanted))
     g = torch.Generator().manual_seed(0)
     for label, (n, k) in SHAPES.items():
         count = max(2, POOL_BYTES // (n * k * 2))
@@ -78,18 +90,23 @@ def main() -> None:
             q.append(Int8Linear.from_linear(lin))
         kinds["int8"] = (q, torch.bfloat16, n * k)
         del h
+        kinds["bf16->f32"] = ([lambda x, w=w: F.linear(x, w.float()) for w in bf], torch.float32, n * k * 2)
+        st = plan.weights_dtype
+        kinds["stored"] = ([storage_linear(w.to(st), None, plan.compute_dtype) for w in base],
+                           plan.compute_dtype, n * k * st.itemsize)
+        kinds = {c: v for c, v in kinds.items() if c in wanted}
         f32 = base[: max(2, count // 2)]
-        kinds["plain f32"] = ([lambda x, w=w: F.linear(x, w) for w in f32], torch.float32, n * k * 4)
-        kinds["packed f32"] = ([PackedLinear(w, None) for w in f32], torch.float32, n * k * 4)
+        if "plain f32" in wanted:
+            kinds["plain f32"] = ([lambda x, w=w: F.linear(x, w) for w in f32], torch.float32, n * k * 4)
+        if "packed f32" in wanted:
+            kinds["packed f32"] = ([PackedLinear(w, None) for w in f32], torch.float32, n * k * 4)
         for rows in args.rows:
             res = {}
             for name, (layers, dtype, nbytes) in kinds.items():
                 x = torch.randn(rows, k, generator=g).to(dtype)
                 res[name] = rate(layers, x, nbytes)
-            ratio = res.get("packed bf16", float("nan")) / res["plain bf16"]
-            cells = " | ".join(f"{res[c]:.1f}" if c in res else "-" for c in (
-                "plain bf16", "packed bf16", "f16 gemv", "int8", "plain f32", "packed f32"))
-            print(f"| {label} | {rows} | {cells} | {ratio:.2f}x |", flush=True)
+            cells = " | ".join(f"{res[c]:.1f}" if c in res else "-" for c in wanted)
+            print(f"| {label} | {rows} | {cells} |", flush=True)
         del kinds, base, bf, q, f32
 
 

@@ -22,8 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+from probe import add_cpu_class_argument, apply_cpu_class
+
 DEFAULT_CKPT = Path(os.environ.get("PADDLEOCR_VL_BENCH_CKPT", "/work/cache/paddleocr-vl-full"))
-DTYPES = {"bf16": "bfloat16", "f32": "float32"}
+#: ``auto``: our default per-phase plan (ours only; transformers has no such mode)
+DTYPES = {"auto": None, "bf16": "bfloat16", "f32": "float32"}
 
 
 def page_image(width: int = 1000, height: int = 1400):
@@ -61,7 +64,8 @@ def run_ours(ckpt: Path, dtype: str, max_pixels: int | None, new_tokens: int) ->
     from deepseek_ocr_server.models.paddleocr_vl.processor import PROMPT_OCR
 
     t = time.perf_counter()
-    model = PaddleOcrVlModel.load(ModelFiles.from_dir(ckpt), dtype=getattr(torch, DTYPES[dtype]))
+    name = DTYPES[dtype]
+    model = PaddleOcrVlModel.load(ModelFiles.from_dir(ckpt), dtype=None if name is None else getattr(torch, name))
     if max_pixels:
         from dataclasses import replace
 
@@ -90,6 +94,7 @@ def run_ours(ckpt: Path, dtype: str, max_pixels: int | None, new_tokens: int) ->
         "prompt_tokens": len(prepared.input_ids),
         "tokens": tokens,
         "peak_rss_mib": _rss_mib(),
+        "precision": model.precision.summary(),
     }
 
 
@@ -179,7 +184,7 @@ def worker(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT)
-    p.add_argument("--dtypes", default="bf16,f32")
+    p.add_argument("--dtypes", default="auto,bf16,f32", help="comma list of auto,bf16,f32 (auto: ours only)")
     p.add_argument("--impls", default="ours,transformers")
     p.add_argument(
         "--max-pixels", type=int, default=None, help="override the checkpoint's max_pixels (quick runs)"
@@ -191,17 +196,20 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--worker", choices=["ours", "transformers"], help=argparse.SUPPRESS)
     p.add_argument("--dtype", choices=list(DTYPES), help=argparse.SUPPRESS)
+    add_cpu_class_argument(p)
     args = p.parse_args()
     if args.worker:
         worker(args)
         return
+    apply_cpu_class(args)
     from deepseek_ocr_server.testing.paddleocr_vl import build_full_checkpoint
 
     t = time.perf_counter()
     build_full_checkpoint(args.ckpt)
     print(f"checkpoint {args.ckpt} ready ({time.perf_counter() - t:.1f} s)", flush=True)
     results: dict[tuple[str, str], dict] = {}
-    runs = [(d, i) for d in args.dtypes.split(",") for _ in range(args.repeat) for i in args.impls.split(",")]
+    runs = [(d, i) for d in args.dtypes.split(",") for _ in range(args.repeat) for i in args.impls.split(",")
+            if not (d == "auto" and i == "transformers")]
     for dtype, impl in runs:
         cmd = [
             sys.executable,
@@ -233,6 +241,8 @@ def main() -> None:
             f"{impl:>12} {dtype}: " + ", ".join(f"{k}={v:.3f}" for k, v in r.items() if isinstance(v, float)),
             flush=True,
         )
+        if "precision" in r:
+            print(f"{'':>12} precision {r['precision']}", flush=True)
     rows = [
         ("preprocess_s", "preprocess (s)"),
         ("vision_s", "vision+projector (s)"),

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import httpx
+from probe import add_cpu_class_argument, apply_cpu_class
 from serve_bench import KINDS, REPO, free_port, one_stream, request_body, summarize, write_config
 
 
@@ -120,7 +121,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--modes", default="single,ray")
     p.add_argument("--load-timeout", type=float, default=600)
+    add_cpu_class_argument(p)
     args = p.parse_args()
+    apply_cpu_class(args)
     args.ckpt = args.ckpt or Path(KINDS[args.model][1])
     import torch
 

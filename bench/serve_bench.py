@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from probe import measure_bandwidth_gbs
+from probe import add_cpu_class_argument, apply_cpu_class, measure_bandwidth_gbs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -322,7 +322,7 @@ def load_in_process(args: argparse.Namespace, quantize: str | None):
     from deepseek_ocr_server.models.base import ModelFiles
 
     torch.set_num_threads(args.threads)
-    dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[args.dtype]
+    dtype = {"auto": None, "bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[args.dtype]
     return load_model(args.model, ModelFiles.from_dir(args.ckpt), dtype=dtype, quantize=quantize)
 
 
@@ -398,7 +398,7 @@ def int8_check(args: argparse.Namespace, bound: dict, steps: int = 64) -> None:
     from deepseek_ocr_server.sampling import SamplingParams
 
     torch.set_num_threads(args.threads)
-    dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[args.dtype]
+    dtype = {"auto": None, "bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[args.dtype]
     model = load_model(args.model, ModelFiles.from_dir(args.ckpt), dtype=dtype)
     url = image_data_url(0, args.image_px)
     img = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
@@ -495,7 +495,7 @@ def bench_one(args: argparse.Namespace, quantize: str | None, bound: dict) -> li
 
 def report(args: argparse.Namespace, rows: list[dict], bound: dict) -> None:
     q = rows[0]["quantize"]
-    bytes_per_param = {"none": {"bf16": 2, "f16": 2, "f32": 4}[args.dtype], "int8": 1}[q]
+    bytes_per_param = {"none": {"auto": 2, "bf16": 2, "f16": 2, "f32": 4}[args.dtype], "int8": 1}[q]
     bound_tok_s = bound["bandwidth_gbs"] * 1e9 / (bound["params"] * bytes_per_param)
     mode = "in-process engine" if args.in_process else "HTTP server"
     print(f"\n## {args.model} ({mode})  dtype={args.dtype} quantize={q}  max_tokens={args.max_tokens}  "
@@ -554,7 +554,9 @@ def main() -> None:
                    help="rounds over all levels (interleaved); each level reports its median run")
     p.add_argument("--image-px", type=int, default=224, help="side of the square test image")
     p.add_argument("--base-size", type=int, default=512, help="DeepSeek-OCR base_size (crop_mode off)")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "f16", "f32"],
+                   help="auto: per phase by the CPU class (decode weights bf16 on every class)")
+    add_cpu_class_argument(p)
     p.add_argument("--quantize", default="none", choices=["none", "int8", "both"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-running", type=int, default=16)
@@ -567,6 +569,7 @@ def main() -> None:
     p.add_argument("--in-process", action="store_true",
                    help="drive the engine's ModelManager directly (no HTTP server; TTFT without HTTP/SSE)")
     args = p.parse_args()
+    apply_cpu_class(args)
     module, default_dir = KINDS[args.model]
     if args.model == "fake":
         from deepseek_ocr_server.testing.fake import write_fake_checkpoint

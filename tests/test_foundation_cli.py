@@ -21,7 +21,7 @@ FLAGS = {
     "--model": "deepseek-ocr",
     "--model-config": "per model",
     "--device": "cpu",
-    "--dtype": "cpu -> bf16, cuda -> bf16, metal -> f16",
+    "--dtype": "cpu -> auto, cuda -> bf16, metal -> f16",
     "--base-size": "1024",
     "--image-size": "640",
     "--crop-mode": "true",

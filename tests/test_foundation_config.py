@@ -149,7 +149,7 @@ def test_path_flags_apply_to_the_selected_model(tmp_path: Path) -> None:
 # --- precedence: one test per layer -----------------------------------------------------------------
 def test_layer_builtin(tmp_path: Path) -> None:
     inf = load_settings({}, write(tmp_path / "c.toml", "")).inference_for("deepseek-ocr")
-    assert inf == replace_dtype(InferenceDefaults(), "bf16")
+    assert inf == replace_dtype(InferenceDefaults(), "auto")
     assert (inf.max_new_tokens, inf.no_repeat_ngram_size, inf.top_k, inf.seed) == (512, 20, None, None)
 
 
@@ -190,14 +190,15 @@ def test_layer_cli_over_everything(tmp_path: Path) -> None:
 
 def test_dtype_defaults_by_device(tmp_path: Path) -> None:
     path = write(tmp_path / "c.toml", "")
-    assert load_settings({}, path).inference_for("deepseek-ocr").dtype == "bf16"
+    cpu = load_settings({}, path).inference_for("deepseek-ocr")
+    assert cpu.dtype == "auto" and cpu.torch_dtype() is None  # per phase by the CPU class (models/precision.py)
     assert load_settings({"device": "cuda"}, path).inference_for("deepseek-ocr").dtype == "bf16"
     assert load_settings({"device": "metal"}, path).inference_for("deepseek-ocr").dtype == "f16"
     assert load_settings({"device": "metal"}, path).inference_for("deepseek-ocr").torch_device() == "mps"
     # an explicit dtype wins; `auto` on the command line resets a file's dtype to the device default
     path2 = write(tmp_path / "d.toml", '[inference]\ndtype = "f32"\n')
     assert load_settings({}, path2).inference_for("deepseek-ocr").dtype == "f32"
-    assert load_settings({"dtype": None}, path2).inference_for("deepseek-ocr").dtype == "bf16"
+    assert load_settings({"dtype": None}, path2).inference_for("deepseek-ocr").dtype == "auto"
 
 
 def test_api_key_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -98,7 +98,8 @@ def test_real_command_offline_health_then_sigterm(tmp_path: Path) -> None:
     config = tmp_path / "xdg" / "deepseek-ocr" / "config.toml"
     assert config.is_file()
     assert f"config file: {config}" in out
-    assert "active model: deepseek-ocr" in out and "device: cpu, dtype: bf16" in out
+    assert "active model: deepseek-ocr" in out and "device: cpu, dtype: auto" in out
+    assert "cpu class " in out and "precision: auto (cpu class " in out  # one line each, at the load
     assert "Traceback" not in out
 
 

@@ -32,8 +32,10 @@ API_KEY_ENV = "DEEPSEEK_OCR_API_KEY"
 DEVICES = ("cpu", "cuda", "metal")
 DTYPES = ("f32", "f16", "bf16")
 QUANTIZE = ("int8",)
-#: dtype used when none is configured; see :func:`default_dtype`.
-DEFAULT_DTYPE_BY_DEVICE = {"cpu": "bf16", "cuda": "bf16", "metal": "f16"}
+#: dtype used when none is configured; see :func:`default_dtype`. ``auto`` on CPU: each phase in the
+#: precision the processor runs fast (``models/precision.py``: bf16 with native bf16, else f32 compute
+#: over bf16-stored weights).
+DEFAULT_DTYPE_BY_DEVICE = {"cpu": "auto", "cuda": "bf16", "metal": "f16"}
 
 
 def model_kinds() -> tuple[str, ...]:
@@ -83,9 +85,12 @@ class InferenceDefaults:
         return self.dtype or default_dtype(self.device)
 
     def torch_dtype(self) -> Any:
-        """The ``torch.dtype`` of :attr:`effective_dtype` (imports torch lazily)."""
+        """The ``torch.dtype`` of :attr:`effective_dtype` (imports torch lazily); None for ``auto`` (the
+        model load picks each phase's precision by the CPU class)."""
         import torch
 
+        if self.effective_dtype == "auto":
+            return None
         return {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[self.effective_dtype]
 
     def torch_device(self) -> str:
@@ -270,7 +275,7 @@ def default_cache_dir() -> Path:
 
 
 def default_dtype(device: str) -> str:
-    """cpu -> bf16, cuda -> bf16, metal -> f16."""
+    """cpu -> auto (per phase by the CPU class), cuda -> bf16, metal -> f16."""
     return DEFAULT_DTYPE_BY_DEVICE.get(device, "f32")
 
 
@@ -483,7 +488,7 @@ revision = "main"
 
 [inference]
 device = "cpu"              # cpu | cuda | metal
-dtype = "auto"              # auto | f32 | f16 | bf16 (auto: cpu bf16, cuda bf16, metal f16)
+dtype = "auto"              # auto | f32 | f16 | bf16 (auto: cpu per phase by CPU class, cuda bf16, metal f16)
 base_size = 1024            # global view resolution
 # image_size = 640          # unset: 640 for deepseek-ocr, 768 for deepseek-ocr-2 (local tile resolution in crop mode)
 crop_mode = true            # dynamic crop mode (DeepSeek-OCR only)

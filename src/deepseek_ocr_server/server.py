@@ -30,6 +30,7 @@ def build_loader(settings: Settings) -> Callable[[str], object]:
 
         entry = settings.entry(model_id)
         inf = settings.inference_for(model_id)
+        log_precision(inf.device, inf.effective_dtype, inf.quantize)
         files = resolve_model_files(settings, model_id)
         log.info(
             "loading %s (kind %s) from %s on %s/%s%s",
@@ -41,6 +42,24 @@ def build_loader(settings: Settings) -> Callable[[str], object]:
         )
 
     return load
+
+
+def log_precision(device: str, dtype: str, quantize: str | None) -> None:
+    """The CPU class in one line (also the ``ocr_cpu_info`` metric), the precision each phase will run
+    in, and a one-line warning when an explicit choice is the slow one on this CPU."""
+    from .cpu import detect
+    from .engine.metrics import publish_cpu_info
+    from .models.precision import choose_precision, slow_choice_warning
+
+    plan = choose_precision(device, None if dtype == "auto" else dtype)
+    if device == "cpu":
+        cpu = detect()
+        log.info("%s", cpu.summary())
+        publish_cpu_info(cpu.as_dict(), plan.as_dict())
+        warning = slow_choice_warning(cpu.cpu_class, None if dtype == "auto" else dtype, quantize, device)
+        if warning:
+            log.warning("%s", warning)
+    log.info("precision: %s", plan.summary())
 
 
 def build_app(settings: Settings):  # -> (FastAPI, ModelManager)

@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..cpu import cpu_info
 from ..engine import metrics
 from ..engine.manager import ModelManager
 from ..engine.types import Finished
@@ -200,9 +201,11 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
+        cpu = await asyncio.to_thread(cpu_info)
+        metrics.publish_cpu_info(cpu)
         if backend_health is not None:
-            return {"status": "ok", **(await backend_health())}
-        return {"status": "ok", **manager.status().as_dict()}
+            return {"status": "ok", **(await backend_health()), "cpu": cpu}
+        return {"status": "ok", **manager.status().as_dict(), "cpu": cpu}
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 REQUESTS = Counter(
     "ocr_requests_total", "HTTP requests by endpoint and status code", ["endpoint", "status"]
@@ -65,3 +65,22 @@ PREFILL_SECONDS = Histogram(
     "Wall time of one admission: preprocessing + vision + prompt prefill",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160),
 )
+
+CPU_INFO = Info(
+    "ocr_cpu",
+    "The detected CPU class and capabilities, and the precision plan each phase runs in (set at model load)",
+)
+
+
+_PRECISION: dict[str, str] = {}
+
+
+def publish_cpu_info(cpu: dict, precision: dict | None = None) -> None:
+    """Set ``ocr_cpu_info`` from ``cpu.CpuInfo.as_dict()`` and the loaded model's ``Precision.as_dict()``
+    (kept from the last load when not given)."""
+    if precision is not None:
+        _PRECISION.clear()
+        _PRECISION.update({f"precision_{k}": str(v) for k, v in precision.items()})
+    labels = {k: str(v) for k, v in cpu.items() if k != "flags"}
+    labels["flags"] = ",".join(cpu.get("flags", []))
+    CPU_INFO.info({**labels, **_PRECISION})

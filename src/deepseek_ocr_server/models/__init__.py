@@ -29,4 +29,13 @@ def model_class(kind: str) -> type[OcrModel]:
 
 
 def load_model(kind: str, files: ModelFiles, **kwargs: object) -> OcrModel:
-    return model_class(kind).load(files, **kwargs)  # type: ignore[arg-type]
+    """``cls.load(files, device=, dtype=, quantize=)``. ``dtype`` None means auto: a family that takes a
+    per-phase plan (``precision_plans = True``: its load calls ``check_load_options`` for the plan and
+    ``layers.storage_dtypes`` / ``layers.prepare_for_inference``) gets it; any other family gets the
+    plan's compute dtype for everything."""
+    cls = model_class(kind)
+    if kwargs.get("dtype") is None and not getattr(cls, "precision_plans", False):
+        from .precision import resolve_precision
+
+        kwargs["dtype"] = resolve_precision(None, kwargs.get("device", "cpu")).compute_dtype
+    return cls.load(files, **kwargs)  # type: ignore[arg-type]

@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
+from .precision import Precision, resolve_precision
+
 
 class ModelLoadError(RuntimeError):
     """A checkpoint could not be loaded (missing/unexpected/mis-shaped tensor, bad config...)."""
@@ -38,12 +40,20 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_QUANTIZE = (None, "int8")
 
 
-def check_load_options(kind: str, dtype: torch.dtype, quantize: str | None) -> None:
-    """The load options every family accepts; anything else is a :class:`ModelLoadError`."""
+def check_load_options(
+    kind: str, dtype: torch.dtype | Precision | str | None, quantize: str | None, device: object = "cpu"
+) -> Precision:
+    """The load options every family accepts; anything else is a :class:`ModelLoadError`. Returns the
+    precision plan of each phase (``models.precision``): ``dtype`` None / ``"auto"`` = by the CPU
+    class, a ``torch.dtype`` = that dtype everywhere, or a :class:`Precision` as given."""
     if quantize not in SUPPORTED_QUANTIZE:
         raise ModelLoadError(f"{kind}: quantize={quantize!r} is not supported (None or 'int8')")
-    if dtype not in SUPPORTED_DTYPES:
+    if isinstance(dtype, torch.dtype) and dtype not in SUPPORTED_DTYPES:
         raise ModelLoadError(f"{kind}: unsupported dtype {dtype} (float32, bfloat16, float16)")
+    try:
+        return resolve_precision(dtype, device)
+    except ValueError as exc:
+        raise ModelLoadError(f"{kind}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -159,7 +169,11 @@ class OcrModel(abc.ABC):
     tokenizer: Any  # tokenizers.Tokenizer
     eos_token_ids: frozenset[int]
     device: torch.device
+    #: the language model's compute dtype (activations, prefill); ``precision`` has every phase's
     dtype: torch.dtype
+    precision: Precision | None = None
+    #: whether ``load(dtype=None)`` builds the per-phase plan (else ``models.load_model`` passes one dtype)
+    precision_plans: ClassVar[bool] = False
     #: Longest prompt + generation the model supports (positions).
     max_context: int
     #: Bytes of weights the last ``decode`` call read (dense layers once per step; MoE layers: the
@@ -173,10 +187,11 @@ class OcrModel(abc.ABC):
         cls,
         files: ModelFiles,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.bfloat16,
+        dtype: torch.dtype | Precision | None = None,
         quantize: str | None = None,
     ) -> OcrModel:
-        """Load strictly from the original checkpoint layout. ``quantize``: None or "int8"."""
+        """Load strictly from the original checkpoint layout. ``dtype``: None = per phase by the CPU
+        class (:func:`check_load_options`); ``quantize``: None or "int8"."""
 
     @abc.abstractmethod
     def prepare(

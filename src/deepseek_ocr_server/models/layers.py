@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -326,3 +328,195 @@ def replace_linears(
         del child
     release_freed_memory()
     return n
+
+
+# --------------------------------------------------------------------------------------------------
+# one weight copy, narrower than the activations (the precision plan of a CPU without native bf16)
+# --------------------------------------------------------------------------------------------------
+class WideningLinear(nn.Module):
+    """A linear layer whose weight is stored narrow (bfloat16) while the model computes wider (float32).
+
+    Up to :attr:`narrow_max_rows` rows (decode: one row per running sequence) run the narrow kernel
+    directly, ``F.linear`` over the stored weight with the input rounded to it (the bandwidth-bound case:
+    half the bytes of float32 at the same read rate); more rows (prefill) widen THIS layer's weight to the
+    compute dtype for the duration of the call, into a reused scratch buffer, and run a float32 GEMM
+    (the compute-bound case: emulated bf16 products are 10-100x slower without bf16 instructions). The
+    widened copy is one layer's, transient: the model keeps one copy of its weights. Outputs are in the
+    compute dtype."""
+
+    #: measured on AVX2 (``bench/bench_linear.py --as-cpu avx2``): the bf16 kernel's cost grows about
+    #: linearly with the rows, widening costs a fixed ~1 ns per weight; they cross at 16-32 rows
+    narrow_max_rows: int = 16
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+        self.compute_dtype = compute_dtype
+        #: an optional second copy in the compute dtype (packed where oneDNN runs it) that the many-rows
+        #: path uses instead of widening per call (:func:`keep_wide_copies`); a tuple: not a submodule
+        self._wide: tuple[nn.Module, ...] = ()
+
+    def keep_wide_copy(self) -> None:
+        self._wide = (storage_linear(self.weight.detach().to(self.compute_dtype), self.bias, self.compute_dtype),)
+
+    @property
+    def wide_nbytes(self) -> int:
+        """Bytes of the kept compute-dtype copy (0 without one)."""
+        return self.in_features * self.out_features * self.compute_dtype.itemsize if self._wide else 0
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, compute_dtype: torch.dtype) -> WideningLinear:
+        return cls(linear.weight, linear.bias, compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(1, x.shape[-1])
+        if rows <= self.narrow_max_rows:
+            y = F.linear(x.to(self.weight.dtype), self.weight).to(self.compute_dtype)
+            return y if self.bias is None else y + self.bias
+        if self._wide:
+            return self._wide[0](x.to(self.compute_dtype))
+        return F.linear(x.to(self.compute_dtype), widened(self.weight, self.compute_dtype), self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight.detach().clone()
+
+    def weight_nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"stored {self.weight.dtype}, computes {self.compute_dtype}"
+        )
+
+
+_SCRATCH = threading.local()
+#: the largest widened weight kept in the per-thread scratch buffer (bigger ones allocate per call)
+SCRATCH_MAX_BYTES = 64 << 20
+
+
+def widened(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` converted to ``dtype``, in a per-thread scratch buffer reused from call to call (a
+    fresh multi-MB allocation per call costs page faults, ~2x the conversion itself). The result is
+    valid until the next call on the same thread."""
+    n = weight.numel()
+    if n * dtype.itemsize > SCRATCH_MAX_BYTES or weight.device.type != "cpu":
+        return weight.to(dtype)
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = torch.empty(n, dtype=dtype)
+        _SCRATCH.buf = buf
+    return buf[:n].view(weight.shape).copy_(weight)
+
+
+class WideningEmbedding(nn.Embedding):
+    """An embedding table stored narrow whose looked-up rows come out in the compute dtype (the table
+    may be shared with a tied output layer: still one copy)."""
+
+    compute_dtype: torch.dtype = torch.float32
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).to(self.compute_dtype)
+
+
+def storage_linear(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> nn.Module:
+    """The layer the precision plan builds for a weight stored in ``weight.dtype`` computing in
+    ``compute_dtype``: :class:`WideningLinear` when they differ, else packed (or plain) as usual."""
+    if weight.dtype != compute_dtype:
+        return WideningLinear(weight, bias, compute_dtype)
+    if packing_supported(weight.device, weight.dtype):
+        return PackedLinear(weight, bias)
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias, requires_grad=False)
+    return lin
+
+
+def storage_dtypes(net: nn.Module, precision, is_vision: Callable[[str], bool]):  # noqa: ANN001, ANN201
+    """``(dtype, overrides)`` for ``weights.load_checkpoint``: each tensor read ONCE straight into the
+    dtype its phase runs in (``precision``, a ``models.precision.Precision``): the language model's
+    linear weights and token embedding in ``precision.weights`` (the default), the vision side
+    (``is_vision(name)``) in ``precision.vision``, everything else (norms, biases, routers, small
+    parameters) in ``precision.compute``. ``net`` may live on the meta device."""
+    default = precision.weights_dtype
+    vision, compute = precision.vision_dtype, precision.compute_dtype
+    overrides: dict[str, torch.dtype] = {}
+    stored: set[str] = set()
+    for mname, mod in net.named_modules():
+        if type(mod) in (nn.Linear, nn.Embedding):
+            stored.add(f"{mname}.weight" if mname else "weight")
+    for name, _ in list(net.named_parameters()) + list(net.named_buffers()):
+        want = vision if is_vision(name) else default if name in stored else compute
+        if want != default:
+            overrides[name] = want
+    return default, overrides
+
+
+def widen_language_layers(net: nn.Module, compute_dtype: torch.dtype) -> int:
+    """Turn every plain ``nn.Linear`` / ``nn.Embedding`` whose weight is stored in another dtype than
+    ``compute_dtype`` into its widening form (:class:`WideningLinear`, :class:`WideningEmbedding`), in
+    place, sharing the weight (no copy). Returns the number of layers converted."""
+
+    def convert(lin: nn.Module) -> nn.Module:
+        return WideningLinear.from_linear(lin, compute_dtype)
+
+    def keep(name: str, lin: nn.Module) -> bool:
+        return lin.weight.dtype == compute_dtype or not lin.weight.is_floating_point()
+
+    n = replace_linears(net, convert, keep, source=nn.Linear)
+    for mod in list(net.modules()):
+        for child_name, child in list(mod._modules.items()):
+            if type(child) is nn.Embedding and child.weight.dtype != compute_dtype:
+                emb = WideningEmbedding(
+                    child.num_embeddings, child.embedding_dim, padding_idx=child.padding_idx,
+                    _weight=child.weight, _freeze=True,
+                )
+                emb.compute_dtype = compute_dtype
+                mod._modules[child_name] = emb
+                n += 1
+    return n
+
+
+def prepare_for_inference(
+    net: nn.Module,
+    precision,  # noqa: ANN001 - models.precision.Precision
+    quantize: str | None,
+    is_vision: Callable[[str], bool],
+) -> None:
+    """What every family's ``load`` does after the strict load (in place, layer by layer): int8
+    weight-only quantization of the language side when asked, the widening layers of the precision plan
+    (weights stored narrower than the compute dtype), then oneDNN packing and fusing where it runs."""
+    if quantize == "int8":
+        from .quant import quantize_linears_int8
+
+        quantize_linears_int8(net, skip=lambda name, _lin: is_vision(name))
+    if precision.widened:
+        widen_language_layers(net, precision.compute_dtype)
+        keep_wide_copies(net)
+    pack_model(net)
+
+
+def keep_wide_copies(net: nn.Module, max_bytes: int | None = None) -> int:
+    """When the widening layers' weights fit in ``max_bytes`` in the compute dtype (default
+    ``precision.WIDE_COPY_MAX_BYTES``), give each one a kept compute-dtype copy for its many-rows path
+    (prefill then runs at float32 GEMM speed, no per-call widening) and log the extra memory. Output
+    projections over a vocabulary (more than ``precision.VOCAB_ROWS`` outputs) are left out: prefill runs
+    them on one row. Returns the extra bytes kept (0: none, the model is too big)."""
+    from .precision import VOCAB_ROWS, WIDE_COPY_MAX_BYTES
+
+    limit = WIDE_COPY_MAX_BYTES if max_bytes is None else max_bytes
+    layers = [m for m in net.modules() if isinstance(m, WideningLinear) and m.out_features <= VOCAB_ROWS]
+    need = sum(m.in_features * m.out_features * m.compute_dtype.itemsize for m in layers)
+    if not layers or need > limit:
+        return 0
+    for m in layers:
+        m.keep_wide_copy()
+    release_freed_memory()
+    log.info(
+        "keeping a second, %s copy of %d language-model layers for prefill (+%.2f GB; the model's %s copy "
+        "serves decode)", layers[0].compute_dtype, len(layers), need / 1e9, layers[0].weight.dtype,
+    )
+    return need

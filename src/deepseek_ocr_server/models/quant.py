@@ -107,10 +107,15 @@ class Int8Linear(nn.Module):
 VISION_MODULES = frozenset({"sam_model", "vision_model", "projector", "visual", "mlp_AR", "qwen2_model"})
 
 
+def is_vision(name: str) -> bool:
+    """Whether a qualified parameter/module name belongs to the vision side (:data:`VISION_MODULES`)."""
+    return not VISION_MODULES.isdisjoint(name.split("."))
+
+
 def skip_vision(name: str, linear: nn.Linear) -> bool:
     """``skip`` predicate for :func:`quantize_linears_int8` that quantizes only the language model
     (decoder layers + lm_head) of DeepSeek-OCR and PaddleOCR-VL: ``quantize_linears_int8(net, skip=skip_vision)``."""
-    return not VISION_MODULES.isdisjoint(name.split("."))
+    return is_vision(name)
 
 
 def quantize_linears_int8(

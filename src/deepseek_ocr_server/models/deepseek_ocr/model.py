@@ -29,8 +29,9 @@ from ..base import (
     VisionSettings,
     check_load_options,
 )
-from ..layers import PackedNet, pack_model, weight_bytes
-from ..quant import quantize_linears_int8, skip_vision
+from ..layers import PackedNet, prepare_for_inference, storage_dtypes, weight_bytes
+from ..precision import Precision
+from ..quant import is_vision
 from ..weights import load_checkpoint
 from . import processor
 from .config import DeepseekOcrConfig
@@ -86,6 +87,8 @@ class DeepseekOcrModel(PackedNet, OcrModel):
     attributes below and in :meth:`check_vision_settings` / :meth:`preprocess_image`."""
 
     kind: ClassVar[str] = "deepseek-ocr"
+    #: ``load`` takes a per-phase precision plan (``models/precision.py``)
+    precision_plans: ClassVar[bool] = True
     #: the family's name in error messages
     display_name: ClassVar[str] = "DeepSeek-OCR"
     config_class: ClassVar[Any] = DeepseekOcrConfig
@@ -98,7 +101,7 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         net: Any,
         tokenizer: Tokenizer,
         device: torch.device,
-        dtype: torch.dtype,
+        precision: Precision,
         eos_token_ids: frozenset[int],
         image_token_id: int,
     ) -> None:
@@ -106,18 +109,20 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         self.net = net
         self.tokenizer = tokenizer
         self.device = device
-        self.dtype = dtype
+        self.precision = precision
+        self.dtype = precision.compute_dtype  # the language model's activations
+        self.vision_dtype = precision.vision_dtype
         self.eos_token_ids = eos_token_ids
         self.bos_token_id = cfg.language.bos_token_id
         self.image_token_id = image_token_id
         self.max_context = cfg.language.max_position_embeddings
         #: Wall times of the last prefill: "vision_s" (image encoders) and "prefill_s" (decoder).
         self.last_timings: dict[str, float] = {}
-        #: KV cache dtype: float32 on CPU (exact for the values written; fast decode attention, see
-        #: ``language.Attention.forward_decode``), the model dtype elsewhere
-        self.cache_dtype = torch.float32 if device.type == "cpu" else dtype
+        #: KV cache dtype (the precision plan): float32 on CPU (exact for the values written; fast decode
+        #: attention, see ``language.Attention.forward_decode``), the model dtype elsewhere
+        self.cache_dtype = precision.kv_dtype
         self._account_weights()
-        self.rope = Rope(cfg.language.head_dim, cfg.language.rope_theta, self.max_context, dtype, device)
+        self.rope = Rope(cfg.language.head_dim, cfg.language.rope_theta, self.max_context, self.dtype, device)
 
     # ---------------------------------------------------------------- load
     @classmethod
@@ -125,11 +130,11 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         cls,
         files: ModelFiles,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.bfloat16,
+        dtype: torch.dtype | Precision | None = None,
         quantize: str | None = None,
     ) -> DeepseekOcrModel:
-        check_load_options(cls.kind, dtype, quantize)
         dev = torch.device(device)
+        precision = check_load_options(cls.kind, dtype, quantize, dev)
         cfg = cls.config_class.from_file(files.config)
         if not files.tokenizer.is_file():
             raise ModelLoadError(f"tokenizer file not found: {files.tokenizer}")
@@ -153,16 +158,17 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         with torch.device("meta"):
             net = cls.net_class(cfg)
         expected = {k: tuple(p.shape) for k, p in net.named_parameters()}
+        stored, overrides = storage_dtypes(net, precision, is_vision)  # each tensor in its phase's dtype
         state = load_checkpoint(
-            files.weights, expected, dtype, model=cls.display_name, ignored=cls.ignored_keys, device=dev
+            files.weights, expected, stored, model=cls.display_name, ignored=cls.ignored_keys,
+            overrides=overrides, device=dev,
         )
         net.load_state_dict(state, strict=True, assign=True)
         del state  # the net holds the only reference: a replaced layer's weight is freed at once
         net.eval().requires_grad_(False)
-        if quantize == "int8":  # decoder linears + lm_head; vision and the router stay as loaded
-            quantize_linears_int8(net, skip=skip_vision)
-        pack_model(net)  # every remaining nn.Linear packed (and siblings fused) where oneDNN runs the dtype
-        return cls(cfg, net, tokenizer, dev, dtype, frozenset(int(x) for x in eos), int(image_id))
+        # int8 (decoder linears + lm_head) when asked; widening layers of the plan; oneDNN packing
+        prepare_for_inference(net, precision, quantize, is_vision)
+        return cls(cfg, net, tokenizer, dev, precision, frozenset(int(x) for x in eos), int(image_id))
 
     def _account_weights(self) -> None:
         """Bytes a decode step reads: every decoder linear and lm_head once, plus one routed expert's
@@ -239,7 +245,7 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         images: list[processor.ImageInput] = prepared.inputs.get("images", [])
         if images:
             t0 = time.perf_counter()
-            emb = torch.cat([self.net.encode_image(img, self.dtype, self.device) for img in images], dim=0)
+            emb = torch.cat([self.net.encode_image(img, self.vision_dtype, self.device) for img in images], dim=0)
             self.last_timings["vision_s"] = time.perf_counter() - t0
             mask = ids == self.image_token_id
             if int(mask.sum()) != emb.shape[0]:
@@ -283,6 +289,7 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         return {
             "kind": self.kind,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "precision": self.precision.as_dict(),
             "device": str(self.device),
             "max_context": self.max_context,
             "image_token_id": self.image_token_id,

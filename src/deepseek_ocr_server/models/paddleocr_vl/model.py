@@ -22,8 +22,9 @@ from ..base import (
     check_load_options,
     progress,
 )
-from ..layers import PackedNet, pack_model, weight_bytes
-from ..quant import quantize_linears_int8, skip_vision
+from ..layers import PackedNet, prepare_for_inference, storage_dtypes, weight_bytes
+from ..precision import Precision
+from ..quant import is_vision
 from ..weights import load_checkpoint
 from .config import PaddleOcrVlConfig
 from .language import ErnieModel, KVCache
@@ -80,6 +81,8 @@ def _special_token(cfg: dict[str, Any] | None, name: str) -> str | None:
 
 class PaddleOcrVlModel(PackedNet, OcrModel):
     kind: ClassVar[str] = "paddleocr-vl"
+    #: ``load`` takes a per-phase precision plan (``models/precision.py``)
+    precision_plans: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -91,7 +94,7 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
         special_tokens: dict[str, str],
         eos_token_ids: frozenset[int],
         device: torch.device,
-        dtype: torch.dtype,
+        precision: Precision,
     ) -> None:
         self.config = config
         self.net = net
@@ -101,9 +104,11 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
         self.special_tokens = special_tokens
         self.eos_token_ids = eos_token_ids
         self.device = device
-        self.dtype = dtype
+        self.precision = precision
+        self.dtype = precision.compute_dtype  # the language model's activations
+        self.vision_dtype = precision.vision_dtype
         self.max_context = config.max_position_embeddings
-        self.cache_dtype = torch.float32 if device.type == "cpu" else dtype
+        self.cache_dtype = precision.kv_dtype
         self._account_weights()
 
     def _account_weights(self) -> None:
@@ -117,19 +122,21 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
         cls,
         files: ModelFiles,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.bfloat16,
+        dtype: torch.dtype | Precision | None = None,
         quantize: str | None = None,
     ) -> PaddleOcrVlModel:
-        check_load_options(cls.kind, dtype, quantize)
         dev = torch.device(device)
+        precision = check_load_options(cls.kind, dtype, quantize, dev)
         config = PaddleOcrVlConfig.from_file(files.config)
         with torch.device("meta"):
             net = PaddleOcrVlNet(config)
         expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        stored, overrides = storage_dtypes(net, precision, is_vision)  # each tensor in its phase's dtype
         state = load_checkpoint(
             files.weights,
             expected,
-            dtype,
+            stored,
+            overrides=overrides,
             model="PaddleOCR-VL",
             renames=_RENAMES,
             ignored=UNUSED_KEY_PATTERNS,
@@ -150,9 +157,8 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
         lm.rope_axis = axis
         del state  # the net holds the only reference: a replaced layer's weight is freed at once
         net.eval().requires_grad_(False)
-        if quantize == "int8":  # decoder linears + lm_head; vision tower and projector stay as loaded
-            quantize_linears_int8(net, skip=skip_vision)
-        pack_model(net)  # every remaining nn.Linear packed (and siblings fused) where oneDNN runs the dtype
+        # int8 (decoder linears + lm_head) when asked; widening layers of the plan; oneDNN packing
+        prepare_for_inference(net, precision, quantize, is_vision)
 
         try:
             tokenizer = Tokenizer.from_file(str(files.tokenizer))
@@ -184,7 +190,7 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
             special,
             frozenset(eos),
             dev,
-            dtype,
+            precision,
         )
 
     # ------------------------------------------------------------------------------------ prompt
@@ -237,7 +243,7 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
         """Vision encoder + projector: ``[sum(t*gh*gw/4), hidden]`` in the model dtype."""
-        pv = pixel_values.to(self.device, self.dtype)
+        pv = pixel_values.to(self.device, self.vision_dtype)
         feats = self.net.visual.vision_model(pv, grids)
         return self.net.mlp_AR(feats, grids)
 
