@@ -136,10 +136,13 @@ def main() -> None:
         tmp = Path(tmp_s)
         cfg = tmp / "config.toml"
         write_config(cfg, args.model, args.ckpt, 16, 64)
-        # cluster mode deploys every configured model: the other built-in one is scaled to zero
-        other = next(k for k in KINDS if k not in ("fake", args.model))
+        # cluster mode deploys every configured model: the other built-in ones are scaled to zero
+        from deepseek_ocr_server.config import BUILTIN_MODELS
+
         with cfg.open("a", encoding="utf-8") as f:
-            f.write(f"[models.entries.{other}.ray]\nmin_replicas = 0\n")
+            for other in BUILTIN_MODELS:
+                if other != args.model:
+                    f.write(f"[models.entries.{other}.ray]\nmin_replicas = 0\n")
         for mode in args.modes.split(","):
             t0 = time.monotonic()
             proc, base = start(args, cfg, tmp, ray=mode == "ray")
