@@ -50,8 +50,13 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers or None)
 
 
+def _clean(text: str | None) -> str | None:
+    """Text that always encodes as UTF-8 (a message may quote client input)."""
+    return None if text is None else text.encode("utf-8", "replace").decode("utf-8")
+
+
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return {"error": {"message": _clean(message), "type": type, "param": _clean(param), "code": code}}
 
 
 def as_api_error(exc: BaseException) -> ApiError:

@@ -126,6 +126,7 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
 def _check_scheme(url: str, param: str | None) -> urllib.parse.SplitResult:
     try:
         parts = urllib.parse.urlsplit(url)
+        _ = parts.port  # a port beyond 0..65535 raises ValueError here, not later in the fetch
     except ValueError as exc:
         raise _bad(f"invalid image URL: {exc}", param, "invalid_image_url") from None
     if parts.scheme not in ("http", "https"):

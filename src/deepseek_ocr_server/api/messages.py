@@ -42,7 +42,15 @@ def _text_of(content: str | list[dict[str, Any]] | None) -> str:
         return ""
     if isinstance(content, str):
         return content
-    return "\n".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") in _TEXT_TYPES)
+    return "\n".join(
+        p["text"] for p in content if _kind(p) in _TEXT_TYPES and isinstance(p.get("text"), str)
+    )
+
+
+def _kind(part: dict[str, Any]) -> str | None:
+    """A content part's ``type`` when it is a string (anything else is no known type)."""
+    kind = part.get("type")
+    return kind if isinstance(kind, str) else None
 
 
 def _image_url(part: dict[str, Any], param: str) -> ImageRef:
@@ -67,7 +75,7 @@ def _user_parts(content: str | list[dict[str, Any]] | None, param: str) -> tuple
     images: list[ImageRef] = []
     for i, part in enumerate(content):
         p = f"{param}[{i}]"
-        kind = part.get("type")
+        kind = _kind(part)
         if kind in _TEXT_TYPES:
             text = part.get("text")
             if not isinstance(text, str):

@@ -88,6 +88,39 @@ class ResponsesRequest(DecodeFields):
 
 B = TypeVar("B", bound=BaseModel)
 
+#: deepest JSON nesting a request body may have (a chat body needs about 6 levels)
+MAX_JSON_DEPTH = 32
+
+
+def _check_tree(data: object) -> None:
+    """Reject what JSON allows but nothing downstream can use: nesting beyond ``MAX_JSON_DEPTH`` and
+    strings with lone UTF-16 surrogates (``"\\ud800"``: no UTF-8 encoder or tokenizer accepts them).
+    Iterative, so that hostile nesting cannot exhaust the interpreter's stack."""
+    stack: list[tuple[object, str, int]] = [(data, "", 0)]
+    while stack:
+        node, where, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.", code="invalid_json")
+        if isinstance(node, str):
+            _check_text(node, where)
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                _check_text(k, where)
+                stack.append((v, f"{where}.{k}" if where else k, depth + 1))
+        elif isinstance(node, list):
+            stack.extend((v, f"{where}[{i}]", depth + 1) for i, v in enumerate(node))
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(
+            "The request contains text that is not valid Unicode (an unpaired surrogate escape such as \\ud800).",
+            param=where or None,
+            code="invalid_value",
+        ) from None
+
 
 def parse_body(raw: bytes, model: type[B]) -> B:
     """JSON body -> request model, whatever the Content-Type (curl -d sends a form type by default).
@@ -98,8 +131,11 @@ def parse_body(raw: bytes, model: type[B]) -> B:
     except (ValueError, UnicodeDecodeError) as exc:
         reason = "the body is empty" if not raw.strip() else str(exc)
         raise ApiError(f"We could not parse the JSON body of your request: {reason}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError("The request body must be a JSON object.", code="invalid_json")
+    _check_tree(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
