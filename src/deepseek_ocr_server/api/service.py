@@ -84,6 +84,7 @@ async def build_request(
         stop=stops,
         system=conv.system,
         request_id=request_id,
+        answer_prefix=conv.answer_prefix,
     )
 
 

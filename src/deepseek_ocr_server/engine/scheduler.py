@@ -407,6 +407,8 @@ class Scheduler:
         self._interleaved_s = 0.0
         try:
             prepared = model.prepare(req.text, req.images, req.vision, req.system)
+            if req.answer_prefix:
+                prepared = model.continue_answer(prepared, req.answer_prefix)
             room = model.max_context - prepared.num_prompt_tokens
             if room < 1:
                 raise InputError(

@@ -24,6 +24,8 @@ class OcrRequest:
     stop: list[str] = field(default_factory=list)
     system: str | None = None
     request_id: str = ""
+    #: start of the answer to continue (the conversation ended with a partial assistant message)
+    answer_prefix: str | None = None
 
 
 @dataclass
