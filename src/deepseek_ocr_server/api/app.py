@@ -7,6 +7,7 @@ compatible, streaming and not), ``GET /health``, ``GET /metrics`` (Prometheus).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import secrets
 import time
 import uuid
@@ -25,13 +26,13 @@ from ..engine import metrics
 from ..engine.manager import ModelManager
 from ..engine.types import Finished
 from . import chat, responses, sse
-from .errors import ApiError, error_body, install_exception_handlers
+from .errors import ApiError, error_body, human_bytes, install_exception_handlers
 from .messages import collapse_chat, collapse_responses
 from .options import ApiOptions
 from .schemas import ChatCompletionRequest, ResponsesRequest, parse_body
 from .service import Generation, build_request, check_model, start
 
-_ENDPOINTS = {"/v1/models", "/v1/chat/completions", "/v1/responses", "/health", "/metrics"}
+_ENDPOINTS = {"/v1/models", "/v1/chat/completions", "/v1/responses", "/health", "/ready", "/metrics"}
 _STARTED = int(time.time())
 T = TypeVar("T")
 
@@ -60,8 +61,8 @@ class LimitsAndMetrics:
             body_receive = await self._read_body(scope, receive)
             if body_receive is None:
                 resp = JSONResponse(
-                    error_body(f"request body larger than {self.max_body} bytes", "invalid_request_error", None,
-                               "request_too_large"),
+                    error_body(f"The request body is larger than the limit of {human_bytes(self.max_body)}.",
+                               "invalid_request_error", None, "request_too_large"),
                     status_code=413,
                 )
                 await resp(scope, receive, send_wrapper)
@@ -102,13 +103,30 @@ class LimitsAndMetrics:
         return replay
 
 
+def key_matches(headers: Any, api_key: str) -> bool:
+    """``Authorization: Bearer <api_key>`` present (compared as UTF-8 bytes, in constant time)."""
+    raw = headers.get("authorization", "")
+    scheme, _, token = raw.partition(" ")
+    if isinstance(token, str):  # starlette decodes header bytes as latin-1: undo it to get the client's bytes
+        token_bytes = token.strip().encode("latin-1", "replace")
+    else:
+        token_bytes = token
+    return scheme.lower() == "bearer" and secrets.compare_digest(token_bytes, api_key.encode("utf-8"))
+
+
+def _is_loopback(request: Request) -> bool:
+    host = request.client.host if request.client else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _auth_dependency(opts: ApiOptions) -> Any:
     async def check(request: Request) -> None:
         if not opts.api_key:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), opts.api_key.encode()):
+        if not key_matches(request.headers, opts.api_key):
             raise ApiError(
                 "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
                 status=401,
@@ -188,9 +206,26 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
         max_age=600,
     )
 
+    def health_body(request: Request) -> dict[str, Any]:
+        status = manager.status()
+        body = {"status": "ok", "ready": status.state == "ready", **status.as_dict()}
+        # load errors name paths and admin settings: only the operator (loopback, or the API key) sees them
+        if not (_is_loopback(request) or (opts.api_key and key_matches(request.headers, opts.api_key))):
+            if body["error"]:
+                body["error"] = "failed to load (the server log has the reason)"
+            body["failed"] = {mid: "failed to load" for mid in status.failed}
+        return body
+
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", **manager.status().as_dict()}
+    async def health(request: Request) -> dict[str, Any]:
+        """Liveness: 200 while the process serves HTTP, whatever the model's state."""
+        return health_body(request)
+
+    @app.get("/ready", responses={503: {"description": "no model is ready to serve"}})
+    async def ready(request: Request) -> Response:
+        """Readiness: 200 when the resident model is loaded and serving, else 503 (loading or failed)."""
+        body = health_body(request)
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -218,7 +253,7 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
             manager=manager, settings=settings, opts=opts, model_id=body.model, conv=conv, body=body,
             max_new_tokens=budget, budget_param=budget_param, stop=body.stop, request_id=cid,
         )
-        gen = await _unless_disconnected(request, start(manager, req, body.model))
+        gen = await _unless_disconnected(request, start(manager, req, body.model, conv.text))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return sse.SSEResponse(chat.stream(gen, cid, body.model, include_usage))
@@ -238,7 +273,7 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
         temperature = req.sampling.temperature if req is not None else (body.temperature or 0.0)
         top_p = req.sampling.top_p if req is not None else (body.top_p or 1.0)
         rb = responses.ResponseBuilder(rid, body.model, body, temperature, top_p)
-        gen = await _unless_disconnected(request, start(manager, req, body.model))
+        gen = await _unless_disconnected(request, start(manager, req, body.model, conv.text))
         if body.stream:
             return sse.SSEResponse(responses.stream(gen, rb))
         text, fin = await _collect(request, gen)

@@ -25,7 +25,7 @@ import httpcore
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ApiError
+from .errors import ApiError, human_bytes, human_pixels
 from .options import ApiOptions
 
 _USER_AGENT = "deepseek-ocr-server (image fetch)"
@@ -204,7 +204,7 @@ def _host_header(parts: urllib.parse.SplitResult) -> bytes:
 
 
 def _too_big(opts: ApiOptions, param: str | None) -> ApiError:
-    return _bad(f"image is larger than {opts.max_image_bytes} bytes", param, "image_too_large")
+    return _bad(f"The image is larger than the limit of {human_bytes(opts.max_image_bytes)}.", param, "image_too_large")
 
 
 def decode_data_url(url: str, opts: ApiOptions, param: str | None = None) -> bytes:
@@ -282,7 +282,8 @@ def decode_image(data: bytes, opts: ApiOptions, param: str | None = None) -> Ima
                 raise _bad("image has no pixels", param)
             if w * h > opts.max_image_pixels:
                 raise _bad(
-                    f"image is {w}x{h} = {w * h} pixels, more than the limit of {opts.max_image_pixels}",
+                    f"The image is {w}x{h} pixels ({human_pixels(w * h)}), more than the limit of "
+                    f"{human_pixels(opts.max_image_pixels)}.",
                     param,
                     "image_too_large",
                 )

@@ -35,12 +35,19 @@ def check_model(manager: ModelManager, model_id: str) -> None:
         )
 
 
-def no_image_notice(model_id: str) -> str:
-    return (
-        f"{model_id} is an OCR model: it reads images. Attach an image (an image_url / input_image part, "
-        "as a data: URL or an http(s) URL) to your message, optionally with an instruction such as "
-        "\"Convert the document to markdown.\"; text-only requests are not sent to the model."
-    )
+_NOTICE = {
+    "en": "I read text from images. Please attach an image, such as a photo or a scan of a page, "
+    "to your message and send it again.",
+    "zh": "我只能识别图片中的文字。请在消息中附上一张图片（例如照片或文档扫描件）后再发送。",
+}
+
+
+def no_image_notice(model_id: str, text: str = "") -> str:
+    """The answer to a message without an image, written for the end user of a chat UI: in Chinese
+    when the message is mostly CJK text, else in English."""
+    cjk = sum(1 for ch in text if "\u3400" <= ch <= "\u9fff" or "\uf900" <= ch <= "\ufaff")
+    letters = sum(1 for ch in text if ch.isalpha())
+    return _NOTICE["zh" if letters and cjk * 2 >= letters else "en"]
 
 
 def failed_error(ev: Failed) -> ApiError:
@@ -136,9 +143,11 @@ class Generation:
         raise ApiError("generation ended without a result", status=500, type="server_error")
 
 
-async def start(manager: ModelManager, req: OcrRequest | None, model_id: str) -> Generation:
+async def start(manager: ModelManager, req: OcrRequest | None, model_id: str, text: str = "") -> Generation:
+    """Submit ``req``; ``None`` (no image) is answered with a notice for the user (``text``: the
+    message, to pick the notice's language)."""
     if req is None:
-        notice = no_image_notice(model_id)
+        notice = no_image_notice(model_id, text)
         return Generation(TextDelta(notice), _static([Finished("stop", 0, 0, notice)]))
     try:
         it = manager.submit(req)

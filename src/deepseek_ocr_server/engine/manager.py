@@ -64,6 +64,11 @@ class ModelStatus:
 Loader = Callable[[str], OcrModel]
 
 
+def public_load_error(model_id: str) -> str:
+    """What a client is told about a model that failed to load (the reason goes to the server log)."""
+    return f"The model '{model_id}' is not available: it failed to load. The server log has the reason."
+
+
 class ModelManager:
     """Owns the resident model. ``loader(model_id)`` resolves assets and builds the model (blocking).
 
@@ -103,8 +108,10 @@ class ModelManager:
         return list(self._ids)
 
     def status(self) -> ModelStatus:
+        """State of the resident model; ``error`` and ``failed`` carry the operator-facing reasons."""
         sch = self._scheduler
-        return replace(self._status, running=sch.running, queued=sch.queued, failed=sch.failures())
+        failed = {mid: self._errors.get(mid, reason) for mid, reason in sch.failures().items()}
+        return replace(self._status, running=sch.running, queued=sch.queued, failed=failed)
 
     @property
     def model(self) -> OcrModel | None:
@@ -133,7 +140,8 @@ class ModelManager:
                 log.error("loading model %s failed: %s", model_id, msg)
                 self._errors[model_id] = msg
                 self._status = ModelStatus(model_id, "failed", msg)
-                raise ModelUnavailable(f"model {model_id!r} failed to load: {msg}") from exc
+                # the client sees a short message: the reason (paths, flags to set) is for the operator
+                raise ModelUnavailable(public_load_error(model_id)) from exc
             self._model = model
             self._errors.pop(model_id, None)
             seconds = time.perf_counter() - t0

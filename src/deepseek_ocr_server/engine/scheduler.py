@@ -426,7 +426,7 @@ class Scheduler:
             log.exception("prefill failed for request %s", job.id)
             if seq is not None:
                 seq.release()
-            job.send(EngineError(f"prefill failed: {type(exc).__name__}: {exc}"))
+            job.send(EngineError(f"internal error while reading the input ({type(exc).__name__})"))
             return
         metrics.PREFILL_SECONDS.observe(time.perf_counter() - t0 - self._interleaved_s)
         metrics.PROMPT_TOKENS.labels(model=job.model_id).inc(prepared.num_prompt_tokens)
@@ -460,7 +460,7 @@ class Scheduler:
             logits = model.decode([r.seq.last_token for r in batch], [r.seq.cache for r in batch])  # type: ignore[misc]
         except Exception as exc:  # noqa: BLE001
             log.exception("decode step failed")
-            self._fail_running(f"decode failed: {type(exc).__name__}: {exc}")
+            self._fail_running(f"internal error while generating ({type(exc).__name__})")
             return
         label = str(len(batch))
         metrics.DECODE_SECONDS.labels(batch=label).inc(time.perf_counter() - t0)
