@@ -53,6 +53,11 @@ from .types import Event, Failed, Finished, OcrRequest, TextDelta
 
 log = logging.getLogger(__name__)
 
+
+class _PrefillCancelled(Exception):
+    """Raised from the progress hook to unwind the prefill of a request whose client went away."""
+
+
 _ids = itertools.count(1)
 
 
@@ -173,6 +178,7 @@ class Scheduler:
         #: longest wait of the running streams for a decode step while a prefill runs (see module doc)
         self.prefill_slice_s = prefill_slice_s
         self._admitting = 0  # 1 while an admission runs (worker thread only)
+        self._admitting_job: Job | None = None  # the job being admitted (worker thread only)
         #: perf_counter at the end of the last decode step, while sequences were left running after it
         self._gap_from: float | None = None
         self._interleaved_s = 0.0  # decode time spent inside the current admission
@@ -393,10 +399,12 @@ class Scheduler:
         assert model is not None and self._resident == job.model_id
         metrics.QUEUE_WAIT.observe(time.monotonic() - job.t_submit)
         self._admitting = 1
+        self._admitting_job = job
         try:
             self._admit_with(job, model)
         finally:
             self._admitting = 0
+            self._admitting_job = None
             self._set_running(len(self._running))
 
     def _admit_with(self, job: Job, model: OcrModel) -> None:
@@ -415,8 +423,15 @@ class Scheduler:
                     f"the prompt is {prepared.num_prompt_tokens} tokens; the model's context is {model.max_context}"
                 )
             seq = Sequence(model, prepared, req.sampling, min(req.max_new_tokens, room), req.stop)
+            if job.cancelled:
+                raise _PrefillCancelled
             with progress_hook(self._decode_during_prefill):
                 logits, seq.cache = model.prefill(prepared, seq.max_new_tokens)
+        except _PrefillCancelled:
+            if seq is not None:
+                seq.release()
+            log.debug("request %s cancelled during its prefill", job.id)
+            return
         except InputError as exc:  # (the running count is restored by _admit)
             if seq is not None:
                 seq.release()
@@ -436,8 +451,12 @@ class Scheduler:
         self._sweep()
 
     def _decode_during_prefill(self) -> None:
-        """``progress()`` hook of an admission: one decode step for the running streams once they have
-        waited ``prefill_slice_s`` since their last one."""
+        """``progress()`` hook of an admission: stop at once when the admitted request was cancelled;
+        else one decode step for the running streams once they have waited ``prefill_slice_s`` since
+        their last one."""
+        job = self._admitting_job
+        if job is not None and job.cancelled:
+            raise _PrefillCancelled
         if self._gap_from is None or time.perf_counter() - self._gap_from < self.prefill_slice_s:
             return
         t0 = time.perf_counter()

@@ -14,8 +14,8 @@ Used by the engine and API tests (and by anyone who needs a model that loads in 
   Sampling sees a real distribution (every letter has a finite score), so seeds matter.
 - Batched ``decode`` takes sequences of different lengths; each cache checks it is not overrun or used
   after ``release``; ``live_caches`` counts caches not yet released.
-- ``step_delay`` / ``prefill_delay`` (seconds) slow the model down; ``on_decode`` / ``on_prefill``
-  callbacks let tests block or observe the worker deterministically. ``prefill_layers`` > 0 makes a
+- ``step_delay`` / ``prefill_delay`` (seconds) slow the model down; ``on_decode`` / ``on_prefill`` /
+  ``on_layer`` callbacks let tests block or observe the worker deterministically. ``prefill_layers`` > 0 makes a
   prefill call ``models.base.progress()`` that many times, as the real models do between layers (the
   delay split among them); ``decodes_during_prefill`` counts decode calls made in the middle of one.
 """
@@ -115,6 +115,7 @@ class FakeOcrModel(OcrModel):
         on_decode: Callable[[FakeOcrModel, int], None] | None = None,
         on_prefill: Callable[[FakeOcrModel, Prepared], None] | None = None,
         prefill_layers: int = 0,
+        on_layer: Callable[[FakeOcrModel, int], None] | None = None,
     ) -> None:
         self.name = name
         self.salt = zlib.crc32(name.encode())  # two fakes with different names answer differently
@@ -132,6 +133,8 @@ class FakeOcrModel(OcrModel):
         self.on_decode = on_decode
         self.on_prefill = on_prefill
         self.prefill_layers = prefill_layers
+        self.on_layer = on_layer
+        self.layers_run = 0  # prefill layers run in total (a cancelled prefill stops early)
         self.in_prefill = False
         self.decodes_during_prefill = 0
         self.quantized: str | None = None
@@ -213,8 +216,11 @@ class FakeOcrModel(OcrModel):
             self.on_prefill(self, prepared)
         self.in_prefill = True
         try:
-            for _ in range(self.prefill_layers):
+            for layer in range(self.prefill_layers):
                 time.sleep(self.prefill_delay / self.prefill_layers)
+                self.layers_run += 1
+                if self.on_layer is not None:
+                    self.on_layer(self, layer)
                 progress()
             if self.prefill_delay and not self.prefill_layers:
                 time.sleep(self.prefill_delay)
