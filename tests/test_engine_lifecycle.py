@@ -36,3 +36,54 @@ def test_cancel_during_prefill_stops_it_between_layers() -> None:
 
     run(main())
     run(mgr.shutdown())
+
+
+def test_absent_model_never_evicts_the_resident_one() -> None:
+    """A request for a model whose files cannot be resolved fails with 503 while the resident model
+    keeps serving: no drain, no unload, no reload."""
+    from deepseek_ocr_server.engine.manager import ModelManager, ModelUnavailable
+
+    loads: list[str] = []
+    resolving = threading.Event()
+    release = threading.Event()
+    models = {"a": FakeOcrModel(name="a", min_answer=40, answer_span=1), "absent": None}
+
+    def loader(model_id: str) -> FakeOcrModel:
+        loads.append(model_id)
+        return models[model_id]  # type: ignore[return-value]
+
+    def resolver(model_id: str) -> None:
+        if model_id == "absent":
+            resolving.set()
+            assert release.wait(30)
+            raise FileNotFoundError("/models/absent/model.safetensors")
+
+    mgr = ModelManager(list(models), loader, max_running=2, resolver=resolver)
+
+    async def main() -> None:
+        await collect(mgr.submit(req("warm")))  # "a" is resident
+        running = mgr.submit(req("long"))
+        first = await running.__anext__()
+        bad = mgr.submit(req("x", model="absent"))
+        bad_first = asyncio.ensure_future(bad.__anext__())
+        assert await asyncio.to_thread(resolving.wait, 30)
+        assert mgr.status().resolving == ["absent"]
+        # while the files resolve, a request that arrived after the absent one is served by "a"
+        text, fin = await collect(mgr.submit(req("innocent")))
+        assert fin.finish_reason == "stop"
+        release.set()
+        try:
+            await bad_first
+            raise AssertionError("the absent model's request must fail")
+        except ModelUnavailable as exc:
+            assert "/models" not in exc.message
+        rest, fin = await collect(running, first.text)  # the running stream was never cut
+        assert fin.finish_reason == "stop" and len(rest) == 40
+        st = mgr.status()
+        assert st.model_id == "a" and st.state == "ready" and "absent" in st.failed and st.resolving == []
+        assert "FileNotFoundError" in st.failed["absent"]
+        await collect(mgr.submit(req("after")))
+
+    run(main())
+    run(mgr.shutdown())
+    assert loads == ["a"]  # never unloaded, never reloaded

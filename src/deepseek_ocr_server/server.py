@@ -43,6 +43,18 @@ def build_loader(settings: Settings) -> Callable[[str], object]:
     return load
 
 
+def build_resolver(settings: Settings) -> Callable[[str], object]:
+    """``resolver(model_id)`` for the ModelManager: find (maybe download) the files of a model without
+    touching the resident one, so that a broken or absent entry never evicts it."""
+
+    def resolve(model_id: str) -> object:
+        from .assets import resolve_model_files
+
+        return resolve_model_files(settings, model_id)
+
+    return resolve
+
+
 def build_app(settings: Settings):  # -> (FastAPI, ModelManager)
     from .api.app import create_app
     from .engine.manager import ModelManager
@@ -55,6 +67,7 @@ def build_app(settings: Settings):  # -> (FastAPI, ModelManager)
         max_queued=srv.max_queued,
         queue_timeout_s=srv.queue_timeout_s,
         prefill_slice_s=srv.prefill_slice_s,
+        resolver=build_resolver(settings),
     )
     app = create_app(manager, settings)
     return app, manager

@@ -164,6 +164,7 @@ class Scheduler:
         queue_timeout_s: float = 300.0,
         failed_retry_s: float = 60.0,
         prefill_slice_s: float = 0.25,
+        resolve: Callable[[str], None] | None = None,
     ) -> None:
         if max_running < 1 or max_queued < 0 or queue_timeout_s <= 0 or prefill_slice_s < 0:
             raise ValueError(
@@ -171,6 +172,10 @@ class Scheduler:
             )
         self.model_ids = list(model_ids)
         self._load = load
+        #: resolves a model's files (maybe downloading them) in a thread of its own; None: ``load`` does it
+        self._resolve = resolve
+        self._resolved: set[str] = set()  # guarded by _cond
+        self._resolving: set[str] = set()  # guarded by _cond
         self.max_running = max_running
         self.max_queued = max_queued
         self.queue_timeout_s = queue_timeout_s
@@ -277,6 +282,49 @@ class Scheduler:
     def failures(self) -> dict[str, str]:
         return {k: v[0] for k, v in self._failed.items()}
 
+    def resolving(self) -> list[str]:
+        with self._cond:
+            return sorted(self._resolving)
+
+    # --- resolving another model's files while the resident one serves -----------------------------
+    def _swappable_locked(self, model_id: str) -> bool:
+        """True when a swap to ``model_id`` may start: its files are resolved (or there is no separate
+        resolve step). Otherwise starts resolving them in the background and returns False."""
+        if self._resolve is None or model_id in self._resolved:
+            return True
+        if model_id not in self._resolving:
+            self._resolving.add(model_id)
+            threading.Thread(target=self._resolve_files, args=(model_id,), name=f"ocr-resolve-{model_id}",
+                             daemon=True).start()
+        return False
+
+    def _resolve_files(self, model_id: str) -> None:
+        assert self._resolve is not None
+        failed: list[Job] = []
+        try:
+            self._resolve(model_id)
+            error: EngineError | None = None
+        except EngineError as exc:
+            error = exc
+        except Exception as exc:  # noqa: BLE001 - a resolver that raised something else
+            log.exception("resolving model %s failed", model_id)
+            error = ModelUnavailable(f"The model '{model_id}' is not available: {type(exc).__name__}")
+        with self._cond:
+            self._resolving.discard(model_id)
+            if error is None:
+                self._resolved.add(model_id)
+            else:  # nothing was unloaded: only the requests for this model fail
+                self._failed[model_id] = (error.message, time.monotonic())
+                failed = [j for j in self._waiting if j.model_id == model_id]
+                for job in failed:
+                    self._waiting.remove(job)
+                metrics.QUEUE_DEPTH.set(len(self._waiting))
+            self._cond.notify_all()
+        for job in failed:
+            if job.timer is not None:
+                job.loop.call_soon_threadsafe(job.timer.cancel)
+            job.send(ModelUnavailable(error.message if error else ""))
+
     # --- lifecycle -------------------------------------------------------------------------------
     def _ensure_thread_locked(self) -> None:
         if self._thread is None:
@@ -335,15 +383,16 @@ class Scheduler:
 
     def _choose_locked(self, *, pop: bool) -> tuple[str, object] | None:
         resident = self._resident if self._model is not None else None
-        oldest_other: float | None = None
+        other: Job | None = None  # the oldest waiting job for another model whose files are ready
         for job in self._waiting:
             if job.cancelled:
                 continue
             if job.model_id != resident:
-                if oldest_other is None:
-                    oldest_other = job.t_submit
+                # a model whose files are still being resolved does not hold anyone back yet
+                if other is None and self._swappable_locked(job.model_id):
+                    other = job
                 continue
-            if oldest_other is not None and job.t_submit > oldest_other and job.t_submit > self._loaded_at:
+            if other is not None and job.t_submit > other.t_submit and job.t_submit > self._loaded_at:
                 continue  # arrived after a request for another model: held back
             if len(self._running) >= self.max_running:
                 return None
@@ -351,11 +400,10 @@ class Scheduler:
                 self._waiting.remove(job)
                 metrics.QUEUE_DEPTH.set(len(self._waiting))
             return ("admit", job)
-        if oldest_other is not None:
+        if other is not None:
             if self._running:
                 return None  # drain first
-            target = next(j for j in self._waiting if not j.cancelled and j.model_id != resident).model_id
-            return ("swap", target)
+            return ("swap", other.model_id)
         if not self._running and not self._waiting and self._wants_preload():
             target = self._preload
             if pop:
@@ -373,6 +421,7 @@ class Scheduler:
             reason = str(exc)
             log.error("model %s unavailable: %s", model_id, reason)
             with self._cond:
+                self._resolved.discard(model_id)  # resolve again before the next try
                 self._failed[model_id] = (reason, time.monotonic())
                 failed = [j for j in self._waiting if j.model_id == model_id]
                 for job in failed:
