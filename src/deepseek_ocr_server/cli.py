@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"bind address (default: {_SRV.host})")
     g.add_argument("--port", metavar="PORT", type=_typed("port", int),
                    help=f"HTTP port (default: {_SRV.port})")
-    g.add_argument("--api-key", metavar="KEY", type=_typed("api_key", _str),
+    g.add_argument("--api-key", metavar="KEY", type=_typed("api_key", _str),  # "" is refused, not "no auth"
                    help="require 'Authorization: Bearer KEY' on /v1/*; env DEEPSEEK_OCR_API_KEY, then [server] api_key "
                         "(default: none, no authentication)")
     g.add_argument("--allow-private-image-urls", metavar="BOOL",

@@ -320,6 +320,20 @@ def _str(optional: bool = False, nonempty: bool = True):
     return check
 
 
+def _api_key(v: Any) -> str | None:
+    """An API key is absent (no authentication) or a non-blank string: an empty value would silently
+    turn authentication off."""
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {_show(v)}")
+    if not v.strip():
+        raise ValueError("must not be empty (leave it out to run without authentication)")
+    if v != v.strip():
+        raise ValueError("must not start or end with whitespace")
+    return v
+
+
 def _str_list(v: Any) -> list[str]:
     if isinstance(v, str):
         v = [s.strip() for s in v.split(",") if s.strip()]
@@ -351,7 +365,7 @@ _SPECS: dict[str, Any] = {
     # server
     "host": _str(),
     "port": _int(1, 65535),
-    "api_key": _str(optional=True),
+    "api_key": _api_key,
     "cors_origins": _str_list,
     "allow_private_image_urls": _bool,
     "max_body_bytes": _int(1024),
@@ -611,8 +625,11 @@ def load_settings(cli_overrides: dict[str, Any] | None = None, config_path: Path
 
     server_kw = dict(parsed["server"])
     env_key = os.environ.get(API_KEY_ENV)
-    if env_key:  # a secret injected by the environment beats the file; --api-key beats both
-        server_kw["api_key"] = env_key
+    if env_key is not None:  # a secret injected by the environment beats the file; --api-key beats both
+        try:
+            server_kw["api_key"] = _api_key(env_key)
+        except ValueError as exc:
+            raise ConfigError(f"environment variable {API_KEY_ENV}: {exc}") from None
 
     cli_inference: dict[str, Any] = {}
     for key, v in cli.items():

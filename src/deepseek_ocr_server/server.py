@@ -89,6 +89,13 @@ def run(settings: Settings) -> int:
     log.info("device: %s, dtype: %s%s", inf.device, inf.effective_dtype,
              f", quantize: {inf.quantize}" if inf.quantize else "")
 
+    if settings.server.api_key:
+        log.info("authentication: an API key is required on /v1/* (Authorization: Bearer <key>)")
+    else:
+        log.warning(
+            "authentication: NONE - anyone who can reach %s:%s can use the API (set --api-key or %s)",
+            settings.server.host, settings.server.port, "DEEPSEEK_OCR_API_KEY",
+        )
     app, manager = build_app(settings)
     config = uvicorn.Config(
         app,

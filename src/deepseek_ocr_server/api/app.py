@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from openai.types import Model
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..engine import metrics
@@ -38,11 +39,13 @@ T = TypeVar("T")
 
 
 class LimitsAndMetrics:
-    """ASGI middleware: request-body cap (413) and the per-response request counter."""
+    """ASGI middleware: authentication of ``/v1/*`` (401 before any byte of the body is read), the
+    request-body cap (413) and the per-response request counter."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, api_key: str | None = None) -> None:
         self.app = app
         self.max_body = max_body_bytes
+        self.api_key = api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,6 +61,10 @@ class LimitsAndMetrics:
             await send(message)
 
         try:
+            if (self.api_key and path.startswith("/v1/") and scope.get("method") != "OPTIONS"
+                    and not key_matches(Headers(scope=scope), self.api_key)):
+                await _unauthorized().response()(scope, receive, send_wrapper)
+                return
             body_receive = await self._read_body(scope, receive)
             if body_receive is None:
                 resp = JSONResponse(
@@ -122,18 +129,22 @@ def _is_loopback(request: Request) -> bool:
         return False
 
 
+def _unauthorized() -> ApiError:
+    return ApiError(
+        "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
+        status=401,
+        type="invalid_request_error",
+        code="invalid_api_key",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
 def _auth_dependency(opts: ApiOptions) -> Any:
+    """The same check as the middleware's, for apps mounted without it (and to show it in /docs)."""
+
     async def check(request: Request) -> None:
-        if not opts.api_key:
-            return
-        if not key_matches(request.headers, opts.api_key):
-            raise ApiError(
-                "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
-                status=401,
-                type="invalid_request_error",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+        if opts.api_key and not key_matches(request.headers, opts.api_key):
+            raise _unauthorized()
 
     return check
 
@@ -189,13 +200,15 @@ def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
     opts = ApiOptions.from_settings(settings)
-    app = FastAPI(title="deepseek-ocr-server")
+    # no "/v1/models/" -> "/v1/models" redirect: its absolute Location would be built from the client's
+    # Host header (an open redirect); a trailing slash is simply a 404
+    app = FastAPI(title="deepseek-ocr-server", redirect_slashes=False)
     app.state.manager = manager
     app.state.settings = settings
     app.state.options = opts
     install_exception_handlers(app)
 
-    app.add_middleware(LimitsAndMetrics, max_body_bytes=opts.max_body_bytes)
+    app.add_middleware(LimitsAndMetrics, max_body_bytes=opts.max_body_bytes, api_key=opts.api_key)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=opts.cors_origins,
