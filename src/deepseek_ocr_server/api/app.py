@@ -30,7 +30,7 @@ from . import chat, responses, sse
 from .errors import ApiError, error_body, human_bytes, install_exception_handlers
 from .messages import collapse_chat, collapse_responses
 from .options import ApiOptions
-from .schemas import ChatCompletionRequest, ResponsesRequest, parse_body
+from .schemas import ChatCompletionRequest, ResponsesRequest, parse_body, refuse_unsupported
 from .service import Generation, build_request, check_model, start
 
 _ENDPOINTS = {"/v1/models", "/v1/chat/completions", "/v1/responses", "/health", "/ready", "/metrics"}
@@ -198,6 +198,43 @@ def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the OpenAI error body with these statuses."""
+    why = {
+        400: "invalid request (the field is named in error.param)",
+        401: "missing or wrong API key",
+        404: "unknown model",
+        413: "request body too large",
+        429: "server busy (see Retry-After)",
+        499: "the client disconnected",
+        503: "model unavailable, queue timeout or shutting down",
+    }
+    return {
+        s: {"description": why[s], "content": {"application/json": {"schema": _ERROR_SCHEMA}}} for s in statuses
+    }
+
+
+_POST_ERRORS = _errors(400, 401, 404, 413, 429, 503)
+
+
 def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
     opts = ApiOptions.from_settings(settings)
     # no "/v1/models/" -> "/v1/models" redirect: its absolute Location would be built from the client's
@@ -234,7 +271,7 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
         """Liveness: 200 while the process serves HTTP, whatever the model's state."""
         return health_body(request)
 
-    @app.get("/ready", responses={503: {"description": "no model is ready to serve"}})
+    @app.get("/ready", responses={503: {"description": "no model is ready to serve (loading or failed)"}})
     async def ready(request: Request) -> Response:
         """Readiness: 200 when the resident model is loaded and serving, else 503 (loading or failed)."""
         body = health_body(request)
@@ -246,7 +283,7 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth_dependency(opts))])
 
-    @v1.get("/models")
+    @v1.get("/models", responses=_errors(401))
     async def list_models() -> dict[str, Any]:
         data = [
             sse.dump(Model(id=mid, object="model", created=_STARTED, owned_by="deepseek-ocr-server"))
@@ -254,9 +291,10 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
         ]
         return {"object": "list", "data": data}
 
-    @v1.post("/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+    @v1.post("/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest), responses=_POST_ERRORS)
     async def chat_completions(request: Request) -> Response:
         body = parse_body(await request.body(), ChatCompletionRequest)
+        refuse_unsupported(body)
         check_model(manager, body.model)
         conv = collapse_chat(body.messages)
         cid = "chatcmpl-" + uuid.uuid4().hex
@@ -273,9 +311,10 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
         text, fin = await _collect(request, gen)
         return JSONResponse(sse.dump(chat.completion(cid, body.model, text, fin)))
 
-    @v1.post("/responses", openapi_extra=_body_schema(ResponsesRequest))
+    @v1.post("/responses", openapi_extra=_body_schema(ResponsesRequest), responses=_POST_ERRORS)
     async def create_response(request: Request) -> Response:
         body = parse_body(await request.body(), ResponsesRequest)
+        refuse_unsupported(body)
         check_model(manager, body.model)
         conv = collapse_responses(body.input, body.instructions)
         rid = "resp_" + uuid.uuid4().hex

@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
 from .errors import ApiError, validation_error
 
-Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
-TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
-PositiveInt = Annotated[int, Field(ge=1)]
+# Strict types: "10" or true for a number is refused (as the OpenAI API does), never coerced.
+Number = StrictFloat | StrictInt
+Temperature = Annotated[Number, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
+TopP = Annotated[Number, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
 
 
 class _Body(BaseModel):
@@ -30,14 +32,14 @@ class DecodeFields(_Body):
 
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None  # torch.Generator's range
+    seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)] | None = None  # torch.Generator's range
     # extensions (send them as extra body fields, e.g. ``extra_body={...}`` in the openai SDK)
     do_sample: StrictBool | None = None
     top_k: PositiveInt | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0, allow_inf_nan=False)] | None = None
-    no_repeat_ngram_size: Annotated[int, Field(ge=0, le=1024)] | None = None
-    base_size: Annotated[int, Field(ge=64, le=4096)] | None = None
-    image_size: Annotated[int, Field(ge=64, le=4096)] | None = None
+    repetition_penalty: Annotated[Number, Field(gt=0.0, le=10.0, allow_inf_nan=False)] | None = None
+    no_repeat_ngram_size: Annotated[StrictInt, Field(ge=0, le=1024)] | None = None
+    base_size: Annotated[StrictInt, Field(ge=64, le=4096)] | None = None
+    image_size: Annotated[StrictInt, Field(ge=64, le=4096)] | None = None
     crop_mode: StrictBool | None = None
 
 
@@ -56,14 +58,19 @@ class StreamOptions(_Body):
 
 class ChatCompletionRequest(DecodeFields):
     model: str
-    messages: list[ChatMessage]
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     max_tokens: PositiveInt | None = None
     max_completion_tokens: PositiveInt | None = None
     stop: str | list[str] | None = None
-    n: Annotated[int, Field(ge=1, le=1)] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=1)] | None = None
     user: str | None = None
+    # accepted for compatibility, but only their "off" values: a client relying on them would get
+    # something else than it asked for (see ``refuse_unsupported``)
+    response_format: dict[str, Any] | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
 
 
 # --- responses -------------------------------------------------------------------------------------
@@ -77,13 +84,37 @@ class ResponsesInputMessage(_Body):
 
 class ResponsesRequest(DecodeFields):
     model: str
-    input: str | list[ResponsesInputMessage]
+    input: str | Annotated[list[ResponsesInputMessage], Field(min_length=1)]
     instructions: str | None = None
     max_output_tokens: PositiveInt | None = None
     stream: StrictBool | None = False
     store: bool | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
+    text: dict[str, Any] | None = None  # only {"format": {"type": "text"}} (see ``refuse_unsupported``)
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+
+
+def _unsupported(param: str, what: str) -> ApiError:
+    return ApiError(f"'{param}' is not supported by this server: {what}", param=param, code="unsupported_parameter")
+
+
+def refuse_unsupported(body: ChatCompletionRequest | ResponsesRequest) -> None:
+    """400 for OpenAI options a client relies on for correctness that an OCR model cannot honour
+    (structured output, log probabilities). Other unknown fields (``tools``, ``user``, ...) are
+    accepted and ignored, as the README lists."""
+    if isinstance(body, ChatCompletionRequest):
+        rf = body.response_format
+        if rf is not None and rf.get("type", "text") != "text":
+            raise _unsupported("response_format", "the model answers plain text only (type 'text')")
+        if body.logprobs:
+            raise _unsupported("logprobs", "log probabilities are not returned")
+    else:
+        fmt = (body.text or {}).get("format")
+        if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
+            raise _unsupported("text.format", "the model answers plain text only (type 'text')")
+    if body.top_logprobs:
+        raise _unsupported("top_logprobs", "log probabilities are not returned")
 
 
 B = TypeVar("B", bound=BaseModel)

@@ -11,8 +11,9 @@ request; the caller reads them through a :class:`RequestStream`.
 
 Admission and model choice (the rules the README documents):
 
-- ``max_running`` sequences decode together; at most ``max_queued`` requests wait for a slot (beyond:
-  :class:`Overloaded`, HTTP 429 with ``Retry-After``); a request that waits longer than
+- ``max_running`` sequences decode together; at most ``max_queued`` requests wait for a slot beyond
+  the free ones (beyond: :class:`Overloaded`, HTTP 429 with ``Retry-After``; ``max_queued = 0``: no
+  queue, a request is accepted only when a slot is free); a request that waits longer than
   ``queue_timeout_s`` for its prefill to start gets :class:`QueueTimeout`.
 - One admission (prepare + vision + prefill) at a time. During it, the models call
   ``models.base.progress()`` between layers; once the running streams have waited ``prefill_slice_s``
@@ -216,11 +217,15 @@ class Scheduler:
             if self._stop:
                 raise ModelUnavailable("the server is shutting down")
             self._check_failed_locked(req.model_id)
-            if len(self._waiting) >= self.max_queued:
+            # waiting requests that a free slot will take at once are not queued: a burst into an idle
+            # server gets max_running + max_queued accepted, and max_queued = 0 means "no queue"
+            free = max(0, self.max_running - self._num_running)
+            queued = len(self._waiting) - free
+            if queued >= self.max_queued:
                 retry = self._retry_after_locked()
                 metrics.REJECTED.labels(reason="overloaded").inc()
                 raise Overloaded(
-                    f"server busy: {len(self._waiting)} requests queued (max {self.max_queued}); retry later",
+                    f"server busy: {max(queued, 0)} requests queued (max {self.max_queued}); retry later",
                     retry_after=retry,
                 )
             self._waiting.append(job)
