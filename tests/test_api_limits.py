@@ -157,3 +157,21 @@ def test_openapi_documents_errors_and_min_items(api_server: RunningServer) -> No
     ]
     assert chat["properties"]["messages"]["minItems"] == 1
     assert "/ready" in spec["paths"]
+
+
+def test_prompt_text_is_capped_before_tokenizing(api_server: RunningServer) -> None:
+    limit = api_server.settings.server.max_prompt_chars
+    parts = [{"type": "text", "text": "x" * (limit + 1)}, PARTS[1]]
+    body = {"model": "fake-a", "messages": [{"role": "user", "content": parts}], "max_tokens": 2}
+    r = httpx.post(api_server.v1 + "/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long", r.text
+    assert str(limit) in r.json()["error"]["message"]
+    # the system text and a partial answer count too
+    body["messages"] = [{"role": "system", "content": "s" * limit}, {"role": "user", "content": PARTS}]
+    assert httpx.post(api_server.v1 + "/chat/completions", json=body, timeout=30).status_code == 400
+    body["messages"] = [{"role": "user", "content": PARTS}, {"role": "assistant", "content": "a" * limit}]
+    assert httpx.post(api_server.v1 + "/chat/completions", json=body, timeout=30).status_code == 400
+    # under the cap the model decides (the fake's context is 4096 tokens: a 400 of another kind)
+    body["messages"] = [{"role": "user", "content": [{"type": "text", "text": "x" * (limit - 10)}, PARTS[1]]}]
+    r = httpx.post(api_server.v1 + "/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] != "prompt_too_long", r.text

@@ -87,3 +87,29 @@ def test_absent_model_never_evicts_the_resident_one() -> None:
     run(main())
     run(mgr.shutdown())
     assert loads == ["a"]  # never unloaded, never reloaded
+
+
+def test_a_slow_prepare_does_not_stall_running_streams() -> None:
+    """Tokenizing / preprocessing a new request runs beside the worker: the running stream finishes
+    while the new request's prepare is still blocked (on the worker thread this would deadlock)."""
+    release = threading.Event()
+
+    def on_prepare(model: FakeOcrModel, text: str) -> None:
+        if text == "huge":
+            assert release.wait(30), "the running stream never finished while prepare was blocked"
+
+    model = FakeOcrModel(name="a", min_answer=30, answer_span=1, on_prepare=on_prepare)
+    mgr = manager_for({"a": model}, max_running=2, prefill_slice_s=0.0)
+
+    async def main() -> None:
+        running = mgr.submit(req("small"))
+        first = await running.__anext__()
+        huge = mgr.submit(req("huge"))
+        text, fin = await collect(running, first.text)  # completes while "huge" is being prepared
+        assert fin.finish_reason == "stop" and len(text) == 30
+        release.set()
+        _, fin = await collect(huge)
+        assert fin.finish_reason == "stop"
+
+    run(main())
+    run(mgr.shutdown())

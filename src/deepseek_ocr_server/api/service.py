@@ -71,6 +71,13 @@ async def build_request(
     """The engine request, or None when the message carries no image (answered without the model)."""
     sampling, vision, budget = resolve(body, model_id, settings, max_new_tokens, budget_param=budget_param)
     stops = stop_list(stop)
+    chars = len(conv.text) + len(conv.system or "") + len(conv.answer_prefix or "")
+    if chars > opts.max_prompt_chars:
+        raise ApiError(
+            f"The text of the request is {chars} characters long; this server accepts at most "
+            f"{opts.max_prompt_chars}.",
+            code="prompt_too_long",
+        )
     if not conv.images:
         return None
     if len(conv.images) > opts.max_images:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import itertools
 import logging
 import math
@@ -46,7 +47,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..models.base import InputError, OcrModel, progress_hook
+from ..models.base import InputError, OcrModel, Prepared, progress_hook
 from . import metrics
 from .errors import BadRequest, EngineError, ModelUnavailable, Overloaded, QueueTimeout
 from .sequence import Sequence
@@ -185,6 +186,7 @@ class Scheduler:
         self.prefill_slice_s = prefill_slice_s
         self._admitting = 0  # 1 while an admission runs (worker thread only)
         self._admitting_job: Job | None = None  # the job being admitted (worker thread only)
+        self._prep_pool: concurrent.futures.ThreadPoolExecutor | None = None  # runs model.prepare
         #: perf_counter at the end of the last decode step, while sequences were left running after it
         self._gap_from: float | None = None
         self._interleaved_s = 0.0  # decode time spent inside the current admission
@@ -348,6 +350,8 @@ class Scheduler:
             job.send(ModelUnavailable("the server is shutting down"))
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        if self._prep_pool is not None:
+            self._prep_pool.shutdown(wait=False, cancel_futures=True)
 
     # --- worker ----------------------------------------------------------------------------------
     def _worker(self) -> None:
@@ -468,9 +472,7 @@ class Scheduler:
         t0 = time.perf_counter()
         self._interleaved_s = 0.0
         try:
-            prepared = model.prepare(req.text, req.images, req.vision, req.system)
-            if req.answer_prefix:
-                prepared = model.continue_answer(prepared, req.answer_prefix)
+            prepared = self._prepare_while_serving(job, model)
             room = model.max_context - prepared.num_prompt_tokens
             if room < 1:
                 raise InputError(
@@ -503,6 +505,32 @@ class Scheduler:
         self._running.append(run)
         self._accept(run, logits, first=True)
         self._sweep()
+
+    def _prepare_while_serving(self, job: Job, model: OcrModel) -> Prepared:
+        """``model.prepare`` (tokenizing, image preprocessing) runs in a helper thread while the running
+        streams keep getting decode steps here, so a long prompt or a big image never stalls them."""
+        req = job.req
+
+        def work() -> Prepared:
+            prepared = model.prepare(req.text, req.images, req.vision, req.system)
+            if req.answer_prefix:
+                prepared = model.continue_answer(prepared, req.answer_prefix)
+            return prepared
+
+        if self._prep_pool is None:
+            self._prep_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ocr-prepare")
+        fut = self._prep_pool.submit(work)
+        while True:
+            # the same rule as inside a prefill: a decode step once the streams waited prefill_slice_s
+            wait = 0.05
+            if self._running and self._gap_from is not None:
+                wait = max(0.0, self.prefill_slice_s - (time.perf_counter() - self._gap_from))
+            if concurrent.futures.wait([fut], timeout=wait).done:
+                return fut.result()
+            if job.cancelled:
+                raise _PrefillCancelled
+            if self._running and self._gap_from is not None:
+                self._step()
 
     def _decode_during_prefill(self) -> None:
         """``progress()`` hook of an admission: stop at once when the admitted request was cancelled;
