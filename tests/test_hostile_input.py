@@ -258,3 +258,55 @@ def test_no_request_body_gives_a_5xx(api_server: RunningServer, http: httpx.Clie
             _is_4xx_error(r)
     assert statuses.get(200, 0) > 10 and sum(v for k, v in statuses.items() if k >= 400) > 10, statuses
     _good(http, api_server.v1)
+
+
+# --- orphaned image downloads ---------------------------------------------------------------------
+
+
+def _wait_for(pred, seconds: float = 5.0) -> bool:  # noqa: ANN001
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()
+
+
+def _slow_parts(image_server, n: int) -> list[dict]:  # noqa: ANN001
+    return [{"type": "image_url", "image_url": {"url": image_server.url(f"/slow?{i}")}} for i in range(n)]
+
+
+def test_failed_image_cancels_the_other_downloads(
+    api_server: RunningServer, http: httpx.Client, image_server
+) -> None:  # noqa: ANN001
+    before = dict(image_server.slow)
+    parts = [
+        *_slow_parts(image_server, 3),
+        {"type": "image_url", "image_url": {"url": image_server.url("/nope")}},
+    ]
+    body = {"model": "fake-a", "messages": [{"role": "user", "content": parts}], "max_tokens": 2}
+    r = http.post(api_server.v1 + "/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "image_fetch_failed", r.text
+
+    def delta(key: str) -> int:
+        return image_server.slow[key] - before[key]
+
+    # every slow download that started is cut, none is left running in the background
+    assert _wait_for(lambda: delta("started") == delta("aborted")), image_server.slow
+    assert delta("completed") == 0
+    _good(http, api_server.v1)
+
+
+def test_client_disconnect_cancels_image_downloads(api_server: RunningServer, image_server) -> None:  # noqa: ANN001
+    before = dict(image_server.slow)
+    body = {
+        "model": "fake-a",
+        "messages": [{"role": "user", "content": _slow_parts(image_server, 3)}],
+        "max_tokens": 2,
+    }
+    with pytest.raises(httpx.TimeoutException), httpx.Client(timeout=httpx.Timeout(10, read=0.5)) as c:
+        c.post(api_server.v1 + "/chat/completions", json=body)  # the client gives up and closes
+    assert _wait_for(lambda: image_server.slow["aborted"] - before["aborted"] == 3), image_server.slow
+    assert image_server.slow["completed"] == before["completed"]

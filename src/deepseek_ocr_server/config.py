@@ -143,6 +143,7 @@ class ServerSettings:
     queue_timeout_s: float = 300.0
     prefill_slice_s: float = 0.25
     max_prompt_chars: int = 32768
+    max_pixels_in_flight: int = 256_000_000
 
 
 SERVER_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerSettings))
@@ -379,6 +380,7 @@ _SPECS: dict[str, Any] = {
     "queue_timeout_s": _float(0.0, lo_open=True),
     "prefill_slice_s": _float(0.0),
     "max_prompt_chars": _int(1, 10_000_000),
+    "max_pixels_in_flight": _int(1),
 }
 assert set(_SPECS) == set(INFERENCE_KEYS) | set(SERVER_KEYS)
 
@@ -456,6 +458,7 @@ max_queued = 32                    # waiting requests before 429
 queue_timeout_s = 300.0            # longest wait for a slot (503 after)
 prefill_slice_s = 0.25             # running streams get a decode step at least this often during a prefill
 max_prompt_chars = 32768           # characters of text per request (system + user + partial answer); 400 above
+max_pixels_in_flight = 256000000   # decoded image pixels held by all requests before preprocessing (429 above)
 """
 
 

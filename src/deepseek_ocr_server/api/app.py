@@ -27,6 +27,7 @@ from ..engine import metrics
 from ..engine.manager import ModelManager
 from ..engine.types import Finished
 from . import chat, responses, sse
+from .budget import PixelBudget
 from .errors import ApiError, error_body, human_bytes, install_exception_handlers
 from .messages import collapse_chat, collapse_responses
 from .options import ApiOptions
@@ -243,6 +244,8 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
     app.state.manager = manager
     app.state.settings = settings
     app.state.options = opts
+    pixels = PixelBudget(opts.max_pixels_in_flight)  # decoded image pixels held by requests in flight
+    app.state.pixel_budget = pixels
     install_exception_handlers(app)
 
     app.add_middleware(LimitsAndMetrics, max_body_bytes=opts.max_body_bytes, api_key=opts.api_key)
@@ -300,10 +303,11 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
         cid = "chatcmpl-" + uuid.uuid4().hex
         budget = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         budget_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        req = await build_request(
+        # (a client that leaves while its images download cancels the downloads)
+        req = await _unless_disconnected(request, build_request(
             manager=manager, settings=settings, opts=opts, model_id=body.model, conv=conv, body=body,
-            max_new_tokens=budget, budget_param=budget_param, stop=body.stop, request_id=cid,
-        )
+            max_new_tokens=budget, budget_param=budget_param, stop=body.stop, request_id=cid, pixel_budget=pixels,
+        ))
         gen = await _unless_disconnected(request, start(manager, req, body.model, conv.text))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -318,10 +322,11 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
         check_model(manager, body.model)
         conv = collapse_responses(body.input, body.instructions)
         rid = "resp_" + uuid.uuid4().hex
-        req = await build_request(
+        req = await _unless_disconnected(request, build_request(
             manager=manager, settings=settings, opts=opts, model_id=body.model, conv=conv, body=body,
             max_new_tokens=body.max_output_tokens, budget_param="max_output_tokens", stop=None, request_id=rid,
-        )
+            pixel_budget=pixels,
+        ))
         temperature = req.sampling.temperature if req is not None else (body.temperature or 0.0)
         top_p = req.sampling.top_p if req is not None else (body.top_p or 1.0)
         rb = responses.ResponseBuilder(rid, body.model, body, temperature, top_p)

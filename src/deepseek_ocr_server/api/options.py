@@ -36,6 +36,8 @@ class ApiOptions:
     #: whole download of one image URL, redirects included (seconds)
     image_fetch_timeout: float = 10.0
     max_redirects: int = 3
+    #: decoded image pixels held by all requests in flight (decoded, not yet preprocessed by the engine)
+    max_pixels_in_flight: int = 256_000_000
     #: characters of text per request (system + user text + a partial answer), checked before tokenizing
     max_prompt_chars: int = 32768
 

@@ -17,9 +17,10 @@ import anyio
 
 from ..engine.manager import ModelManager, UnknownModel
 from ..engine.types import Event, Failed, Finished, OcrRequest, TextDelta
+from .budget import PixelBudget, PixelLease
 from .errors import ApiError, as_api_error
-from .images import load_image
-from .messages import Conversation
+from .images import decode_image, image_bytes, image_pixels
+from .messages import Conversation, ImageRef
 from .options import ApiOptions
 from .resolve import default_prompt, resolve, stop_list
 from .schemas import DecodeFields
@@ -67,6 +68,7 @@ async def build_request(
     budget_param: str,
     stop: str | list[str] | None,
     request_id: str,
+    pixel_budget: PixelBudget | None = None,
 ) -> OcrRequest | None:
     """The engine request, or None when the message carries no image (answered without the model)."""
     sampling, vision, budget = resolve(body, model_id, settings, max_new_tokens, budget_param=budget_param)
@@ -86,12 +88,24 @@ async def build_request(
             param=conv.images[opts.max_images].param,
             code="too_many_images",
         )
-    images = await asyncio.gather(*(load_image(ref.url, opts, ref.param) for ref in conv.images))
+    datas = await fetch_all(conv.images, opts)
+    pixels = [image_pixels(d, opts, ref.param) for d, ref in zip(datas, conv.images, strict=True)]
+    lease: PixelLease | None = pixel_budget.acquire(sum(pixels)) if pixel_budget is not None else None
+    try:
+        images = []
+        for i, ref in enumerate(conv.images):  # one at a time: the transient memory of one decode
+            images.append(await asyncio.to_thread(decode_image, datas[i], opts, ref.param))
+            datas[i] = b""
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
     text = conv.text if conv.text.strip() else default_prompt(settings, model_id)
     return OcrRequest(
         model_id=model_id,
         text=text,
-        images=list(images),
+        images=images,
+        release_images=lease.release if lease is not None else None,
         vision=vision,
         sampling=sampling,
         max_new_tokens=budget,
@@ -102,6 +116,27 @@ async def build_request(
     )
 
 
+async def fetch_all(refs: list[ImageRef], opts: ApiOptions) -> list[bytes]:
+    """The encoded bytes of every image, fetched concurrently. The first failure cancels the other
+    downloads (and so does cancelling this call, e.g. when the client disconnects)."""
+    tasks = [asyncio.ensure_future(image_bytes(ref.url, opts, ref.param)) for ref in refs]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+        if failed:
+            raise failed[0].exception()  # type: ignore[misc]
+        return [t.result() for t in tasks]
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def release_images(req: OcrRequest | None) -> None:
+    if req is not None and req.release_images is not None:
+        req.release_images()
+
+
 async def _static(events: list[Event]) -> AsyncIterator[Event]:
     for ev in events:
         yield ev
@@ -110,10 +145,11 @@ async def _static(events: list[Event]) -> AsyncIterator[Event]:
 class Generation:
     """An accepted generation: the first event fetched, the rest to come."""
 
-    def __init__(self, first: Event, it: AsyncIterator[Event]) -> None:
+    def __init__(self, first: Event, it: AsyncIterator[Event], req: OcrRequest | None = None) -> None:
         self.first = first
         self._it = it
         self._closed = False
+        self._req = req
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         try:
@@ -132,6 +168,7 @@ class Generation:
         if self._closed:
             return
         self._closed = True
+        release_images(self._req)
         aclose = getattr(self._it, "aclose", None)
         if aclose is not None:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
@@ -159,18 +196,23 @@ async def start(manager: ModelManager, req: OcrRequest | None, model_id: str, te
     try:
         it = manager.submit(req)
     except Exception as exc:  # noqa: BLE001 - mapped to the client's error
+        release_images(req)
         raise as_api_error(exc) from None
+    except BaseException:
+        release_images(req)
+        raise
     try:
         first = await it.__anext__()
     except StopAsyncIteration:
+        release_images(req)
         raise ApiError("generation ended without a result", status=500, type="server_error") from None
     except BaseException as exc:
-        gen = Generation(TextDelta(""), it)
+        gen = Generation(TextDelta(""), it, req)
         await gen.aclose()
         if isinstance(exc, Exception):
             raise as_api_error(exc) from None
         raise
     if isinstance(first, Failed):
-        await Generation(first, it).aclose()
+        await Generation(first, it, req).aclose()
         raise failed_error(first)
-    return Generation(first, it)
+    return Generation(first, it, req)

@@ -56,6 +56,13 @@ from .types import Event, Failed, Finished, OcrRequest, TextDelta
 log = logging.getLogger(__name__)
 
 
+def _drop_images(req: OcrRequest) -> None:
+    """The decoded pictures are not needed after preprocessing: free them (and tell the API layer)."""
+    req.images = []
+    if req.release_images is not None:
+        req.release_images()
+
+
 class _PrefillCancelled(Exception):
     """Raised from the progress hook to unwind the prefill of a request whose client went away."""
 
@@ -520,6 +527,7 @@ class Scheduler:
         if self._prep_pool is None:
             self._prep_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ocr-prepare")
         fut = self._prep_pool.submit(work)
+        fut.add_done_callback(lambda _: _drop_images(req))
         while True:
             # the same rule as inside a prefill: a decode step once the streams waited prefill_slice_s
             wait = 0.05
