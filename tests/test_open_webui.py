@@ -142,3 +142,19 @@ def test_continue_answer_equals_decoding_the_partial_answer(
     for t in ids:
         logits_b = model.decode([t], [cache])[0]
     torch.testing.assert_close(logits_a, logits_b, atol=2e-4, rtol=2e-4)
+
+
+def test_models_list_the_resident_model_first_with_states(api_server: RunningServer) -> None:
+    http = httpx.Client(timeout=60)
+    body = {"model": "fake-b", "messages": [{"role": "user", "content": _parts("read")}], "max_tokens": 2}
+    assert http.post(api_server.v1 + "/chat/completions", json=body).status_code == 200  # fake-b resident
+    http.post(api_server.v1 + "/chat/completions", json={**body, "model": "fake-broken"})  # marked failed
+    assert http.post(api_server.v1 + "/chat/completions", json=body).status_code == 200
+    data = http.get(api_server.v1 + "/models").json()["data"]
+    assert data[0]["id"] == "fake-b" and data[0]["status"] == "ready", data
+    states = {m["id"]: m["status"] for m in data}
+    assert states["fake-broken"] == "failed" and states["fake-a"] == "available", states
+    assert sorted(states) == sorted(["fake-a", "fake-b", "fake-slow", "fake-broken"])
+    # back to fake-a: it is listed first again
+    assert http.post(api_server.v1 + "/chat/completions", json={**body, "model": "fake-a"}).status_code == 200
+    assert http.get(api_server.v1 + "/models").json()["data"][0]["id"] == "fake-a"

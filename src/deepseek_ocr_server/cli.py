@@ -8,7 +8,6 @@ typed override the config file; the defaults shown in ``--help`` are the built-i
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -173,9 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="during a prefill, running streams get a decode step at least this often "
                         f"(0: at every layer; large: none until the prefill ends) (default: {_SRV.prefill_slice_s:g})")
 
+    g.add_argument("--shutdown-drain", metavar="SECONDS", type=_typed("shutdown_drain_s", float),
+                   help="on SIGTERM/Ctrl-C, running requests get this long to finish before they end with an "
+                        f"error (default: {_SRV.shutdown_drain_s:g})")
+
     g = p.add_argument_group("misc")
     g.add_argument("--log-level", metavar="LEVEL", type=str.upper,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level (default: INFO)")
+    g.add_argument("--log-format", metavar="{text,json}", type=str.lower, choices=["text", "json"],
+                   help="text lines, or one JSON object per line for log collectors (default: text)")
     a("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -211,6 +216,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
     args = vars(parser.parse_args(argv))
     config_path = args.pop("config", None)
     args.pop("log_level", None)
+    args.pop("log_format", None)
     try:
         settings = load_settings(args, config_path)
     except ConfigError as exc:
@@ -227,10 +233,9 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)  # exits on --help / --version / bad flags before anything heavy
-    logging.basicConfig(
-        level=getattr(logging, args.get("log_level", "INFO")),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from .logs import setup_logging
+
+    setup_logging(args.get("log_level", "INFO"), args.get("log_format", "text"))
     settings = settings_from_args(argv)
     from .server import run
 

@@ -144,6 +144,10 @@ class ServerSettings:
     prefill_slice_s: float = 0.25
     max_prompt_chars: int = 32768
     max_pixels_in_flight: int = 256_000_000
+    shutdown_drain_s: float = 30.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    max_connections: int = 1000
 
 
 SERVER_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerSettings))
@@ -381,6 +385,10 @@ _SPECS: dict[str, Any] = {
     "prefill_slice_s": _float(0.0),
     "max_prompt_chars": _int(1, 10_000_000),
     "max_pixels_in_flight": _int(1),
+    "shutdown_drain_s": _float(0.0),
+    "header_timeout_s": _float(0.0, lo_open=True),
+    "body_timeout_s": _float(0.0, lo_open=True),
+    "max_connections": _int(1),
 }
 assert set(_SPECS) == set(INFERENCE_KEYS) | set(SERVER_KEYS)
 
@@ -459,6 +467,10 @@ queue_timeout_s = 300.0            # longest wait for a slot (503 after)
 prefill_slice_s = 0.25             # running streams get a decode step at least this often during a prefill
 max_prompt_chars = 32768           # characters of text per request (system + user + partial answer); 400 above
 max_pixels_in_flight = 256000000   # decoded image pixels held by all requests before preprocessing (429 above)
+shutdown_drain_s = 30.0            # on SIGTERM/Ctrl-C: running requests get this long to finish, then an error
+header_timeout_s = 10.0            # a connection that has not sent its request headers by then is closed
+body_timeout_s = 60.0              # a request body not received by then gets 408
+max_connections = 1000             # open connections; more are closed at once
 """
 
 
@@ -490,7 +502,8 @@ def write_default_config(path: Path) -> bool:
 # --------------------------------------------------------------------------------------------------
 _ENTRY_KEYS = {"kind", "repo", "revision", "config", "tokenizer", "weights", "prompt"}
 _CLI_PATH_KEYS = {"weights": "weights", "tokenizer": "tokenizer", "model_config": "config"}
-_CLI_SERVER_RENAMES = {"queue_timeout": "queue_timeout_s", "prefill_slice": "prefill_slice_s"}
+_CLI_SERVER_RENAMES = {"queue_timeout": "queue_timeout_s", "prefill_slice": "prefill_slice_s",
+                       "shutdown_drain": "shutdown_drain_s"}
 
 
 class _FileErrors:

@@ -31,6 +31,7 @@ from .budget import PixelBudget
 from .errors import ApiError, error_body, human_bytes, install_exception_handlers
 from .messages import collapse_chat, collapse_responses
 from .options import ApiOptions
+from .requestlog import RequestLog
 from .schemas import ChatCompletionRequest, ResponsesRequest, parse_body, refuse_unsupported
 from .service import Generation, build_request, check_model, start
 
@@ -43,10 +44,12 @@ class LimitsAndMetrics:
     """ASGI middleware: authentication of ``/v1/*`` (401 before any byte of the body is read), the
     request-body cap (413) and the per-response request counter."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, api_key: str | None = None) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, api_key: str | None = None,
+                 body_timeout_s: float = 60.0) -> None:
         self.app = app
         self.max_body = max_body_bytes
         self.api_key = api_key
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -55,10 +58,14 @@ class LimitsAndMetrics:
         path = scope.get("path", "")
         endpoint = path if path in _ENDPOINTS else "other"
         status_box = [0]
+        rlog = RequestLog(scope.get("method", ""), path if path in _ENDPOINTS else path[:200])
+        scope.setdefault("state", {})["request_log"] = rlog
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status_box[0] = int(message["status"])
+                status_box[0] = rlog.status = int(message["status"])
+            elif message["type"] == "http.response.body":
+                rlog.response_body(message.get("body", b""), message.get("more_body", False))
             await send(message)
 
         try:
@@ -66,7 +73,15 @@ class LimitsAndMetrics:
                     and not key_matches(Headers(scope=scope), self.api_key)):
                 await _unauthorized().response()(scope, receive, send_wrapper)
                 return
-            body_receive = await self._read_body(scope, receive)
+            try:
+                async with asyncio.timeout(self.body_timeout_s):
+                    body_receive = await self._read_body(scope, receive)
+            except TimeoutError:
+                await ApiError(
+                    f"The request body was not received within {self.body_timeout_s:g} s.", status=408,
+                    code="request_timeout",
+                ).response()(scope, receive, send_wrapper)
+                return
             if body_receive is None:
                 resp = JSONResponse(
                     error_body(f"The request body is larger than the limit of {human_bytes(self.max_body)}.",
@@ -79,6 +94,7 @@ class LimitsAndMetrics:
         finally:
             if status_box[0]:
                 metrics.observe_request(endpoint, status_box[0])
+            rlog.emit()
 
     async def _read_body(self, scope: Scope, receive: Receive) -> Receive | None:
         """Read the whole body up front (bounded); None when it exceeds the cap."""
@@ -181,6 +197,13 @@ async def _collect(request: Request, gen: Generation) -> tuple[str, Finished]:
         await gen.aclose()
 
 
+def _request_log(request: Request, model: str) -> RequestLog | None:
+    rlog = request.scope.get("state", {}).get("request_log")
+    if rlog is not None:
+        rlog.model = model
+    return rlog
+
+
 def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
     """Document the JSON body in /docs (the handlers parse it themselves, see ``parse_body``)."""
     schema = model.model_json_schema()
@@ -236,6 +259,34 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 _POST_ERRORS = _errors(400, 401, 404, 413, 429, 503)
 
 
+def _model_states(manager: ModelManager, settings: Any, ids: list[str]) -> dict[str, str]:
+    st = manager.status()
+    out: dict[str, str] = {}
+    for mid in ids:
+        if mid in st.failed:
+            out[mid] = "failed"
+        elif mid == st.model_id and st.state in ("ready", "loading"):
+            out[mid] = st.state
+        elif mid in st.resolving:
+            out[mid] = "loading"
+        else:
+            out[mid] = _files_state(settings, mid)
+    return out
+
+
+def _files_state(settings: Any, model_id: str) -> str:
+    """``available`` when the entry's files are on disk, ``downloadable`` when it names a repo."""
+    if settings is None or not hasattr(settings, "entry"):
+        return "available"
+    from ..assets import resolve_model_files  # file lookups only (no download, nothing loaded)
+
+    try:
+        resolve_model_files(settings, model_id, download=False)
+        return "available"
+    except Exception:  # noqa: BLE001 - missing files: can it be fetched?
+        return "downloadable" if getattr(settings.entry(model_id), "repo", None) else "unavailable"
+
+
 def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
     opts = ApiOptions.from_settings(settings)
     # no "/v1/models/" -> "/v1/models" redirect: its absolute Location would be built from the client's
@@ -248,7 +299,8 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
     app.state.pixel_budget = pixels
     install_exception_handlers(app)
 
-    app.add_middleware(LimitsAndMetrics, max_body_bytes=opts.max_body_bytes, api_key=opts.api_key)
+    app.add_middleware(LimitsAndMetrics, max_body_bytes=opts.max_body_bytes, api_key=opts.api_key,
+                       body_timeout_s=opts.body_timeout_s)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=opts.cors_origins,
@@ -288,15 +340,26 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
 
     @v1.get("/models", responses=_errors(401))
     async def list_models() -> dict[str, Any]:
-        data = [
-            sse.dump(Model(id=mid, object="model", created=_STARTED, owned_by="deepseek-ocr-server"))
-            for mid in manager.model_ids()
-        ]
+        """Every entry, the resident (else the configured active) model first, so that clients that
+        preselect the first entry (Open WebUI) pick the one that serves; ``status`` (an extra field)
+        says whether each is ``ready``, ``loading``, ``available`` (files on disk), ``downloadable``
+        or ``failed``."""
+        st = manager.status()
+        ids = manager.model_ids()
+        first = st.model_id if st.model_id in ids else getattr(settings, "active", None)
+        order = sorted(ids, key=lambda mid: mid != first)  # stable: the others keep their order
+        states = await asyncio.to_thread(_model_states, manager, settings, order)
+        data = []
+        for mid in order:
+            entry = sse.dump(Model(id=mid, object="model", created=_STARTED, owned_by="deepseek-ocr-server"))
+            entry["status"] = states[mid]
+            data.append(entry)
         return {"object": "list", "data": data}
 
     @v1.post("/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest), responses=_POST_ERRORS)
     async def chat_completions(request: Request) -> Response:
         body = parse_body(await request.body(), ChatCompletionRequest)
+        rlog = _request_log(request, body.model)
         refuse_unsupported(body)
         check_model(manager, body.model)
         conv = collapse_chat(body.messages)
@@ -309,6 +372,9 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
             max_new_tokens=budget, budget_param=budget_param, stop=body.stop, request_id=cid, pixel_budget=pixels,
         ))
         gen = await _unless_disconnected(request, start(manager, req, body.model, conv.text))
+        if rlog is not None:
+            rlog.gen = gen
+            rlog.first_event()
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return sse.SSEResponse(chat.stream(gen, cid, body.model, include_usage))
@@ -318,6 +384,7 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
     @v1.post("/responses", openapi_extra=_body_schema(ResponsesRequest), responses=_POST_ERRORS)
     async def create_response(request: Request) -> Response:
         body = parse_body(await request.body(), ResponsesRequest)
+        rlog = _request_log(request, body.model)
         refuse_unsupported(body)
         check_model(manager, body.model)
         conv = collapse_responses(body.input, body.instructions)
@@ -331,6 +398,9 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
         top_p = req.sampling.top_p if req is not None else (body.top_p or 1.0)
         rb = responses.ResponseBuilder(rid, body.model, body, temperature, top_p)
         gen = await _unless_disconnected(request, start(manager, req, body.model, conv.text))
+        if rlog is not None:
+            rlog.gen = gen
+            rlog.first_event()
         if body.stream:
             return sse.SSEResponse(responses.stream(gen, rb))
         text, fin = await _collect(request, gen)

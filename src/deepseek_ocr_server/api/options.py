@@ -38,6 +38,8 @@ class ApiOptions:
     max_redirects: int = 3
     #: decoded image pixels held by all requests in flight (decoded, not yet preprocessed by the engine)
     max_pixels_in_flight: int = 256_000_000
+    #: a request body not received within this many seconds gets 408
+    body_timeout_s: float = 60.0
     #: characters of text per request (system + user text + a partial answer), checked before tokenizing
     max_prompt_chars: int = 32768
 

@@ -150,18 +150,28 @@ class Generation:
         self._it = it
         self._closed = False
         self._req = req
+        self.finished: Finished | None = None  # the last event, once seen (for the request log)
+        self.failed: Failed | None = None
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         try:
+            self._note(self.first)
             yield self.first
             if isinstance(self.first, Finished | Failed):
                 return
             async for ev in self._it:
+                self._note(ev)
                 yield ev
                 if isinstance(ev, Finished | Failed):
                     return
         finally:
             await self.aclose()
+
+    def _note(self, ev: Event) -> None:
+        if isinstance(ev, Finished):
+            self.finished = ev
+        elif isinstance(ev, Failed):
+            self.failed = ev
 
     async def aclose(self) -> None:
         """Close the engine iterator (cancels the sequence); safe to call twice and under cancellation."""

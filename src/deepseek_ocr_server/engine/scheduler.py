@@ -206,6 +206,8 @@ class Scheduler:
         self._failed: dict[str, tuple[str, float]] = {}  # model id -> (reason, monotonic time)
         self._preload: str | None = None
         self._stop = False
+        self._draining = False  # shutdown began: no new requests
+        self._cut: str | None = None  # end the running sequences with this message (worker thread acts)
         self._thread: threading.Thread | None = None
         self._service_ewma = 5.0  # seconds a request takes, for Retry-After
         self._num_running = 0
@@ -223,7 +225,7 @@ class Scheduler:
             raise BadRequest(str(exc)) from None
         job = Job(req, loop, self)
         with self._cond:
-            if self._stop:
+            if self._stop or self._draining:
                 raise ModelUnavailable("the server is shutting down")
             self._check_failed_locked(req.model_id)
             # waiting requests that a free slot will take at once are not queued: a burst into an idle
@@ -345,6 +347,27 @@ class Scheduler:
             self._thread = threading.Thread(target=self._worker, name="ocr-engine", daemon=True)
             self._thread.start()
 
+    def drain(self) -> None:
+        """Shutdown, first part: refuse new requests and answer the waiting ones 503; the running
+        sequences go on."""
+        with self._cond:
+            self._draining = True
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            metrics.QUEUE_DEPTH.set(0)
+            self._cond.notify_all()
+        for job in waiting:
+            if job.timer is not None:
+                job.loop.call_soon_threadsafe(job.timer.cancel)
+            job.send(ModelUnavailable("the server is shutting down"))
+
+    def cut_running(self, message: str = "the server is shutting down") -> None:
+        """Shutdown, second part: end every running sequence (and a prefill in progress) with an error
+        event carrying ``message`` (status 503)."""
+        with self._cond:
+            self._cut = message
+            self._cond.notify_all()
+
     def shutdown(self, timeout: float | None = 30.0) -> None:
         """Stop the worker: waiting requests get 503; running sequences are failed and released."""
         with self._cond:
@@ -368,7 +391,11 @@ class Scheduler:
                     self._cond.wait()
                 if self._stop:
                     break
-                action = self._plan_locked()
+                cut, self._cut = self._cut, None
+                action = None if cut else self._plan_locked()
+            if cut:
+                self._fail_running(cut, status=503)
+                continue
             try:
                 if action is not None:
                     kind, arg = action
@@ -493,6 +520,8 @@ class Scheduler:
         except _PrefillCancelled:
             if seq is not None:
                 seq.release()
+            if not job.cancelled:  # the server is shutting down: tell the client
+                job.send(ModelUnavailable(self._cut or "the server is shutting down"))
             log.debug("request %s cancelled during its prefill", job.id)
             return
         except InputError as exc:  # (the running count is restored by _admit)
@@ -545,7 +574,7 @@ class Scheduler:
         else one decode step for the running streams once they have waited ``prefill_slice_s`` since
         their last one."""
         job = self._admitting_job
-        if job is not None and job.cancelled:
+        if job is not None and (job.cancelled or self._cut):
             raise _PrefillCancelled
         if self._gap_from is None or time.perf_counter() - self._gap_from < self.prefill_slice_s:
             return
@@ -617,13 +646,15 @@ class Scheduler:
         self._running = keep
         self._set_running(len(keep) + self._admitting)
 
-    def _fail_running(self, message: str) -> None:
+    def _fail_running(self, message: str, status: int = 500) -> None:
         self._gap_from = None
         for run in self._running:
             run.seq.release()
             if not run.job.done and not run.job.cancelled:
                 if run.job.started:
-                    run.job.send(Failed(message))
+                    run.job.send(Failed(message, status=status))
+                elif status == 503:
+                    run.job.send(ModelUnavailable(message))
                 else:
                     run.job.send(EngineError(message))
         self._running = []
