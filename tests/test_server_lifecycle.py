@@ -95,7 +95,8 @@ def test_sigterm_drains_then_ends_streams_with_an_error(server) -> None:  # noqa
     assert _read_all(slow) == b""
     # a body that never comes -> 408
     lazy = _partial_request(
-        base, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 100\r\n\r\n{"
+        base,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 100\r\n\r\n{",
     )
     assert _read_all(lazy).startswith(b"HTTP/1.1 408")
     # connection cap: beyond 20 open connections, new ones are closed at once

@@ -39,19 +39,28 @@ class RequestLog:
         self._body += chunk
         if not more:
             try:
-                self.error = json.loads(self._body)["error"]["code"] or json.loads(self._body)["error"]["type"]
+                self.error = (
+                    json.loads(self._body)["error"]["code"] or json.loads(self._body)["error"]["type"]
+                )
             except (ValueError, KeyError, TypeError):
                 pass
 
     def emit(self) -> None:
-        fields: dict[str, Any] = {"method": self.method, "path": self.path, "status": self.status or None,
-                                  "model": self.model}
+        fields: dict[str, Any] = {
+            "method": self.method,
+            "path": self.path,
+            "status": self.status or None,
+            "model": self.model,
+        }
         gen = self.gen
         fin = getattr(gen, "finished", None)
         failed = getattr(gen, "failed", None)
         if fin is not None:
-            fields.update(prompt_tokens=fin.prompt_tokens, completion_tokens=fin.completion_tokens,
-                          finish=fin.finish_reason)
+            fields.update(
+                prompt_tokens=fin.prompt_tokens,
+                completion_tokens=fin.completion_tokens,
+                finish=fin.finish_reason,
+            )
         elif failed is not None:
             fields.update(finish="error", error=failed.type)
         elif gen is not None or self.status == 499:
