@@ -6,4 +6,4 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-pytest_plugins = ["fixtures.deepseek_ocr", "fixtures.paddleocr_vl", "fixtures.server"]
+pytest_plugins = ["fixtures.deepseek_ocr", "fixtures.deepseek_ocr2", "fixtures.paddleocr_vl", "fixtures.server"]

@@ -54,15 +54,16 @@ def test_default_file_equals_builtin_defaults(tmp_path: Path) -> None:
             assert value in ("auto", "none")
         else:
             assert value == expected, key
-    # unset = None, commented out; no_repeat_ngram_size is left to the per-kind built-in (KIND_DEFAULTS)
-    assert set(builtin) - set(data["inference"]) == {"top_k", "seed", "no_repeat_ngram_size"}
+    # unset = None, commented out; no_repeat_ngram_size and image_size are left to the per-kind built-in
+    # (KIND_DEFAULTS)
+    assert set(builtin) - set(data["inference"]) == {"top_k", "seed", "no_repeat_ngram_size", "image_size"}
     assert data["server"] == {k: v for k, v in asdict(ServerSettings()).items() if k != "api_key"}
-    assert set(data["models"]["entries"]) == {"deepseek-ocr", "paddleocr-vl"}
+    assert set(data["models"]["entries"]) == set(cfg.BUILTIN_MODELS)
     # and parsing it gives the same Settings as no file at all
     a = load_settings({}, write(tmp_path / "full.toml", DEFAULT_CONFIG_TOML))
     b = load_settings({}, write(tmp_path / "empty.toml", ""))
     assert a.inference == b.inference and a.server == b.server and a.models == b.models
-    assert all(a.inference_for(m) == b.inference_for(m) for m in ("deepseek-ocr", "paddleocr-vl"))
+    assert all(a.inference_for(m) == b.inference_for(m) for m in cfg.BUILTIN_MODELS)
 
 
 def test_default_config_path_honours_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,7 +109,7 @@ crop_mode = false
 """,
     )
     s = load_settings({"model": "my-ft"}, path)
-    assert list(s.models) == ["deepseek-ocr", "paddleocr-vl", "my-ft"]
+    assert list(s.models) == [*cfg.BUILTIN_MODELS, "my-ft"]
     e = s.models["my-ft"]
     assert (e.kind, e.repo, e.revision, e.weights) == ("deepseek-ocr", "me/my-ft", "v2", weights)
     assert e.tokenizer == tmp_path / "ft" / "tokenizer.json"  # relative to the config file
@@ -129,7 +130,7 @@ def test_unknown_active_model(tmp_path: Path) -> None:
     path = write(tmp_path / "c.toml", '[models]\nactive = "nope"\n')
     with pytest.raises(ConfigError, match=r"models\.active: unknown model 'nope'"):
         load_settings({}, path)
-    with pytest.raises(ConfigError, match=r"--model: unknown model 'zzz'.*deepseek-ocr, paddleocr-vl"):
+    with pytest.raises(ConfigError, match=r"--model: unknown model 'zzz'.*deepseek-ocr, deepseek-ocr-2, .*paddleocr-vl"):
         load_settings({"model": "zzz"}, write(tmp_path / "d.toml", ""))
 
 

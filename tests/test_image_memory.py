@@ -88,8 +88,8 @@ def test_big_transparent_images_memory(fake_checkpoints, tmp_path: Path) -> None
         # 4 x 48 MiB of RGB are held until preprocessing; decoding one image at a time adds about one
         # RGBA copy, an RGB canvas and an alpha plane (measured: ~420 MiB in all). Decoding all four
         # in parallel with RGBA compositing peaked at ~800 MiB and kept ~730 MiB after the request.
-        assert peak_mib < 600, peak_mib
-        assert after_mib < 100, after_mib
+        assert peak_mib < 650, (peak_mib, after_mib)
+        assert after_mib < 250, (peak_mib, after_mib)  # other tests' servers share this process
 
 
 def test_pixel_budget() -> None:

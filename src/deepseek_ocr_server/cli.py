@@ -20,6 +20,7 @@ from .config import (
     DTYPES,
     ConfigError,
     InferenceDefaults,
+    RayDeploymentSettings,
     ServerSettings,
     Settings,
     check_value,
@@ -126,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--base-size", metavar="N", type=_typed("base_size", int),
                    help=f"global view resolution (default: {_INF.base_size})")
     g.add_argument("--image-size", metavar="N", type=_typed("image_size", int),
-                   help=f"local tile resolution in dynamic crop mode, DeepSeek-OCR only (default: {_INF.image_size})")
+                   help=f"local tile resolution in dynamic crop mode, DeepSeek-OCR only (default: {_INF.image_size}; "
+                        "768 for deepseek-ocr-2)")
     g.add_argument("--crop-mode", metavar="BOOL", type=_typed("crop_mode", parse_bool),
                    help="dynamic crop mode on/off, DeepSeek-OCR only; PaddleOCR-VL ignores it "
                         f"(default: {_show(_INF.crop_mode)})")
@@ -175,6 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shutdown-drain", metavar="SECONDS", type=_typed("shutdown_drain_s", float),
                    help="on SIGTERM/Ctrl-C, running requests get this long to finish before they end with an "
                         f"error (default: {_SRV.shutdown_drain_s:g})")
+    g = p.add_argument_group("cluster mode (Ray Serve; needs the [ray] extra)")
+    g.add_argument("--ray", metavar="ADDRESS", nargs="?", const="", type=_str,
+                   help="serve on Ray Serve: one deployment per configured model, replicas spread over the cluster; "
+                        "ADDRESS of a running cluster (auto, HOST:PORT, ray://HOST:10001), or none to use "
+                        "RAY_ADDRESS or start a local one (default: off, single process)")
+    _RAY = RayDeploymentSettings()
+    g.add_argument("--ray-min-replicas", metavar="N", type=_typed("min_replicas", int),
+                   help=f"replicas per model kept up, for every model (default: {_RAY.min_replicas}; "
+                        "per model: [models.entries.<id>.ray])")
+    g.add_argument("--ray-max-replicas", metavar="N", type=_typed("max_replicas", _optional(int)),
+                   help="autoscale each model up to N replicas on ongoing requests (default: none = min-replicas)")
+    g.add_argument("--ray-num-cpus", metavar="X", type=_typed("num_cpus", float),
+                   help=f"CPUs (torch threads) per model replica (default: {_RAY.num_cpus:g})")
+    g.add_argument("--ray-num-gpus", metavar="X", type=_typed("num_gpus", float),
+                   help=f"GPUs per model replica, fractions allowed (default: {_RAY.num_gpus:g})")
+    g.add_argument("--ray-target-ongoing-requests", metavar="X",
+                   type=_typed("target_ongoing_requests", _optional(float)),
+                   help="autoscaling target of ongoing requests per replica (default: none = --max-running)")
 
     g = p.add_argument_group("misc")
     g.add_argument("--log-level", metavar="LEVEL", type=str.upper,
@@ -217,6 +237,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
     config_path = args.pop("config", None)
     args.pop("log_level", None)
     args.pop("log_format", None)
+    args.pop("ray", None)  # the mode, not a setting (see main)
     try:
         settings = load_settings(args, config_path)
     except ConfigError as exc:
@@ -237,6 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging(args.get("log_level", "INFO"), args.get("log_format", "text"))
     settings = settings_from_args(argv)
+    if "ray" in args:  # cluster mode: imported only here, so the default path never imports ray
+        from .rayserve.launch import run_ray
+
+        return run_ray(settings, args["ray"] or None)
     from .server import run
 
     return run(settings)

@@ -45,6 +45,7 @@ def model_kinds() -> tuple[str, ...]:
 #: Task prompt used when a request brings an image but no text, per model kind.
 DEFAULT_PROMPTS = {
     "deepseek-ocr": "<image>\n<|grounding|>Convert the document to markdown.",
+    "deepseek-ocr-2": "<image>\n<|grounding|>Convert the document to markdown.",
     "paddleocr-vl": "OCR:",
 }
 
@@ -124,6 +125,8 @@ class ModelEntry:
     weights: Path | None = None
     prompt: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    #: ``[models.entries.<id>.ray]``: keys of :class:`RayDeploymentSettings` (cluster mode only)
+    ray: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -148,17 +151,47 @@ class ServerSettings:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     max_connections: int = 1000
+    pdf_dpi: int = 144
+    max_pages: int = 100
 
 
 SERVER_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerSettings))
 
+#: the resolutions a PDF page may be rendered at (config ``pdf_dpi`` and a request's ``dpi``)
+PDF_DPI_RANGE = (36, 600)
+
+
+@dataclass(frozen=True)
+class RayDeploymentSettings:
+    """One model's Ray Serve deployment (cluster mode only): ``[models.entries.<id>.ray]``, the
+    ``--ray-*`` flags over it. ``max_replicas`` None means ``min_replicas`` (a fixed replica count, no
+    autoscaling); above it, Serve autoscales on ongoing requests per replica
+    (``target_ongoing_requests``, None: the replica's ``max_running``). ``min_replicas = 0`` scales from
+    zero (up to ``max_replicas``, at least 1). ``num_cpus`` is also the replica's torch thread count."""
+
+    min_replicas: int = 1
+    max_replicas: int | None = None
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    target_ongoing_requests: float | None = None
+
+
+RAY_KEYS: tuple[str, ...] = tuple(f.name for f in fields(RayDeploymentSettings))
+
 #: Built-in defaults that differ by model kind (the lowest layer: ``[inference]`` and everything above
 #: still override them). PaddleOCR-VL's reference decodes plain greedy with no n-gram ban (SPEC §9): a
 #: 20-gram ban would break long legitimate repeats (``<ecel>`` runs in tables, dot leaders).
-KIND_DEFAULTS: dict[str, dict[str, Any]] = {"paddleocr-vl": {"no_repeat_ngram_size": 0}}
+#: DeepSeek-OCR 2 cuts 768-px tiles (its encoder has learned queries for 768- and 1024-px views only).
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "paddleocr-vl": {"no_repeat_ngram_size": 0},
+    "deepseek-ocr-2": {"image_size": 768},
+}
 
 BUILTIN_MODELS: dict[str, ModelEntry] = {
     "deepseek-ocr": ModelEntry(id="deepseek-ocr", kind="deepseek-ocr", repo="deepseek-ai/DeepSeek-OCR"),
+    "deepseek-ocr-2": ModelEntry(
+        id="deepseek-ocr-2", kind="deepseek-ocr-2", repo="deepseek-ai/DeepSeek-OCR-2"
+    ),
     "paddleocr-vl": ModelEntry(id="paddleocr-vl", kind="paddleocr-vl", repo="PaddlePaddle/PaddleOCR-VL"),
 }
 
@@ -180,6 +213,8 @@ class Settings:
     cli_inference: dict[str, Any] = field(default_factory=dict)
     #: the keys ``[inference]`` of the file sets (over the kind's built-in defaults)
     file_inference: dict[str, Any] = field(default_factory=dict)
+    #: the ``--ray-*`` flags the user passed (keys of :class:`RayDeploymentSettings`), for every model
+    cli_ray: dict[str, Any] = field(default_factory=dict)
 
     def entry(self, model_id: str) -> ModelEntry:
         try:
@@ -195,6 +230,16 @@ class Settings:
         merged = replace(merged, **entry.overrides)
         merged = replace(merged, **self.cli_inference)
         return replace(merged, dtype=merged.effective_dtype)
+
+    def ray_for(self, model_id: str) -> RayDeploymentSettings:
+        """Cluster mode: ``--ray-*`` flag > ``[models.entries.<id>.ray]`` > built-in; checked as a whole."""
+        merged = replace(RayDeploymentSettings(), **self.entry(model_id).ray)
+        merged = replace(merged, **self.cli_ray)
+        if merged.max_replicas is not None and merged.max_replicas < merged.min_replicas:
+            raise ConfigError(
+                f"{model_id}: ray max_replicas ({merged.max_replicas}) is below min_replicas ({merged.min_replicas})"
+            )
+        return merged
 
     def default_prompt(self, model_id: str) -> str:
         e = self.entry(model_id)
@@ -272,8 +317,10 @@ def _int(lo: int | None = None, hi: int | None = None, optional: bool = False):
     return check
 
 
-def _float(lo: float | None = None, hi: float | None = None, lo_open: bool = False):
-    def check(v: Any) -> float:
+def _float(lo: float | None = None, hi: float | None = None, lo_open: bool = False, optional: bool = False):
+    def check(v: Any) -> float | None:
+        if v is None and optional:
+            return None
         if not (_is_int(v) or isinstance(v, float)):
             raise ValueError(f"expected a number, got {_show(v)}")
         f = float(v)
@@ -389,8 +436,16 @@ _SPECS: dict[str, Any] = {
     "header_timeout_s": _float(0.0, lo_open=True),
     "body_timeout_s": _float(0.0, lo_open=True),
     "max_connections": _int(1),
+    "pdf_dpi": _int(*PDF_DPI_RANGE),
+    "max_pages": _int(1, 10_000),
+    # ray (cluster mode, per model)
+    "min_replicas": _int(0, 10_000),
+    "max_replicas": _int(1, 10_000, optional=True),
+    "num_cpus": _float(0.0),
+    "num_gpus": _float(0.0),
+    "target_ongoing_requests": _float(0.0, lo_open=True, optional=True),
 }
-assert set(_SPECS) == set(INFERENCE_KEYS) | set(SERVER_KEYS)
+assert set(_SPECS) == set(INFERENCE_KEYS) | set(SERVER_KEYS) | set(RAY_KEYS)
 
 # --------------------------------------------------------------------------------------------------
 # the default file
@@ -422,6 +477,14 @@ revision = "main"
 # image_size = 640
 # crop_mode = true
 
+[models.entries.deepseek-ocr-2]
+kind = "deepseek-ocr-2"
+repo = "deepseek-ai/DeepSeek-OCR-2"
+revision = "main"
+# prompt = "<image>\\n<|grounding|>Convert the document to markdown."
+# base_size = 1024          # 1024 or 768 (the encoder's two view sizes)
+# image_size = 768          # 768 or 1024
+
 [models.entries.paddleocr-vl]
 kind = "paddleocr-vl"
 repo = "PaddlePaddle/PaddleOCR-VL"
@@ -438,7 +501,7 @@ revision = "main"
 device = "cpu"              # cpu | cuda | metal
 dtype = "auto"              # auto | f32 | f16 | bf16 (auto: cpu bf16, cuda bf16, metal f16)
 base_size = 1024            # global view resolution
-image_size = 640            # local tile resolution in crop mode (DeepSeek-OCR only)
+# image_size = 640          # unset: 640 for deepseek-ocr, 768 for deepseek-ocr-2 (local tile resolution in crop mode)
 crop_mode = true            # dynamic crop mode (DeepSeek-OCR only)
 max_new_tokens = 512        # default decoding budget; a request's max_tokens overrides it
 do_sample = false
@@ -471,6 +534,8 @@ shutdown_drain_s = 30.0            # on SIGTERM/Ctrl-C: running requests get thi
 header_timeout_s = 10.0            # a connection that has not sent its request headers by then is closed
 body_timeout_s = 60.0              # a request body not received by then gets 408
 max_connections = 1000             # open connections; more are closed at once
+pdf_dpi = 144                      # PDF pages are rendered at this resolution (a request's "dpi" overrides)
+max_pages = 100                    # pages per document request (more: 400, select fewer with "pages")
 """
 
 
@@ -504,6 +569,8 @@ _ENTRY_KEYS = {"kind", "repo", "revision", "config", "tokenizer", "weights", "pr
 _CLI_PATH_KEYS = {"weights": "weights", "tokenizer": "tokenizer", "model_config": "config"}
 _CLI_SERVER_RENAMES = {"queue_timeout": "queue_timeout_s", "prefill_slice": "prefill_slice_s",
                        "shutdown_drain": "shutdown_drain_s"}
+#: ``--ray-min-replicas`` etc. (argparse dest ``ray_min_replicas``) -> :class:`RayDeploymentSettings` key
+_CLI_RAY_PREFIX = "ray_"
 
 
 class _FileErrors:
@@ -603,8 +670,17 @@ def parse_config(text: str, path: Path) -> dict[str, Any]:
                 kw[key] = _path(ctx, f"{where}{key}", v)
             elif key in INFERENCE_KEYS:
                 overrides[key] = _check(ctx, where, key, v)
+            elif key == "ray":
+                if not isinstance(v, dict):
+                    raise ctx.error(f"{where}ray", f"expected a table, got {_show(v)}")
+                ray_kw: dict[str, Any] = {}
+                for rkey, rv in v.items():
+                    if rkey not in RAY_KEYS:
+                        raise _unknown(ctx, f"{where}ray.", rkey, RAY_KEYS)
+                    ray_kw[rkey] = _check(ctx, f"{where}ray.", rkey, rv)
+                kw["ray"] = ray_kw
             else:
-                raise _unknown(ctx, where, key, _ENTRY_KEYS | set(INFERENCE_KEYS))
+                raise _unknown(ctx, where, key, _ENTRY_KEYS | {"ray"} | set(INFERENCE_KEYS))
         kw["overrides"] = overrides
         entries[mid] = ModelEntry(**kw)
     out["entries"] = entries
@@ -651,9 +727,12 @@ def load_settings(cli_overrides: dict[str, Any] | None = None, config_path: Path
             raise ConfigError(f"environment variable {API_KEY_ENV}: {exc}") from None
 
     cli_inference: dict[str, Any] = {}
+    cli_ray: dict[str, Any] = {}
     for key, v in cli.items():
         name = _CLI_SERVER_RENAMES.get(key, key)
-        if name in INFERENCE_KEYS:
+        if name.startswith(_CLI_RAY_PREFIX) and name.removeprefix(_CLI_RAY_PREFIX) in RAY_KEYS:
+            cli_ray[name.removeprefix(_CLI_RAY_PREFIX)] = _check_flag(name, v)
+        elif name in INFERENCE_KEYS:
             cli_inference[name] = _check_flag(name, v)
         elif name in SERVER_KEYS:
             server_kw[name] = _check_flag(name, v)
@@ -678,12 +757,13 @@ def load_settings(cli_overrides: dict[str, Any] | None = None, config_path: Path
         server=server,
         cli_inference=cli_inference,
         file_inference=dict(parsed["inference"]),
+        cli_ray=cli_ray,
     )
 
 
 def _check_flag(key: str, value: Any) -> Any:
     try:
-        return check_value(key, value)
+        return check_value(key.removeprefix(_CLI_RAY_PREFIX) if key.startswith(_CLI_RAY_PREFIX) else key, value)
     except ValueError as exc:
         raise ConfigError(f"--{key.replace('_', '-')}: {exc}") from None
 
@@ -706,6 +786,8 @@ __all__ = [
     "ConfigError",
     "InferenceDefaults",
     "ModelEntry",
+    "RAY_KEYS",
+    "RayDeploymentSettings",
     "ServerSettings",
     "Settings",
     "builtin_settings",

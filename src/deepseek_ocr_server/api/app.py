@@ -2,6 +2,11 @@
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/responses`` (OpenAI
 compatible, streaming and not), ``GET /health``, ``GET /metrics`` (Prometheus).
+
+The backend seam: ``manager`` is the local :class:`ModelManager` or anything with the same
+``model_ids()`` / ``submit(req)`` contract (the Ray Serve backend forwards ``submit`` to per-model
+deployments). A backend may also define ``async health() -> dict`` and ``async metrics() -> bytes``,
+used by ``/health`` and ``/metrics`` instead of the local manager's status and this process's registry.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import asyncio
 import ipaddress
 import secrets
 import time
+import urllib.parse
 import uuid
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -28,14 +34,15 @@ from ..engine.manager import ModelManager
 from ..engine.types import Finished
 from . import chat, responses, sse
 from .budget import PixelBudget
+from .documents import extract_for_open_webui, model_kind, output_options, start_ocr
 from .errors import ApiError, error_body, human_bytes, install_exception_handlers
 from .messages import collapse_chat, collapse_responses
 from .options import ApiOptions
 from .requestlog import RequestLog
 from .schemas import ChatCompletionRequest, ResponsesRequest, parse_body, refuse_unsupported
-from .service import Generation, build_request, check_model, start
+from .service import Generation, build_request, check_model
 
-_ENDPOINTS = {"/v1/models", "/v1/chat/completions", "/v1/responses", "/health", "/ready", "/metrics"}
+_ENDPOINTS = {"/v1/models", "/v1/chat/completions", "/v1/responses", "/health", "/ready", "/metrics", "/process"}
 _STARTED = int(time.time())
 T = TypeVar("T")
 
@@ -311,30 +318,39 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
         max_age=600,
     )
 
-    def health_body(request: Request) -> dict[str, Any]:
-        status = manager.status()
-        body = {"status": "ok", "ready": status.state == "ready", **status.as_dict()}
+    backend_health = getattr(manager, "health", None)
+    backend_metrics = getattr(manager, "metrics", None)
+
+    async def health_body(request: Request) -> dict[str, Any]:
+        if backend_health is not None:  # a cluster backend (Ray Serve): its own status shape
+            body = {"status": "ok", **(await backend_health())}
+            body.setdefault("ready", body.get("state") == "ready")
+        else:
+            status = manager.status()
+            body = {"status": "ok", "ready": status.state == "ready", **status.as_dict()}
         # load errors name paths and admin settings: only the operator (loopback, or the API key) sees them
         if not (_is_loopback(request) or (opts.api_key and key_matches(request.headers, opts.api_key))):
-            if body["error"]:
+            if body.get("error"):
                 body["error"] = "failed to load (the server log has the reason)"
-            body["failed"] = {mid: "failed to load" for mid in status.failed}
+            if isinstance(body.get("failed"), dict):
+                body["failed"] = {mid: "failed to load" for mid in body["failed"]}
         return body
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
         """Liveness: 200 while the process serves HTTP, whatever the model's state."""
-        return health_body(request)
+        return await health_body(request)
 
     @app.get("/ready", responses={503: {"description": "no model is ready to serve (loading or failed)"}})
     async def ready(request: Request) -> Response:
         """Readiness: 200 when the resident model is loaded and serving, else 503 (loading or failed)."""
-        body = health_body(request)
+        body = await health_body(request)
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        body = await backend_metrics() if backend_metrics is not None else generate_latest()
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth_dependency(opts))])
 
@@ -344,15 +360,19 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
         preselect the first entry (Open WebUI) pick the one that serves; ``status`` (an extra field)
         says whether each is ``ready``, ``loading``, ``available`` (files on disk), ``downloadable``
         or ``failed``."""
-        st = manager.status()
         ids = manager.model_ids()
-        first = st.model_id if st.model_id in ids else getattr(settings, "active", None)
-        order = sorted(ids, key=lambda mid: mid != first)  # stable: the others keep their order
-        states = await asyncio.to_thread(_model_states, manager, settings, order)
+        if not hasattr(manager, "status"):  # a cluster backend: every model has its own deployment
+            order, states = ids, {}
+        else:
+            st = manager.status()
+            first = st.model_id if st.model_id in ids else getattr(settings, "active", None)
+            order = sorted(ids, key=lambda mid: mid != first)  # stable: the others keep their order
+            states = await asyncio.to_thread(_model_states, manager, settings, order)
         data = []
         for mid in order:
             entry = sse.dump(Model(id=mid, object="model", created=_STARTED, owned_by="deepseek-ocr-server"))
-            entry["status"] = states[mid]
+            if mid in states:
+                entry["status"] = states[mid]
             data.append(entry)
         return {"object": "list", "data": data}
 
@@ -371,7 +391,12 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
             manager=manager, settings=settings, opts=opts, model_id=body.model, conv=conv, body=body,
             max_new_tokens=budget, budget_param=budget_param, stop=body.stop, request_id=cid, pixel_budget=pixels,
         ))
-        gen = await _unless_disconnected(request, start(manager, req, body.model, conv.text))
+        if rlog is not None:
+            rlog.req = req
+        gen = await _unless_disconnected(
+            request,
+            start_ocr(manager, req, body.model, model_kind(settings, body.model), output_options(body), conv.text),
+        )
         if rlog is not None:
             rlog.gen = gen
             rlog.first_event()
@@ -397,7 +422,12 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
         temperature = req.sampling.temperature if req is not None else (body.temperature or 0.0)
         top_p = req.sampling.top_p if req is not None else (body.top_p or 1.0)
         rb = responses.ResponseBuilder(rid, body.model, body, temperature, top_p)
-        gen = await _unless_disconnected(request, start(manager, req, body.model, conv.text))
+        if rlog is not None:
+            rlog.req = req
+        gen = await _unless_disconnected(
+            request,
+            start_ocr(manager, req, body.model, model_kind(settings, body.model), output_options(body), conv.text),
+        )
         if rlog is not None:
             rlog.gen = gen
             rlog.first_event()
@@ -407,4 +437,19 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
         return JSONResponse(sse.dump(rb.final(text, fin)))
 
     app.include_router(v1)
+
+    @app.put("/process", dependencies=[Depends(_auth_dependency(opts))])
+    async def open_webui_extract(request: Request) -> Response:
+        """Open WebUI's "External" content extraction engine (Documents settings): the raw document in the
+        body, ``X-Filename`` naming it; answers ``{"page_content", "metadata"}``. ``?model=ID`` picks the
+        model (default: the configured active model)."""
+        model_id = request.query_params.get("model") or getattr(settings, "active", None) or manager.model_ids()[0]
+        check_model(manager, model_id)
+        filename = urllib.parse.unquote(request.headers.get("x-filename", "")) or None
+        data = await request.body()
+        out = await _unless_disconnected(
+            request, extract_for_open_webui(manager, settings, opts, data, filename, model_id)
+        )
+        return JSONResponse(out)
+
     return app

@@ -28,6 +28,12 @@ def _usage(fin: Finished) -> CompletionUsage:
     )
 
 
+def _document(fin: Finished) -> dict[str, object]:
+    """The structured result of a document answer (``output_format: "blocks"``), as an extra field."""
+    document = getattr(fin, "document", None)
+    return {"document": document} if document is not None else {}
+
+
 def completion(cid: str, model: str, text: str, fin: Finished) -> ChatCompletion:
     return ChatCompletion(
         id=cid,
@@ -43,6 +49,7 @@ def completion(cid: str, model: str, text: str, fin: Finished) -> ChatCompletion
             }
         ],
         usage=_usage(fin),
+        **_document(fin),
     )
 
 
@@ -75,6 +82,13 @@ async def stream(
                         ChatCompletionChunk(
                             id=cid, object="chat.completion.chunk", created=created, model=model,
                             choices=[], usage=_usage(ev),
+                        )
+                    )
+                if extra := _document(ev):  # the structured result: one more chunk without choices
+                    yield sse.data(
+                        ChatCompletionChunk(
+                            id=cid, object="chat.completion.chunk", created=created, model=model, choices=[],
+                            **extra,
                         )
                     )
                 yield sse.DONE

@@ -15,6 +15,10 @@ tags) are removed before the prompt is chosen, so an image sent alone still gets
 A conversation that ENDS with an assistant message after the last user message is a "continue
 response": that partial answer is the start of the model's answer and generation continues it
 (``Conversation.answer_prefix``); the reply holds only the new text.
+
+Documents come as file parts: ``{"type": "file", "file": {"filename", "file_data"}}`` (Chat Completions)
+and ``{"type": "input_file", "filename", "file_data" | "file_url"}`` (Responses); ``file_data`` is a
+``data:`` URL or bare base64. They are collected in ``Conversation.files`` (``api/documents.py`` reads them).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from .schemas import ChatMessage, ResponsesInputMessage
 
 _TEXT_TYPES = {"text", "input_text", "output_text"}
 _IMAGE_TYPES = {"image_url", "input_image"}
+_FILE_TYPES = {"file", "input_file"}
 _SYSTEM_ROLES = {"system", "developer"}
 _ASSISTANT_ROLES = {"assistant"}
 #: client metadata blocks: Open WebUI's <attached_files> list, and bare self-closing <file .../> tags
@@ -50,12 +55,21 @@ class ImageRef:
 
 
 @dataclass
+class FileRef:
+    data: str | None  # file_data: a data: URL or bare base64
+    url: str | None  # file_url (Responses)
+    filename: str | None
+    param: str
+
+
+@dataclass
 class Conversation:
     text: str
     images: list[ImageRef] = field(default_factory=list)
     system: str | None = None
     #: start of the answer to continue (the conversation ended with a partial assistant message)
     answer_prefix: str | None = None
+    files: list[FileRef] = field(default_factory=list)
 
 
 def _text_of(content: str | list[dict[str, Any]] | None) -> str:
@@ -88,7 +102,27 @@ def _image_url(part: dict[str, Any], param: str) -> ImageRef:
     return ImageRef(value, param)
 
 
-def _user_parts(content: str | list[dict[str, Any]] | None, param: str) -> tuple[str, list[ImageRef]]:
+def _file_ref(part: dict[str, Any], param: str) -> FileRef:
+    """A ``file`` (chat: fields under ``file``) or ``input_file`` (responses: fields on the part) part."""
+    inner = part.get("file") if part.get("type") == "file" else part
+    where = f"{param}.file" if part.get("type") == "file" else param
+    if not isinstance(inner, dict):
+        raise ApiError("file part without a 'file' object", param=where, code="invalid_file")
+    data, url, name = inner.get("file_data"), inner.get("file_url"), inner.get("filename")
+    if data is None and url is None:
+        if inner.get("file_id") is not None:
+            raise ApiError("file_id references are not supported (this server has no file store); send the "
+                           "document inline as file_data", param=f"{where}.file_id", code="invalid_file")
+        raise ApiError("file part without file_data or file_url", param=where, code="invalid_file")
+    for key, value in (("file_data", data), ("file_url", url), ("filename", name)):
+        if value is not None and not isinstance(value, str):
+            raise ApiError(f"'{key}' must be a string", param=f"{where}.{key}", code="invalid_file")
+    return FileRef(data, url, name, f"{where}.file_data" if data is not None else f"{where}.file_url")
+
+
+def _user_parts(
+    content: str | list[dict[str, Any]] | None, param: str, files: list[FileRef] | None = None
+) -> tuple[str, list[ImageRef]]:
     if content is None:
         return "", []
     if isinstance(content, str):
@@ -105,9 +139,11 @@ def _user_parts(content: str | list[dict[str, Any]] | None, param: str) -> tuple
             texts.append(strip_client_metadata(text))
         elif kind in _IMAGE_TYPES:
             images.append(_image_url(part, f"{p}.image_url"))
+        elif kind in _FILE_TYPES and files is not None:
+            files.append(_file_ref(part, p))
         else:
             raise ApiError(
-                f"unsupported content part type {kind!r}; this server accepts text and image parts",
+                f"unsupported content part type {kind!r}; this server accepts text, image and file parts",
                 param=f"{p}.type",
                 code="invalid_value",
             )
@@ -128,15 +164,17 @@ def _collapse(
     system_parts += [
         t for m in messages[:last_user] if m.role in _SYSTEM_ROLES and (t := _text_of(m.content).strip())
     ]
-    text, images = _user_parts(messages[last_user].content, f"{prefix}[{last_user}].content")
-    if not text.strip() and not images:
+    files: list[FileRef] = []
+    text, images = _user_parts(messages[last_user].content, f"{prefix}[{last_user}].content", files)
+    if not text.strip() and not images and not files:
         raise ApiError("the user message is empty", param=f"{prefix}[{last_user}].content", code="invalid_value")
     answer_prefix = None
     last = messages[-1]
     if len(messages) - 1 > last_user and last.role in _ASSISTANT_ROLES:
         answer_prefix = _text_of(last.content) or None
     return Conversation(
-        text=text, images=images, system="\n\n".join(system_parts) or None, answer_prefix=answer_prefix
+        text=text, images=images, system="\n\n".join(system_parts) or None, files=files,
+        answer_prefix=answer_prefix,
     )
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ..config import ServerSettings
+
 MiB = 1024 * 1024
 
 
@@ -42,6 +44,9 @@ class ApiOptions:
     body_timeout_s: float = 60.0
     #: characters of text per request (system + user text + a partial answer), checked before tokenizing
     max_prompt_chars: int = 32768
+    #: PDF render resolution when a request names none, and pages per document request
+    pdf_dpi: int = ServerSettings.pdf_dpi
+    max_pages: int = ServerSettings.max_pages
 
     @classmethod
     def from_settings(cls, settings: Any) -> ApiOptions:

@@ -27,6 +27,7 @@ class RequestLog:
     ttft_s: float | None = None
     error: str | None = None
     gen: Any = None  # the api's Generation, once the engine accepted the request
+    req: Any = None  # the engine request: its decoded-image share is returned at the end at the latest
     _body: bytearray = field(default_factory=bytearray)
 
     def first_event(self) -> None:
@@ -46,6 +47,9 @@ class RequestLog:
                 pass
 
     def emit(self) -> None:
+        release = getattr(self.req, "release_images", None)
+        if release is not None:
+            release()  # idempotent; usually already returned after preprocessing
         fields: dict[str, Any] = {
             "method": self.method,
             "path": self.path,

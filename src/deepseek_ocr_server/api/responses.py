@@ -102,6 +102,8 @@ class ResponseBuilder:
             if done == "incomplete":
                 fields["incomplete_details"] = {"reason": "max_output_tokens"}
             fields["completed_at"] = int(time.time())
+            if (document := getattr(fin, "document", None)) is not None:
+                fields["document"] = document  # the structured result (output_format "blocks"), an extra field
         if error is not None:
             fields["error"] = {"code": "server_error", "message": error.message}
         return Response(**fields)

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
+from ..config import PDF_DPI_RANGE
 from .errors import ApiError, validation_error
 
 # Strict types: "10" or true for a number is refused (as the OpenAI API does), never coerced.
@@ -41,6 +42,13 @@ class DecodeFields(_Body):
     base_size: Annotated[StrictInt, Field(ge=64, le=4096)] | None = None
     image_size: Annotated[StrictInt, Field(ge=64, le=4096)] | None = None
     crop_mode: StrictBool | None = None
+    # documents and output (api/documents.py): page selection "1-3,7", PDF render resolution, what the
+    # answer holds (clean markdown, the model's raw text, or markdown + the structured "document" field),
+    # boxes-drawn page pictures in the "document" field
+    pages: Annotated[str, Field(max_length=1000)] | None = None
+    dpi: Annotated[int, Field(ge=PDF_DPI_RANGE[0], le=PDF_DPI_RANGE[1])] | None = None
+    output_format: Literal["markdown", "raw", "blocks"] | None = None
+    layout_images: StrictBool | None = None
 
 
 # --- chat completions ------------------------------------------------------------------------------

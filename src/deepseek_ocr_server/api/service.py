@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
 
 import anyio
 
 from ..engine.manager import ModelManager, UnknownModel
 from ..engine.types import Event, Failed, Finished, OcrRequest, TextDelta
-from .budget import PixelBudget, PixelLease
+from .budget import PixelBudget
 from .errors import ApiError, as_api_error
-from .images import decode_image, image_bytes, image_pixels
-from .messages import Conversation, ImageRef
+from .messages import Conversation
 from .options import ApiOptions
 from .resolve import default_prompt, resolve, stop_list
 from .schemas import DecodeFields
+
+T = TypeVar("T")
 
 
 def check_model(manager: ModelManager, model_id: str) -> None:
@@ -69,8 +70,11 @@ async def build_request(
     stop: str | list[str] | None,
     request_id: str,
     pixel_budget: PixelBudget | None = None,
-) -> OcrRequest | None:
-    """The engine request, or None when the message carries no image (answered without the model)."""
+) -> Any:
+    """The engine request, a ``DocumentInput`` (``api/documents.py``) when the input is a document, or
+    None when the message carries no image and no file (answered without the model)."""
+    from .documents import DocumentInput, load_inputs  # (documents.py builds on this module)
+
     sampling, vision, budget = resolve(body, model_id, settings, max_new_tokens, budget_param=budget_param)
     stops = stop_list(stop)
     chars = len(conv.text) + len(conv.system or "") + len(conv.answer_prefix or "")
@@ -80,7 +84,7 @@ async def build_request(
             f"{opts.max_prompt_chars}.",
             code="prompt_too_long",
         )
-    if not conv.images:
+    if not conv.images and not conv.files:
         return None
     if len(conv.images) > opts.max_images:
         raise ApiError(
@@ -88,24 +92,13 @@ async def build_request(
             param=conv.images[opts.max_images].param,
             code="too_many_images",
         )
-    datas = await fetch_all(conv.images, opts)
-    pixels = [image_pixels(d, opts, ref.param) for d, ref in zip(datas, conv.images, strict=True)]
-    lease: PixelLease | None = pixel_budget.acquire(sum(pixels)) if pixel_budget is not None else None
-    try:
-        images = []
-        for i, ref in enumerate(conv.images):  # one at a time: the transient memory of one decode
-            images.append(await asyncio.to_thread(decode_image, datas[i], opts, ref.param))
-            datas[i] = b""
-    except BaseException:
-        if lease is not None:
-            lease.release()
-        raise
+    inputs = await load_inputs(conv, opts, body, pixel_budget)
     text = conv.text if conv.text.strip() else default_prompt(settings, model_id)
-    return OcrRequest(
+    req = OcrRequest(
         model_id=model_id,
         text=text,
-        images=images,
-        release_images=lease.release if lease is not None else None,
+        images=inputs.images,
+        release_images=inputs.lease.release if inputs.lease is not None else None,
         vision=vision,
         sampling=sampling,
         max_new_tokens=budget,
@@ -114,12 +107,13 @@ async def build_request(
         request_id=request_id,
         answer_prefix=conv.answer_prefix,
     )
+    return DocumentInput(req, inputs.pages) if inputs.pages is not None else req
 
 
-async def fetch_all(refs: list[ImageRef], opts: ApiOptions) -> list[bytes]:
-    """The encoded bytes of every image, fetched concurrently. The first failure cancels the other
-    downloads (and so does cancelling this call, e.g. when the client disconnects)."""
-    tasks = [asyncio.ensure_future(image_bytes(ref.url, opts, ref.param)) for ref in refs]
+async def gather_or_cancel(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run ``coros`` concurrently (image and file downloads). The first failure cancels the others, and
+    so does cancelling this call (e.g. when the client disconnects): no download is left orphaned."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]

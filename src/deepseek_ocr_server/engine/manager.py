@@ -201,6 +201,17 @@ class ModelManager:
             )
         return self._scheduler.submit(req)
 
+    def submit_group(self, reqs: list[OcrRequest]) -> list[RequestStream]:
+        """Queue the pages of one document (one request each, all for one model); one event stream per
+        page, in page order. The document counts as one request against ``max_queued`` and the queue
+        timeout; its pages share the running slots fairly with other requests (see the scheduler).
+        Errors as for :meth:`submit`; close every stream to cancel the document."""
+        model_id = reqs[0].model_id if reqs else ""
+        if model_id not in self._ids:
+            metrics.REJECTED.labels(reason="unknown_model").inc()
+            raise UnknownModel(f"model {model_id!r} not found; available: {', '.join(self._ids)}", param="model")
+        return self._scheduler.submit_group(reqs)
+
     async def shutdown(self) -> None:
         await asyncio.to_thread(self._scheduler.shutdown)
         self._model = None

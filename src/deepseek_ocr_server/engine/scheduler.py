@@ -29,6 +29,11 @@ Admission and model choice (the rules the README documents):
   finished is admitted (batched) ahead of a swap back. So no request waits behind more than the requests
   that arrived before it plus one swap cohort, and interleaved requests for two models cost two swaps,
   not one per request.
+- A document (``submit_group``: one request whose pages are separate sequences) counts as ONE request
+  against ``max_queued`` and the queue timeout (which ends once its first page is admitted). Its pages
+  are admitted in page order and share the running slots fairly: when a slot frees, the waiting request
+  whose group has the fewest sequences running is admitted first (ties: arrival order), so a single
+  image that arrives after a 100-page document gets the next free slot instead of waiting for every page.
 - A model that fails to load fails the requests waiting for it with :class:`ModelUnavailable` (503, the
   reason included); new requests for it get the same 503 at once for ``failed_retry_s`` seconds, after
   which a request tries to load it again.
@@ -71,6 +76,15 @@ _ids = itertools.count(1)
 
 
 @dataclass(eq=False)
+class Group:
+    """The pages of one document: one request for the queue limits, fair sharing of the slots."""
+
+    size: int
+    admitted: bool = False  # a page was admitted: the queue timeout no longer applies
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
 class Job:
     """One request from submission to its last event."""
 
@@ -84,6 +98,7 @@ class Job:
     done: bool = False  # its last event was sent (or it was cancelled)
     started: bool = False  # its first event was sent
     timer: asyncio.TimerHandle | None = None
+    group: Group | None = None  # set for the pages of a document (``Scheduler.submit_group``)
 
     @property
     def model_id(self) -> str:
@@ -216,22 +231,41 @@ class Scheduler:
     def submit(self, req: OcrRequest) -> RequestStream:
         """Queue a request (call from the event loop). Raises ModelUnavailable / Overloaded / BadRequest
         at once; later errors before the first event are raised by the stream."""
-        loop = asyncio.get_running_loop()
+        return self._enqueue([req], None)[0]
+
+    def submit_group(self, reqs: list[OcrRequest]) -> list[RequestStream]:
+        """Queue the pages of one document (all for the same model), one stream per page in order.
+
+        The group counts as one request against ``max_queued``; it times out only while none of its
+        pages has been admitted. Cancel the document by closing every stream."""
+        if not reqs:
+            raise BadRequest("a document needs at least one page")
+        if len({r.model_id for r in reqs}) != 1:
+            raise BadRequest("the pages of a document must all ask for the same model")
+        return self._enqueue(reqs, Group(len(reqs)))
+
+    @staticmethod
+    def _check_request(req: OcrRequest) -> None:
         if req.max_new_tokens < 1:
             raise BadRequest(f"max_new_tokens must be >= 1, got {req.max_new_tokens}", param="max_tokens")
         try:
             req.sampling.validate()
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        job = Job(req, loop, self)
+
+    def _enqueue(self, reqs: list[OcrRequest], group: Group | None) -> list[RequestStream]:
+        loop = asyncio.get_running_loop()
+        for req in reqs:
+            self._check_request(req)
+        jobs = [Job(req, loop, self, group=group) for req in reqs]
         with self._cond:
             if self._stop or self._draining:
                 raise ModelUnavailable("the server is shutting down")
-            self._check_failed_locked(req.model_id)
+            self._check_failed_locked(reqs[0].model_id)
             # waiting requests that a free slot will take at once are not queued: a burst into an idle
             # server gets max_running + max_queued accepted, and max_queued = 0 means "no queue"
             free = max(0, self.max_running - self._num_running)
-            queued = len(self._waiting) - free
+            queued = self._queued_locked() - free
             if queued >= self.max_queued:
                 retry = self._retry_after_locked()
                 metrics.REJECTED.labels(reason="overloaded").inc()
@@ -239,12 +273,22 @@ class Scheduler:
                     f"server busy: {max(queued, 0)} requests queued (max {self.max_queued}); retry later",
                     retry_after=retry,
                 )
-            self._waiting.append(job)
-            metrics.QUEUE_DEPTH.set(len(self._waiting))
+            self._waiting.extend(jobs)
+            self._set_depth_locked()
             self._ensure_thread_locked()
             self._cond.notify_all()
-        job.timer = loop.call_later(self.queue_timeout_s, self._timeout, job)
-        return RequestStream(job)
+        timer = loop.call_later(self.queue_timeout_s, self._timeout, jobs[0])
+        for job in jobs:  # one timer per request: a document's pages share it
+            job.timer = timer
+        return [RequestStream(job) for job in jobs]
+
+    def _queued_locked(self) -> int:
+        """Waiting requests (a document with pages still waiting counts once)."""
+        groups = {id(j.group) for j in self._waiting if j.group is not None}
+        return len(groups) + sum(1 for j in self._waiting if j.group is None)
+
+    def _set_depth_locked(self) -> None:
+        metrics.QUEUE_DEPTH.set(self._queued_locked())
 
     def preload(self, model_id: str) -> None:
         """Load ``model_id`` when the worker is idle (no request waits or runs)."""
@@ -264,17 +308,28 @@ class Scheduler:
         del self._failed[model_id]  # try again
 
     def _retry_after_locked(self) -> float:
-        waves = math.ceil((len(self._waiting) + 1) / self.max_running)
+        waves = math.ceil((self._queued_locked() + 1) / self.max_running)
         return float(min(60, max(1, math.ceil(self._service_ewma * waves))))
 
     def _timeout(self, job: Job) -> None:
+        group = job.group
         with self._cond:
-            if job not in self._waiting:
-                return
-            self._waiting.remove(job)
-            metrics.QUEUE_DEPTH.set(len(self._waiting))
+            if group is None:
+                if job not in self._waiting:
+                    return
+                expired = [job]
+            else:
+                if group.admitted:
+                    return
+                expired = [j for j in self._waiting if j.group is group]
+                if not expired:
+                    return
+            for j in expired:
+                self._waiting.remove(j)
+            self._set_depth_locked()
         metrics.REJECTED.labels(reason="queue_timeout").inc()
-        job.send(QueueTimeout(f"request waited more than {self.queue_timeout_s:g} s for a free slot"))
+        for j in expired:
+            j.send(QueueTimeout(f"request waited more than {self.queue_timeout_s:g} s for a free slot"))
 
     def _cancelled(self, job: Job) -> None:
         if job.timer is not None:
@@ -282,14 +337,18 @@ class Scheduler:
         with self._cond:
             if job in self._waiting:
                 self._waiting.remove(job)
-                metrics.QUEUE_DEPTH.set(len(self._waiting))
+                self._set_depth_locked()
             self._cond.notify_all()
-        metrics.CANCELLED.inc()
+        if job.group is None or not job.group.cancelled:  # a document counts once
+            if job.group is not None:
+                job.group.cancelled = True
+            metrics.CANCELLED.inc()
 
     # --- status ----------------------------------------------------------------------------------
     @property
     def queued(self) -> int:
-        return len(self._waiting)
+        with self._cond:
+            return self._queued_locked()
 
     @property
     def running(self) -> int:
@@ -334,7 +393,7 @@ class Scheduler:
                 failed = [j for j in self._waiting if j.model_id == model_id]
                 for job in failed:
                     self._waiting.remove(job)
-                metrics.QUEUE_DEPTH.set(len(self._waiting))
+                self._set_depth_locked()
             self._cond.notify_all()
         for job in failed:
             if job.timer is not None:
@@ -427,6 +486,10 @@ class Scheduler:
     def _choose_locked(self, *, pop: bool) -> tuple[str, object] | None:
         resident = self._resident if self._model is not None else None
         other: Job | None = None  # the oldest waiting job for another model whose files are ready
+        best: Job | None = None
+        best_load = 0
+        seen: set[int] = set()
+        running_per_group = collections.Counter(id(r.job.group) for r in self._running if r.job.group is not None)
         for job in self._waiting:
             if job.cancelled:
                 continue
@@ -439,10 +502,22 @@ class Scheduler:
                 continue  # arrived after a request for another model: held back
             if len(self._running) >= self.max_running:
                 return None
+            if job.group is not None:
+                if id(job.group) in seen:
+                    continue  # a document's pages go in page order: only its first waiting page competes
+                seen.add(id(job.group))
+            load = running_per_group[id(job.group)] if job.group is not None else 0
+            if best is None or load < best_load:
+                best, best_load = job, load
+            if load == 0:
+                break  # nothing can beat an idle request that arrived first
+        if best is not None:
             if pop:
-                self._waiting.remove(job)
-                metrics.QUEUE_DEPTH.set(len(self._waiting))
-            return ("admit", job)
+                self._waiting.remove(best)
+                if best.group is not None:
+                    best.group.admitted = True
+                self._set_depth_locked()
+            return ("admit", best)
         if other is not None:
             if self._running:
                 return None  # drain first
@@ -469,7 +544,7 @@ class Scheduler:
                 failed = [j for j in self._waiting if j.model_id == model_id]
                 for job in failed:
                     self._waiting.remove(job)
-                metrics.QUEUE_DEPTH.set(len(self._waiting))
+                self._set_depth_locked()
             for job in failed:
                 if job.timer is not None:
                     job.loop.call_soon_threadsafe(job.timer.cancel)

@@ -11,6 +11,7 @@ from .base import ModelFiles, OcrModel
 
 MODEL_KINDS: dict[str, str] = {
     "deepseek-ocr": "deepseek_ocr_server.models.deepseek_ocr.model:DeepseekOcrModel",
+    "deepseek-ocr-2": "deepseek_ocr_server.models.deepseek_ocr2.model:DeepseekOcr2Model",
     "paddleocr-vl": "deepseek_ocr_server.models.paddleocr_vl.model:PaddleOcrVlModel",
     # deterministic test model (testing/fake.py): lets the server run without real weights
     "fake": "deepseek_ocr_server.testing.fake:FakeOcrModel",

@@ -104,7 +104,7 @@ class Int8Linear(nn.Module):
 
 
 #: module names (path components) of the vision side of both families, kept in the model dtype
-VISION_MODULES = frozenset({"sam_model", "vision_model", "projector", "visual", "mlp_AR"})
+VISION_MODULES = frozenset({"sam_model", "vision_model", "projector", "visual", "mlp_AR", "qwen2_model"})
 
 
 def skip_vision(name: str, linear: nn.Linear) -> bool:

@@ -125,6 +125,44 @@ def make_config(language: dict[str, Any], sam: dict[str, Any], clip: dict[str, A
 def original_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every original key with its shape (SPEC §3), for the sizes in ``config``."""
     lc = config["language_config"]
+    h = lc["hidden_size"]
+    out = language_shapes(lc)
+    out["model.image_newline"] = (h,)
+    out["model.view_seperator"] = (h,)
+    p = config["projector_config"]
+    out["model.projector.layers.weight"] = (p["n_embed"], p["input_dim"])
+    out["model.projector.layers.bias"] = (p["n_embed"],)
+    s = config["vision_config"]["width"]["sam_vit_b"]
+    out.update(sam_shapes(s, s["downsample_channels"][1]))
+
+    c = config["vision_config"]["width"]["clip-l-14-224"]
+    cw = c["width"]
+    cm = c.get("mlp_dim", 4 * cw)
+    cp = "model.vision_model."
+    out[cp + "embeddings.class_embedding"] = (cw,)
+    out[cp + "embeddings.patch_embedding.weight"] = (cw, 3, c["patch_size"], c["patch_size"])
+    out[cp + "embeddings.position_embedding.weight"] = ((c["image_size"] // c["patch_size"]) ** 2 + 1, cw)
+    out[cp + "pre_layrnorm.weight"] = (cw,)
+    out[cp + "pre_layrnorm.bias"] = (cw,)
+    for layer in range(c["layers"]):
+        lp = f"{cp}transformer.layers.{layer}."
+        for n in ("layer_norm1", "layer_norm2"):
+            out[lp + f"{n}.weight"] = (cw,)
+            out[lp + f"{n}.bias"] = (cw,)
+        out[lp + "self_attn.qkv_proj.weight"] = (3 * cw, cw)
+        out[lp + "self_attn.qkv_proj.bias"] = (3 * cw,)
+        out[lp + "self_attn.out_proj.weight"] = (cw, cw)
+        out[lp + "self_attn.out_proj.bias"] = (cw,)
+        out[lp + "mlp.fc1.weight"] = (cm, cw)
+        out[lp + "mlp.fc1.bias"] = (cm,)
+        out[lp + "mlp.fc2.weight"] = (cw, cm)
+        out[lp + "mlp.fc2.bias"] = (cw,)
+    return out
+
+
+def language_shapes(lc: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The DeepSeek-V2 decoder's original keys (``model.embed_tokens``, ``model.layers.*``,
+    ``model.norm``, ``lm_head``) for the ``language_config`` sizes (the same in DeepSeek-OCR 2)."""
     h, v = lc["hidden_size"], lc["vocab_size"]
     inter, moe, ne = lc["intermediate_size"], lc["moe_intermediate_size"], lc["n_routed_experts"]
     shared = moe * lc["n_shared_experts"]
@@ -132,8 +170,6 @@ def original_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         "lm_head.weight": (v, h),
         "model.embed_tokens.weight": (v, h),
         "model.norm.weight": (h,),
-        "model.image_newline": (h,),
-        "model.view_seperator": (h,),
     }
     for layer in range(lc["num_hidden_layers"]):
         p = f"model.layers.{layer}."
@@ -154,18 +190,20 @@ def original_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
             out[p + "mlp.shared_experts.gate_proj.weight"] = (shared, h)
             out[p + "mlp.shared_experts.up_proj.weight"] = (shared, h)
             out[p + "mlp.shared_experts.down_proj.weight"] = (h, shared)
-    p = config["projector_config"]
-    out["model.projector.layers.weight"] = (p["n_embed"], p["input_dim"])
-    out["model.projector.layers.bias"] = (p["n_embed"],)
+    return out
 
-    s = config["vision_config"]["width"]["sam_vit_b"]
+
+def sam_shapes(s: dict[str, Any], out_channels: int) -> dict[str, tuple[int, ...]]:
+    """SAM ViT-B's original keys (``model.sam_model.*``) for the ``sam_vit_b`` sizes; ``out_channels``
+    is ``net_3``'s output width (1024 in DeepSeek-OCR, 896 in DeepSeek-OCR 2)."""
+    out: dict[str, tuple[int, ...]] = {}
     w, heads = s["width"], s["heads"]
     hd = w // heads
     grid = s.get("image_size", 1024) // s.get("patch_size", 16)
     ws = s.get("window_size", 14)
     oc = s.get("out_chans", 256)
     mlp = s.get("mlp_dim", 4 * w)
-    c1, c2 = s["downsample_channels"]
+    c1 = s["downsample_channels"][0]
     sp = "model.sam_model."
     ps = s.get("patch_size", 16)
     out[sp + "patch_embed.proj.weight"] = (w, 3, ps, ps)
@@ -194,30 +232,7 @@ def original_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     out[sp + "neck.3.weight"] = (oc,)
     out[sp + "neck.3.bias"] = (oc,)
     out[sp + "net_2.weight"] = (c1, oc, 3, 3)
-    out[sp + "net_3.weight"] = (c2, c1, 3, 3)
-
-    c = config["vision_config"]["width"]["clip-l-14-224"]
-    cw = c["width"]
-    cm = c.get("mlp_dim", 4 * cw)
-    cp = "model.vision_model."
-    out[cp + "embeddings.class_embedding"] = (cw,)
-    out[cp + "embeddings.patch_embedding.weight"] = (cw, 3, c["patch_size"], c["patch_size"])
-    out[cp + "embeddings.position_embedding.weight"] = ((c["image_size"] // c["patch_size"]) ** 2 + 1, cw)
-    out[cp + "pre_layrnorm.weight"] = (cw,)
-    out[cp + "pre_layrnorm.bias"] = (cw,)
-    for layer in range(c["layers"]):
-        lp = f"{cp}transformer.layers.{layer}."
-        for n in ("layer_norm1", "layer_norm2"):
-            out[lp + f"{n}.weight"] = (cw,)
-            out[lp + f"{n}.bias"] = (cw,)
-        out[lp + "self_attn.qkv_proj.weight"] = (3 * cw, cw)
-        out[lp + "self_attn.qkv_proj.bias"] = (3 * cw,)
-        out[lp + "self_attn.out_proj.weight"] = (cw, cw)
-        out[lp + "self_attn.out_proj.bias"] = (cw,)
-        out[lp + "mlp.fc1.weight"] = (cm, cw)
-        out[lp + "mlp.fc1.bias"] = (cm,)
-        out[lp + "mlp.fc2.weight"] = (cw, cm)
-        out[lp + "mlp.fc2.bias"] = (cw,)
+    out[sp + "net_3.weight"] = (out_channels, c1, 3, 3)
     return out
 
 

@@ -155,78 +155,9 @@ class DeepseekOcrConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> DeepseekOcrConfig:
-        lang_nested = raw.get("language_config") or {}
-
-        def lm(key: str) -> Any:
-            if key in raw and raw[key] is not None:
-                return raw[key]
-            if key in lang_nested and lang_nested[key] is not None:
-                return lang_nested[key]
-            return _LM_DEFAULTS[key]
-
-        if lm("use_mla"):
-            raise ModelLoadError(
-                "config has use_mla=true: only the DeepSeek-OCR (non-MLA) decoder is supported"
-            )
-        if lm("scoring_func") != "softmax" or lm("topk_method") != "greedy":
-            raise ModelLoadError(
-                f"unsupported MoE routing scoring_func={lm('scoring_func')!r} topk_method={lm('topk_method')!r}"
-            )
-        if lm("hidden_act") != "silu":
-            raise ModelLoadError(f"unsupported hidden_act {lm('hidden_act')!r}")
-        if lm("rope_scaling"):
-            raise ModelLoadError("rope_scaling is not supported")
-        eos = lm("eos_token_id")
-        eos_t = tuple(int(e) for e in eos) if isinstance(eos, list | tuple) else (int(eos),)
-        n_heads = int(lm("num_attention_heads"))
-        kv = lm("num_key_value_heads")
-        language = LanguageConfig(
-            vocab_size=int(lm("vocab_size")),
-            hidden_size=int(lm("hidden_size")),
-            num_hidden_layers=int(lm("num_hidden_layers")),
-            num_attention_heads=n_heads,
-            num_key_value_heads=int(kv) if kv is not None else n_heads,
-            intermediate_size=int(lm("intermediate_size")),
-            moe_intermediate_size=int(lm("moe_intermediate_size")),
-            n_routed_experts=int(lm("n_routed_experts") or 0),
-            n_shared_experts=int(lm("n_shared_experts") or 0),
-            num_experts_per_tok=int(lm("num_experts_per_tok") or 0),
-            first_k_dense_replace=int(lm("first_k_dense_replace")),
-            moe_layer_freq=int(lm("moe_layer_freq")),
-            topk_method=str(lm("topk_method")),
-            norm_topk_prob=bool(lm("norm_topk_prob")),
-            routed_scaling_factor=float(lm("routed_scaling_factor")),
-            scoring_func=str(lm("scoring_func")),
-            hidden_act=str(lm("hidden_act")),
-            rms_norm_eps=float(lm("rms_norm_eps")),
-            rope_theta=float(lm("rope_theta")),
-            attention_bias=bool(lm("attention_bias")),
-            max_position_embeddings=int(lm("max_position_embeddings")),
-            bos_token_id=int(lm("bos_token_id")),
-            eos_token_id=eos_t,
-        )
-        if language.hidden_size % language.num_attention_heads:
-            raise ModelLoadError("hidden_size must be divisible by num_attention_heads")
-        if language.num_key_value_heads != language.num_attention_heads:
-            raise ModelLoadError(
-                "DeepSeek-OCR uses plain MHA; num_key_value_heads must equal num_attention_heads"
-            )
-
+        language = language_from_dict(raw)
         widths = (raw.get("vision_config") or {}).get("width") or {}
-        s = widths.get("sam_vit_b") or {}
-        sam_width = int(s.get("width", 768))
-        sam = SamConfig(
-            width=sam_width,
-            layers=int(s.get("layers", 12)),
-            heads=int(s.get("heads", 12)),
-            global_attn_indexes=tuple(int(i) for i in s.get("global_attn_indexes", (2, 5, 8, 11))),
-            downsample_channels=tuple(int(c) for c in s.get("downsample_channels", (512, 1024))),  # type: ignore[arg-type]
-            image_size=int(s.get("image_size", 1024)),
-            patch_size=int(s.get("patch_size", 16)),
-            window_size=int(s.get("window_size", 14)),
-            out_chans=int(s.get("out_chans", 256)),
-            mlp_dim=int(s.get("mlp_dim", 4 * sam_width)),
-        )
+        sam = sam_from_dict(widths.get("sam_vit_b") or {})
         c = widths.get("clip-l-14-224") or {}
         clip_width = int(c.get("width", 1024))
         clip = ClipConfig(
@@ -265,3 +196,82 @@ class DeepseekOcrConfig:
             raise ModelLoadError("projector n_embed must equal the language hidden_size")
         if s.width % s.heads or c.width % c.heads:
             raise ModelLoadError("vision widths must be divisible by their head counts")
+
+
+def language_from_dict(raw: dict[str, Any]) -> LanguageConfig:
+    """The DeepSeek-V2 decoder settings of an original config.json: the top-level flat copy first, then
+    ``language_config``, then the ``DeepseekV2Config`` default (shared by DeepSeek-OCR and DeepSeek-OCR 2)."""
+    lang_nested = raw.get("language_config") or {}
+
+    def lm(key: str) -> Any:
+        if key in raw and raw[key] is not None:
+            return raw[key]
+        if key in lang_nested and lang_nested[key] is not None:
+            return lang_nested[key]
+        return _LM_DEFAULTS[key]
+
+    if lm("use_mla"):
+        raise ModelLoadError(
+            "config has use_mla=true: only the DeepSeek-OCR (non-MLA) decoder is supported"
+        )
+    if lm("scoring_func") != "softmax" or lm("topk_method") != "greedy":
+        raise ModelLoadError(
+            f"unsupported MoE routing scoring_func={lm('scoring_func')!r} topk_method={lm('topk_method')!r}"
+        )
+    if lm("hidden_act") != "silu":
+        raise ModelLoadError(f"unsupported hidden_act {lm('hidden_act')!r}")
+    if lm("rope_scaling"):
+        raise ModelLoadError("rope_scaling is not supported")
+    eos = lm("eos_token_id")
+    eos_t = tuple(int(e) for e in eos) if isinstance(eos, list | tuple) else (int(eos),)
+    n_heads = int(lm("num_attention_heads"))
+    kv = lm("num_key_value_heads")
+    language = LanguageConfig(
+        vocab_size=int(lm("vocab_size")),
+        hidden_size=int(lm("hidden_size")),
+        num_hidden_layers=int(lm("num_hidden_layers")),
+        num_attention_heads=n_heads,
+        num_key_value_heads=int(kv) if kv is not None else n_heads,
+        intermediate_size=int(lm("intermediate_size")),
+        moe_intermediate_size=int(lm("moe_intermediate_size")),
+        n_routed_experts=int(lm("n_routed_experts") or 0),
+        n_shared_experts=int(lm("n_shared_experts") or 0),
+        num_experts_per_tok=int(lm("num_experts_per_tok") or 0),
+        first_k_dense_replace=int(lm("first_k_dense_replace")),
+        moe_layer_freq=int(lm("moe_layer_freq")),
+        topk_method=str(lm("topk_method")),
+        norm_topk_prob=bool(lm("norm_topk_prob")),
+        routed_scaling_factor=float(lm("routed_scaling_factor")),
+        scoring_func=str(lm("scoring_func")),
+        hidden_act=str(lm("hidden_act")),
+        rms_norm_eps=float(lm("rms_norm_eps")),
+        rope_theta=float(lm("rope_theta")),
+        attention_bias=bool(lm("attention_bias")),
+        max_position_embeddings=int(lm("max_position_embeddings")),
+        bos_token_id=int(lm("bos_token_id")),
+        eos_token_id=eos_t,
+    )
+    if language.hidden_size % language.num_attention_heads:
+        raise ModelLoadError("hidden_size must be divisible by num_attention_heads")
+    if language.num_key_value_heads != language.num_attention_heads:
+        raise ModelLoadError(
+            "DeepSeek-OCR uses plain MHA; num_key_value_heads must equal num_attention_heads"
+        )
+    return language
+
+
+def sam_from_dict(s: dict[str, Any]) -> SamConfig:
+    """``vision_config.width.sam_vit_b`` of an original config.json (shared by DeepSeek-OCR and DeepSeek-OCR 2)."""
+    sam_width = int(s.get("width", 768))
+    return SamConfig(
+        width=sam_width,
+        layers=int(s.get("layers", 12)),
+        heads=int(s.get("heads", 12)),
+        global_attn_indexes=tuple(int(i) for i in s.get("global_attn_indexes", (2, 5, 8, 11))),
+        downsample_channels=tuple(int(c) for c in s.get("downsample_channels", (512, 1024))),  # type: ignore[arg-type]
+        image_size=int(s.get("image_size", 1024)),
+        patch_size=int(s.get("patch_size", 16)),
+        window_size=int(s.get("window_size", 14)),
+        out_chans=int(s.get("out_chans", 256)),
+        mlp_dim=int(s.get("mlp_dim", 4 * sam_width)),
+    )

@@ -80,12 +80,22 @@ class DeepseekOcrForCausalLM(nn.Module):
 
 
 class DeepseekOcrModel(PackedNet, OcrModel):
+    """The engine protocol over a DeepSeek-V2 decoder with image embeddings spliced into the prompt.
+
+    DeepSeek-OCR 2 (``deepseek_ocr2.model``) reuses all of it; a family differs in the class
+    attributes below and in :meth:`check_vision_settings` / :meth:`preprocess_image`."""
+
     kind: ClassVar[str] = "deepseek-ocr"
+    #: the family's name in error messages
+    display_name: ClassVar[str] = "DeepSeek-OCR"
+    config_class: ClassVar[Any] = DeepseekOcrConfig
+    net_class: ClassVar[Any] = DeepseekOcrForCausalLM
+    ignored_keys: ClassVar[tuple[re.Pattern[str], ...]] = IGNORED_KEYS
 
     def __init__(
         self,
-        cfg: DeepseekOcrConfig,
-        net: DeepseekOcrForCausalLM,
+        cfg: Any,
+        net: Any,
         tokenizer: Tokenizer,
         device: torch.device,
         dtype: torch.dtype,
@@ -120,7 +130,7 @@ class DeepseekOcrModel(PackedNet, OcrModel):
     ) -> DeepseekOcrModel:
         check_load_options(cls.kind, dtype, quantize)
         dev = torch.device(device)
-        cfg = DeepseekOcrConfig.from_file(files.config)
+        cfg = cls.config_class.from_file(files.config)
         if not files.tokenizer.is_file():
             raise ModelLoadError(f"tokenizer file not found: {files.tokenizer}")
         try:
@@ -141,9 +151,11 @@ class DeepseekOcrModel(PackedNet, OcrModel):
 
         # Build on the meta device; every tensor is then read once into its own storage (weights.py).
         with torch.device("meta"):
-            net = DeepseekOcrForCausalLM(cfg)
+            net = cls.net_class(cfg)
         expected = {k: tuple(p.shape) for k, p in net.named_parameters()}
-        state = load_checkpoint(files.weights, expected, dtype, model="DeepSeek-OCR", ignored=IGNORED_KEYS, device=dev)
+        state = load_checkpoint(
+            files.weights, expected, dtype, model=cls.display_name, ignored=cls.ignored_keys, device=dev
+        )
         net.load_state_dict(state, strict=True, assign=True)
         del state  # the net holds the only reference: a replaced layer's weight is freed at once
         net.eval().requires_grad_(False)
@@ -175,7 +187,7 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         marker = self.image_placeholder
         if len(images) > 1:
             raise InputError(
-                f"deepseek-ocr serves at most one image per request, got {len(images)} "
+                f"{self.kind} serves at most one image per request, got {len(images)} "
                 "(the model reads a single image per prompt)"
             )
         if system and marker in system:
@@ -189,16 +201,11 @@ class DeepseekOcrModel(PackedNet, OcrModel):
             text = f"{marker}\n" * (len(images) - n_markers) + text
         if system and system.strip():
             text = system.strip() + "\n" + text
-        for name in ("base_size", "image_size"):
-            v = getattr(settings, name)
-            if v < processor.PIXELS_PER_TOKEN or v % processor.PIXELS_PER_TOKEN or v > 4096:
-                raise InputError(f"{name} must be a multiple of 64 between 64 and 4096, got {v}")
+        self.check_vision_settings(settings)
         pre: list[processor.ImageInput] = []
         for img in images:
             try:
-                pre.append(
-                    processor.preprocess(img, settings.base_size, settings.image_size, settings.crop_mode)
-                )
+                pre.append(self.preprocess_image(img, settings))
             except (OSError, ValueError) as exc:
                 raise InputError(f"cannot process image: {exc}") from exc
         ids = [self.bos_token_id]
@@ -213,6 +220,17 @@ class DeepseekOcrModel(PackedNet, OcrModel):
                 f"prompt is {len(ids)} tokens; the model's context is {self.max_context} positions"
             )
         return Prepared(input_ids=ids, inputs={"images": pre})
+
+    def check_vision_settings(self, settings: VisionSettings) -> None:
+        """Raise :class:`InputError` for view sizes the model cannot serve."""
+        for name in ("base_size", "image_size"):
+            v = getattr(settings, name)
+            if v < processor.PIXELS_PER_TOKEN or v % processor.PIXELS_PER_TOKEN or v > 4096:
+                raise InputError(f"{name} must be a multiple of 64 between 64 and 4096, got {v}")
+
+    def preprocess_image(self, image: Image.Image, settings: VisionSettings) -> processor.ImageInput:
+        """One image -> its views and image-token count (``OSError``/``ValueError`` for a bad image)."""
+        return processor.preprocess(image, settings.base_size, settings.image_size, settings.crop_mode)
 
     # ------------------------------------------------------------- prefill
     @torch.inference_mode()
