@@ -269,8 +269,10 @@ def test_text_only_system_and_errors(deepseek_model_f32):
     assert m.prepare("hello there", []).input_ids == [0] + enc(m, "hello there")
     p = m.prepare("Free OCR.", [Image.new("RGB", (64, 64))], system="Be terse.")
     assert p.input_ids[: 1 + len(enc(m, "Be terse.\n"))] == [0] + enc(m, "Be terse.\n")
-    with pytest.raises(InputError, match="at most one image.*§7.4"):
+    with pytest.raises(InputError, match="at most one image"):
         m.prepare("two", [Image.new("RGB", (8, 8))] * 2)
+    with pytest.raises(InputError, match="system message"):
+        m.prepare("x", [Image.new("RGB", (8, 8))], system="see <image>")
     with pytest.raises(InputError, match="markers"):
         m.prepare("<image>\nno image here", [])
     with pytest.raises(InputError, match="context"):

@@ -8,7 +8,6 @@ typed override the config file; the defaults shown in ``--help`` are the built-i
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -159,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"bind address (default: {_SRV.host})")
     g.add_argument("--port", metavar="PORT", type=_typed("port", int),
                    help=f"HTTP port (default: {_SRV.port})")
-    g.add_argument("--api-key", metavar="KEY", type=_typed("api_key", _str),
+    g.add_argument("--api-key", metavar="KEY", type=_typed("api_key", _str),  # "" is refused, not "no auth"
                    help="require 'Authorization: Bearer KEY' on /v1/*; env DEEPSEEK_OCR_API_KEY, then [server] api_key "
                         "(default: none, no authentication)")
     g.add_argument("--allow-private-image-urls", metavar="BOOL",
@@ -176,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="during a prefill, running streams get a decode step at least this often "
                         f"(0: at every layer; large: none until the prefill ends) (default: {_SRV.prefill_slice_s:g})")
 
+    g.add_argument("--shutdown-drain", metavar="SECONDS", type=_typed("shutdown_drain_s", float),
+                   help="on SIGTERM/Ctrl-C, running requests get this long to finish before they end with an "
+                        f"error (default: {_SRV.shutdown_drain_s:g})")
     g = p.add_argument_group("cluster mode (Ray Serve; needs the [ray] extra)")
     g.add_argument("--ray", metavar="ADDRESS", nargs="?", const="", type=_str,
                    help="serve on Ray Serve: one deployment per configured model, replicas spread over the cluster; "
@@ -198,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("misc")
     g.add_argument("--log-level", metavar="LEVEL", type=str.upper,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level (default: INFO)")
+    g.add_argument("--log-format", metavar="{text,json}", type=str.lower, choices=["text", "json"],
+                   help="text lines, or one JSON object per line for log collectors (default: text)")
     a("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -233,6 +237,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
     args = vars(parser.parse_args(argv))
     config_path = args.pop("config", None)
     args.pop("log_level", None)
+    args.pop("log_format", None)
     args.pop("ray", None)  # the mode, not a setting (see main)
     try:
         settings = load_settings(args, config_path)
@@ -250,10 +255,9 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)  # exits on --help / --version / bad flags before anything heavy
-    logging.basicConfig(
-        level=getattr(logging, args.get("log_level", "INFO")),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from .logs import setup_logging
+
+    setup_logging(args.get("log_level", "INFO"), args.get("log_format", "text"))
     settings = settings_from_args(argv)
     if "ray" in args:  # cluster mode: imported only here, so the default path never imports ray
         from .rayserve.launch import run_ray

@@ -151,6 +151,12 @@ class ServerSettings:
     max_queued: int = 32
     queue_timeout_s: float = 300.0
     prefill_slice_s: float = 0.25
+    max_prompt_chars: int = 32768
+    max_pixels_in_flight: int = 256_000_000
+    shutdown_drain_s: float = 30.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    max_connections: int = 1000
     pdf_dpi: int = 144
     max_pages: int = 100
 
@@ -376,6 +382,20 @@ def _str(optional: bool = False, nonempty: bool = True):
     return check
 
 
+def _api_key(v: Any) -> str | None:
+    """An API key is absent (no authentication) or a non-blank string: an empty value would silently
+    turn authentication off."""
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {_show(v)}")
+    if not v.strip():
+        raise ValueError("must not be empty (leave it out to run without authentication)")
+    if v != v.strip():
+        raise ValueError("must not start or end with whitespace")
+    return v
+
+
 def _str_list(v: Any) -> list[str]:
     if isinstance(v, str):
         v = [s.strip() for s in v.split(",") if s.strip()]
@@ -407,7 +427,7 @@ _SPECS: dict[str, Any] = {
     # server
     "host": _str(),
     "port": _int(1, 65535),
-    "api_key": _str(optional=True),
+    "api_key": _api_key,
     "cors_origins": _str_list,
     "allow_private_image_urls": _bool,
     "max_body_bytes": _int(1024),
@@ -419,6 +439,12 @@ _SPECS: dict[str, Any] = {
     "max_queued": _int(0),
     "queue_timeout_s": _float(0.0, lo_open=True),
     "prefill_slice_s": _float(0.0),
+    "max_prompt_chars": _int(1, 10_000_000),
+    "max_pixels_in_flight": _int(1),
+    "shutdown_drain_s": _float(0.0),
+    "header_timeout_s": _float(0.0, lo_open=True),
+    "body_timeout_s": _float(0.0, lo_open=True),
+    "max_connections": _int(1),
     "pdf_dpi": _int(*PDF_DPI_RANGE),
     "max_pages": _int(1, 10_000),
     # ray (cluster mode, per model)
@@ -517,6 +543,12 @@ max_running = 8                    # sequences decoded together
 max_queued = 32                    # waiting requests before 429
 queue_timeout_s = 300.0            # longest wait for a slot (503 after)
 prefill_slice_s = 0.25             # running streams get a decode step at least this often during a prefill
+max_prompt_chars = 32768           # characters of text per request (system + user + partial answer); 400 above
+max_pixels_in_flight = 256000000   # decoded image pixels held by all requests before preprocessing (429 above)
+shutdown_drain_s = 30.0            # on SIGTERM/Ctrl-C: running requests get this long to finish, then an error
+header_timeout_s = 10.0            # a connection that has not sent its request headers by then is closed
+body_timeout_s = 60.0              # a request body not received by then gets 408
+max_connections = 1000             # open connections; more are closed at once
 pdf_dpi = 144                      # PDF pages are rendered at this resolution (a request's "dpi" overrides)
 max_pages = 100                    # pages per document request (more: 400, select fewer with "pages")
 """
@@ -550,7 +582,8 @@ def write_default_config(path: Path) -> bool:
 # --------------------------------------------------------------------------------------------------
 _ENTRY_KEYS = {"kind", "repo", "revision", "config", "tokenizer", "weights", "prompt"}
 _CLI_PATH_KEYS = {"weights": "weights", "tokenizer": "tokenizer", "model_config": "config"}
-_CLI_SERVER_RENAMES = {"queue_timeout": "queue_timeout_s", "prefill_slice": "prefill_slice_s"}
+_CLI_SERVER_RENAMES = {"queue_timeout": "queue_timeout_s", "prefill_slice": "prefill_slice_s",
+                       "shutdown_drain": "shutdown_drain_s"}
 #: ``--ray-min-replicas`` etc. (argparse dest ``ray_min_replicas``) -> :class:`RayDeploymentSettings` key
 _CLI_RAY_PREFIX = "ray_"
 
@@ -702,8 +735,11 @@ def load_settings(cli_overrides: dict[str, Any] | None = None, config_path: Path
 
     server_kw = dict(parsed["server"])
     env_key = os.environ.get(API_KEY_ENV)
-    if env_key:  # a secret injected by the environment beats the file; --api-key beats both
-        server_kw["api_key"] = env_key
+    if env_key is not None:  # a secret injected by the environment beats the file; --api-key beats both
+        try:
+            server_kw["api_key"] = _api_key(env_key)
+        except ValueError as exc:
+            raise ConfigError(f"environment variable {API_KEY_ENV}: {exc}") from None
 
     cli_inference: dict[str, Any] = {}
     cli_ray: dict[str, Any] = {}

@@ -62,6 +62,18 @@ def log_precision(device: str, dtype: str, quantize: str | None) -> None:
     log.info("precision: %s", plan.summary())
 
 
+def build_resolver(settings: Settings) -> Callable[[str], object]:
+    """``resolver(model_id)`` for the ModelManager: find (maybe download) the files of a model without
+    touching the resident one, so that a broken or absent entry never evicts it."""
+
+    def resolve(model_id: str) -> object:
+        from .assets import resolve_model_files
+
+        return resolve_model_files(settings, model_id)
+
+    return resolve
+
+
 def build_app(settings: Settings):  # -> (FastAPI, ModelManager)
     from .api.app import create_app
     from .engine.manager import ModelManager
@@ -74,6 +86,7 @@ def build_app(settings: Settings):  # -> (FastAPI, ModelManager)
         max_queued=srv.max_queued,
         queue_timeout_s=srv.queue_timeout_s,
         prefill_slice_s=srv.prefill_slice_s,
+        resolver=build_resolver(settings),
     )
     app = create_app(manager, settings)
     return app, manager
@@ -95,14 +108,24 @@ def run(settings: Settings) -> int:
     log.info("device: %s, dtype: %s%s", inf.device, inf.effective_dtype,
              f", quantize: {inf.quantize}" if inf.quantize else "")
 
+    if settings.server.api_key:
+        log.info("authentication: an API key is required on /v1/* (Authorization: Bearer <key>)")
+    else:
+        log.warning(
+            "authentication: NONE - anyone who can reach %s:%s can use the API (set --api-key or %s)",
+            settings.server.host, settings.server.port, "DEEPSEEK_OCR_API_KEY",
+        )
     app, manager = build_app(settings)
+    srv = settings.server
     config = uvicorn.Config(
         app,
-        host=settings.server.host,
-        port=settings.server.port,
+        host=srv.host,
+        port=srv.port,
         log_config=None,  # use our logging setup (root handler)
         log_level=logging.getLogger().level or logging.INFO,
-        timeout_graceful_shutdown=5,
+        # a backstop: the drain below ends every stream with an error event before this runs out
+        timeout_graceful_shutdown=int(srv.shutdown_drain_s) + 10,
+        http=guarded_protocol(srv.header_timeout_s, srv.max_connections),
     )
     server = uvicorn.Server(config)
     stop_signals: list[int] = []
@@ -121,11 +144,28 @@ def run(settings: Settings) -> int:
         return 1
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
+    async def drain_on_exit() -> None:
+        """Graceful shutdown: once uvicorn stops accepting (SIGTERM, Ctrl-C), waiting requests get 503,
+        running ones get ``shutdown_drain_s`` to finish, then end with an error event."""
+        while not server.should_exit:
+            await asyncio.sleep(0.1)
+        running = manager.status().running
+        log.info("shutting down: %d running request(s) get up to %g s to finish", running, srv.shutdown_drain_s)
+        manager.scheduler.drain()
+        deadline = asyncio.get_running_loop().time() + srv.shutdown_drain_s
+        while manager.status().running and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        if manager.status().running:
+            log.warning("shutting down: ending %d request(s) still running", manager.status().running)
+            manager.scheduler.cut_running("the server is shutting down")
+
     async def serve() -> None:
         await manager.preload(settings.active)
+        drainer = asyncio.ensure_future(drain_on_exit())
         try:
             await server.serve(sockets=[sock])
         finally:
+            drainer.cancel()
             if manager.status().state == "loading":
                 _exit_now(0 if server.started or stop_signals else 1)
             await manager.shutdown()
@@ -139,6 +179,37 @@ def run(settings: Settings) -> int:
     code = 0 if server.started or stop_signals else 1
     log.info("stopped")
     return code
+
+
+def guarded_protocol(header_timeout_s: float, max_connections: int) -> type:
+    """uvicorn's HTTP protocol with two guards it lacks: a connection that has not completed its first
+    request's headers within ``header_timeout_s`` is closed (slowloris), and a connection beyond
+    ``max_connections`` open ones is closed at once."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:  # httptools not installed
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base  # type: ignore[assignment]
+
+    class Guarded(Base):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                log.warning("connection cap (%d) reached: closing a new connection", max_connections)
+                transport.close()
+                return
+            self._headers_timer = self.loop.call_later(header_timeout_s, self._no_headers)
+
+        def _no_headers(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            timer = getattr(self, "_headers_timer", None)
+            if timer is not None:
+                timer.cancel()
+            super().connection_lost(exc)
+
+    return Guarded
 
 
 def _exit_now(code: int) -> None:

@@ -44,8 +44,9 @@ from ..documents import (
 from ..documents.pages import is_pdf
 from ..engine.manager import ModelManager
 from ..engine.types import Event, Failed, Finished, OcrRequest, TextDelta
+from .budget import PixelBudget, PixelLease
 from .errors import ApiError, as_api_error
-from .images import decode_data_url, decode_image, fetch_url
+from .images import decode_data_url, decode_image, fetch_url, image_pixels
 from .messages import Conversation, FileRef, ImageRef
 from .options import ApiOptions
 from .schemas import DecodeFields
@@ -150,12 +151,19 @@ def _frames(data: bytes) -> int:
 class Inputs:
     images: list[Image.Image]
     pages: list[Page] | None = None  # set for a document
+    lease: PixelLease | None = None  # the images' share of the decoded-pixel budget
 
 
-async def load_inputs(conv: Conversation, opts: ApiOptions, body: DecodeFields) -> Inputs:
+async def load_inputs(
+    conv: Conversation, opts: ApiOptions, body: DecodeFields, pixel_budget: PixelBudget | None = None
+) -> Inputs:
     """The request's images, or the pages of its one document. Every failure is a 400 ApiError."""
-    images_raw = await asyncio.gather(*(_image_bytes(ref, opts) for ref in conv.images))
-    files_raw = await asyncio.gather(*(_file_bytes(ref, opts) for ref in conv.files))
+    from .service import gather_or_cancel
+
+    fetched = await gather_or_cancel(
+        [*(_image_bytes(ref, opts) for ref in conv.images), *(_file_bytes(ref, opts) for ref in conv.files)]
+    )
+    images_raw, files_raw = fetched[: len(conv.images)], fetched[len(conv.images) :]
     frames = await asyncio.gather(*(asyncio.to_thread(_frames, raw) for raw in images_raw))
     docs: list[tuple[bytes, str]] = [(raw, ref.param) for raw, ref in zip(files_raw, conv.files, strict=True)]
     docs += [(raw, ref.param) for raw, ref, n in zip(images_raw, conv.images, frames, strict=True) if n != 1]
@@ -166,13 +174,20 @@ async def load_inputs(conv: Conversation, opts: ApiOptions, body: DecodeFields) 
                 param="pages",
                 code="invalid_value",
             )
-        decoded = await asyncio.gather(
-            *(
-                asyncio.to_thread(decode_image, raw, opts, ref.param)
-                for raw, ref in zip(images_raw, conv.images, strict=True)
-            )
-        )
-        return Inputs(list(decoded))
+        # decoded pixels are bounded across requests (a lease the engine returns after preprocessing),
+        # and decoded one image at a time: the transient memory of one decode
+        pixels = sum(image_pixels(raw, opts, ref.param) for raw, ref in zip(images_raw, conv.images, strict=True))
+        lease = pixel_budget.acquire(pixels) if pixel_budget is not None else None
+        try:
+            decoded = []
+            for i, ref in enumerate(conv.images):
+                decoded.append(await asyncio.to_thread(decode_image, images_raw[i], opts, ref.param))
+                images_raw[i] = b""
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+        return Inputs(decoded, lease=lease)
     if len(docs) > 1 or len(conv.images) + len(conv.files) > 1:
         raise ApiError(
             "send one document per request (a file part, or a multi-page image), without other images",
@@ -244,13 +259,14 @@ async def start_ocr(
     model_id: str,
     kind: str,
     options: DocumentOptions,
+    text: str = "",
 ) -> Generation:
     """Start the generation of a request through the pipeline (its first event fetched, so that admission
     errors become HTTP statuses). Image requests in raw output without extras take the engine's events
     directly; everything else is post-processed."""
     include = options.output == "blocks" or options.layout_images
     if req is None or (isinstance(req, OcrRequest) and options.output == "raw" and not include):
-        return await start(manager, req, model_id)
+        return await start(manager, req, model_id, text)
     if isinstance(req, DocumentInput):
         jobs, document = page_jobs(req.pages, req.template), True
     else:

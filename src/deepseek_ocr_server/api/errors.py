@@ -50,8 +50,28 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers or None)
 
 
+def human_bytes(n: int) -> str:
+    """``33554432`` -> ``"32 MiB"`` (limits in error messages are read by people)."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            value = n / size
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def human_pixels(n: int) -> str:
+    """``64_000_000`` -> ``"64 megapixels"``."""
+    mp = n / 1e6
+    return f"{mp:.0f} megapixels" if mp == int(mp) else f"{mp:.1f} megapixels"
+
+
+def _clean(text: str | None) -> str | None:
+    """Text that always encodes as UTF-8 (a message may quote client input)."""
+    return None if text is None else text.encode("utf-8", "replace").decode("utf-8")
+
+
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return {"error": {"message": _clean(message), "type": type, "param": _clean(param), "code": code}}
 
 
 def as_api_error(exc: BaseException) -> ApiError:

@@ -25,7 +25,7 @@ import httpcore
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ApiError
+from .errors import ApiError, human_bytes, human_pixels
 from .options import ApiOptions
 
 _USER_AGENT = "deepseek-ocr-server (image fetch)"
@@ -126,6 +126,7 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
 def _check_scheme(url: str, param: str | None) -> urllib.parse.SplitResult:
     try:
         parts = urllib.parse.urlsplit(url)
+        _ = parts.port  # a port beyond 0..65535 raises ValueError here, not later in the fetch
     except ValueError as exc:
         raise _bad(f"invalid image URL: {exc}", param, "invalid_image_url") from None
     if parts.scheme not in ("http", "https"):
@@ -203,7 +204,7 @@ def _host_header(parts: urllib.parse.SplitResult) -> bytes:
 
 
 def _too_big(opts: ApiOptions, param: str | None) -> ApiError:
-    return _bad(f"image is larger than {opts.max_image_bytes} bytes", param, "image_too_large")
+    return _bad(f"The image is larger than the limit of {human_bytes(opts.max_image_bytes)}.", param, "image_too_large")
 
 
 def decode_data_url(url: str, opts: ApiOptions, param: str | None = None) -> bytes:
@@ -264,10 +265,37 @@ def normalise(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")
         mode = "RGBA"
     if mode in ("RGBA", "LA", "La", "RGBa"):
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
+        # composite on white with the alpha channel as the paste mask: one RGB canvas + one alpha plane
+        # (not three full RGBA copies), which matters for pages of tens of megapixels
+        rgba = img if mode == "RGBA" else img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
+        return out
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX
+
+
+def image_pixels(data: bytes, opts: ApiOptions, param: str | None = None) -> int:
+    """Pixels of the encoded image ``data``, read from its header (nothing decoded); 400 when it is not
+    an image or exceeds the per-image limit."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+    except UnidentifiedImageError:
+        raise _bad("the image data is not a supported image format", param) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _bad("image exceeds the pixel limit (decompression bomb guard)", param, "image_too_large") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise _bad(f"the image could not be decoded: {exc}", param) from None
+    if w < 1 or h < 1:
+        raise _bad("image has no pixels", param)
+    if w * h > opts.max_image_pixels:
+        raise _bad(
+            f"The image is {w}x{h} pixels ({human_pixels(w * h)}), more than the limit of "
+            f"{human_pixels(opts.max_image_pixels)}.",
+            param,
+            "image_too_large",
+        )
+    return w * h
 
 
 def decode_image(data: bytes, opts: ApiOptions, param: str | None = None) -> Image.Image:
@@ -281,7 +309,8 @@ def decode_image(data: bytes, opts: ApiOptions, param: str | None = None) -> Ima
                 raise _bad("image has no pixels", param)
             if w * h > opts.max_image_pixels:
                 raise _bad(
-                    f"image is {w}x{h} = {w * h} pixels, more than the limit of {opts.max_image_pixels}",
+                    f"The image is {w}x{h} pixels ({human_pixels(w * h)}), more than the limit of "
+                    f"{human_pixels(opts.max_image_pixels)}.",
                     param,
                     "image_too_large",
                 )
@@ -299,13 +328,17 @@ def decode_image(data: bytes, opts: ApiOptions, param: str | None = None) -> Ima
         raise _bad(f"the image could not be decoded: {exc}", param) from None
 
 
-async def load_image(url: str, opts: ApiOptions, param: str | None = None) -> Image.Image:
-    """A data: or http(s) image URL -> normalised RGB image. Every failure is a 400 ApiError."""
+async def image_bytes(url: str, opts: ApiOptions, param: str | None = None) -> bytes:
+    """The encoded bytes of a data: or http(s) image URL. Every failure is a 400 ApiError."""
     if not isinstance(url, str) or not url.strip():
         raise _bad("image URL is empty", param, "invalid_image_url")
     url = url.strip()
     if url[:5].lower() == "data:":
-        data = decode_data_url(url, opts, param)
-    else:
-        data = await fetch_url(url, opts, param)
+        return decode_data_url(url, opts, param)
+    return await fetch_url(url, opts, param)
+
+
+async def load_image(url: str, opts: ApiOptions, param: str | None = None) -> Image.Image:
+    """A data: or http(s) image URL -> normalised RGB image. Every failure is a 400 ApiError."""
+    data = await image_bytes(url, opts, param)
     return await asyncio.to_thread(decode_image, data, opts, param)

@@ -8,6 +8,14 @@ Inside the user message, text parts are joined with newlines and image parts are
 Explicit ``<image>`` markers in the text are passed through untouched; the model places images it finds
 no marker for. Image-only messages get the model entry's default task prompt (``resolve.py``).
 
+Client metadata is not prompt text: chat UIs (Open WebUI) put an ``<attached_files>`` block listing the
+uploaded files before the user's words; such blocks (and text that is nothing but ``<file .../>``
+tags) are removed before the prompt is chosen, so an image sent alone still gets the default prompt.
+
+A conversation that ENDS with an assistant message after the last user message is a "continue
+response": that partial answer is the start of the model's answer and generation continues it
+(``Conversation.answer_prefix``); the reply holds only the new text.
+
 Documents come as file parts: ``{"type": "file", "file": {"filename", "file_data"}}`` (Chat Completions)
 and ``{"type": "input_file", "filename", "file_data" | "file_url"}`` (Responses); ``file_data`` is a
 ``data:`` URL or bare base64. They are collected in ``Conversation.files`` (``api/documents.py`` reads them).
@@ -15,6 +23,7 @@ and ``{"type": "input_file", "filename", "file_data" | "file_url"}`` (Responses)
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +35,17 @@ _TEXT_TYPES = {"text", "input_text", "output_text"}
 _IMAGE_TYPES = {"image_url", "input_image"}
 _FILE_TYPES = {"file", "input_file"}
 _SYSTEM_ROLES = {"system", "developer"}
+_ASSISTANT_ROLES = {"assistant"}
+#: client metadata blocks: Open WebUI's <attached_files> list, and bare self-closing <file .../> tags
+_METADATA = re.compile(r"<attached_files>.*?</attached_files>|<file\b[^<>]*/>", re.DOTALL)
+
+
+def strip_client_metadata(text: str) -> str:
+    """``text`` without client metadata blocks (the rest untouched, unless only whitespace is left)."""
+    if "<attached_files>" not in text and "<file" not in text:
+        return text
+    out = _METADATA.sub("", text)
+    return out.lstrip() if out.strip() else ""
 
 
 @dataclass
@@ -47,6 +67,8 @@ class Conversation:
     text: str
     images: list[ImageRef] = field(default_factory=list)
     system: str | None = None
+    #: start of the answer to continue (the conversation ended with a partial assistant message)
+    answer_prefix: str | None = None
     files: list[FileRef] = field(default_factory=list)
 
 
@@ -56,7 +78,15 @@ def _text_of(content: str | list[dict[str, Any]] | None) -> str:
         return ""
     if isinstance(content, str):
         return content
-    return "\n".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") in _TEXT_TYPES)
+    return "\n".join(
+        p["text"] for p in content if _kind(p) in _TEXT_TYPES and isinstance(p.get("text"), str)
+    )
+
+
+def _kind(part: dict[str, Any]) -> str | None:
+    """A content part's ``type`` when it is a string (anything else is no known type)."""
+    kind = part.get("type")
+    return kind if isinstance(kind, str) else None
 
 
 def _image_url(part: dict[str, Any], param: str) -> ImageRef:
@@ -96,17 +126,17 @@ def _user_parts(
     if content is None:
         return "", []
     if isinstance(content, str):
-        return content, []
+        return strip_client_metadata(content), []
     texts: list[str] = []
     images: list[ImageRef] = []
     for i, part in enumerate(content):
         p = f"{param}[{i}]"
-        kind = part.get("type")
+        kind = _kind(part)
         if kind in _TEXT_TYPES:
             text = part.get("text")
             if not isinstance(text, str):
                 raise ApiError("text part without a string 'text'", param=f"{p}.text", code="invalid_value")
-            texts.append(text)
+            texts.append(strip_client_metadata(text))
         elif kind in _IMAGE_TYPES:
             images.append(_image_url(part, f"{p}.image_url"))
         elif kind in _FILE_TYPES and files is not None:
@@ -138,7 +168,14 @@ def _collapse(
     text, images = _user_parts(messages[last_user].content, f"{prefix}[{last_user}].content", files)
     if not text.strip() and not images and not files:
         raise ApiError("the user message is empty", param=f"{prefix}[{last_user}].content", code="invalid_value")
-    return Conversation(text=text, images=images, system="\n\n".join(system_parts) or None, files=files)
+    answer_prefix = None
+    last = messages[-1]
+    if len(messages) - 1 > last_user and last.role in _ASSISTANT_ROLES:
+        answer_prefix = _text_of(last.content) or None
+    return Conversation(
+        text=text, images=images, system="\n\n".join(system_parts) or None, files=files,
+        answer_prefix=answer_prefix,
+    )
 
 
 def collapse_chat(messages: list[ChatMessage]) -> Conversation:

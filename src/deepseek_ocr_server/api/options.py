@@ -38,6 +38,12 @@ class ApiOptions:
     #: whole download of one image URL, redirects included (seconds)
     image_fetch_timeout: float = 10.0
     max_redirects: int = 3
+    #: decoded image pixels held by all requests in flight (decoded, not yet preprocessed by the engine)
+    max_pixels_in_flight: int = 256_000_000
+    #: a request body not received within this many seconds gets 408
+    body_timeout_s: float = 60.0
+    #: characters of text per request (system + user text + a partial answer), checked before tokenizing
+    max_prompt_chars: int = 32768
     #: PDF render resolution when a request names none, and pages per document request
     pdf_dpi: int = ServerSettings.pdf_dpi
     max_pages: int = ServerSettings.max_pages

@@ -33,6 +33,12 @@ class ModelUnavailable(EngineError):
     status, type, code = 503, "server_error", "model_unavailable"
 
 
+def public_load_error(model_id: str) -> str:
+    """What a client is told about a model whose files or weights could not be loaded (the reason, with
+    paths and settings, goes to the server log and to ``/health`` for the operator)."""
+    return f"The model '{model_id}' is not available: it failed to load. The server log has the reason."
+
+
 class Overloaded(EngineError):
     status, type, code = 429, "rate_limit_error", "server_overloaded"
 

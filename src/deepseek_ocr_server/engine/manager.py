@@ -16,7 +16,15 @@ from typing import Literal
 
 from ..models.base import OcrModel
 from . import metrics
-from .errors import BadRequest, EngineError, ModelUnavailable, Overloaded, QueueTimeout, UnknownModel
+from .errors import (
+    BadRequest,
+    EngineError,
+    ModelUnavailable,
+    Overloaded,
+    QueueTimeout,
+    UnknownModel,
+    public_load_error,
+)
 from .scheduler import RequestStream, Scheduler
 from .types import Event, OcrRequest
 
@@ -48,6 +56,8 @@ class ModelStatus:
     queued: int = 0
     #: models whose last load failed, with the reason (they answer 503 until retried)
     failed: dict[str, str] = field(default_factory=dict)
+    #: models whose files are being resolved/downloaded while the resident model keeps serving
+    resolving: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -58,10 +68,13 @@ class ModelStatus:
             "running": self.running,
             "queued": self.queued,
             "failed": dict(self.failed),
+            "resolving": list(self.resolving),
         }
 
 
 Loader = Callable[[str], OcrModel]
+#: resolves (maybe downloads) a model's files without touching the resident model; raises on failure
+Resolver = Callable[[str], object]
 
 
 class ModelManager:
@@ -81,9 +94,11 @@ class ModelManager:
         queue_timeout_s: float = 300.0,
         failed_retry_s: float = 60.0,
         prefill_slice_s: float = 0.25,
+        resolver: Resolver | None = None,
     ) -> None:
         self._ids = list(model_ids)
         self._loader = loader
+        self._resolver = resolver
         self._model: OcrModel | None = None
         self._status = ModelStatus(None, "idle")
         self._errors: dict[str, str] = {}
@@ -96,6 +111,7 @@ class ModelManager:
             queue_timeout_s=queue_timeout_s,
             failed_retry_s=failed_retry_s,
             prefill_slice_s=prefill_slice_s,
+            resolve=self.resolve_sync if resolver is not None else None,
         )
 
     # --- queries -------------------------------------------------------------------------------
@@ -103,8 +119,11 @@ class ModelManager:
         return list(self._ids)
 
     def status(self) -> ModelStatus:
+        """State of the resident model; ``error`` and ``failed`` carry the operator-facing reasons."""
         sch = self._scheduler
-        return replace(self._status, running=sch.running, queued=sch.queued, failed=sch.failures())
+        failed = {mid: self._errors.get(mid, reason) for mid, reason in sch.failures().items()}
+        return replace(self._status, running=sch.running, queued=sch.queued, failed=failed,
+                       resolving=sch.resolving())
 
     @property
     def model(self) -> OcrModel | None:
@@ -133,7 +152,8 @@ class ModelManager:
                 log.error("loading model %s failed: %s", model_id, msg)
                 self._errors[model_id] = msg
                 self._status = ModelStatus(model_id, "failed", msg)
-                raise ModelUnavailable(f"model {model_id!r} failed to load: {msg}") from exc
+                # the client sees a short message: the reason (paths, flags to set) is for the operator
+                raise ModelUnavailable(public_load_error(model_id)) from exc
             self._model = model
             self._errors.pop(model_id, None)
             seconds = time.perf_counter() - t0
@@ -141,6 +161,18 @@ class ModelManager:
             metrics.MODEL_LOAD_SECONDS.labels(model=model_id).observe(seconds)
             log.info("model %s ready in %.1f s", model_id, seconds)
             return model
+
+    def resolve_sync(self, model_id: str) -> None:
+        """Resolve (maybe download) ``model_id``'s files; the resident model is not touched (blocking:
+        the scheduler calls it in a thread of its own while the resident model keeps serving)."""
+        assert self._resolver is not None
+        try:
+            self._resolver(model_id)
+        except Exception as exc:  # noqa: BLE001 - reported, never fatal for the server
+            msg = f"{type(exc).__name__}: {exc}"
+            log.error("resolving the files of model %s failed: %s", model_id, msg)
+            self._errors[model_id] = msg
+            raise ModelUnavailable(public_load_error(model_id)) from exc
 
     async def preload(self, model_id: str) -> None:
         """Load ``model_id`` in the background (the worker does it when idle); failures are reported by

@@ -11,8 +11,9 @@ request; the caller reads them through a :class:`RequestStream`.
 
 Admission and model choice (the rules the README documents):
 
-- ``max_running`` sequences decode together; at most ``max_queued`` requests wait for a slot (beyond:
-  :class:`Overloaded`, HTTP 429 with ``Retry-After``); a request that waits longer than
+- ``max_running`` sequences decode together; at most ``max_queued`` requests wait for a slot beyond
+  the free ones (beyond: :class:`Overloaded`, HTTP 429 with ``Retry-After``; ``max_queued = 0``: no
+  queue, a request is accepted only when a slot is free); a request that waits longer than
   ``queue_timeout_s`` for its prefill to start gets :class:`QueueTimeout`.
 - One admission (prepare + vision + prefill) at a time. During it, the models call
   ``models.base.progress()`` between layers; once the running streams have waited ``prefill_slice_s``
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import itertools
 import logging
 import math
@@ -50,13 +52,25 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..models.base import InputError, OcrModel, progress_hook
+from ..models.base import InputError, OcrModel, Prepared, progress_hook
 from . import metrics
 from .errors import BadRequest, EngineError, ModelUnavailable, Overloaded, QueueTimeout
 from .sequence import Sequence
 from .types import Event, Failed, Finished, OcrRequest, TextDelta
 
 log = logging.getLogger(__name__)
+
+
+def _drop_images(req: OcrRequest) -> None:
+    """The decoded pictures are not needed after preprocessing: free them (and tell the API layer)."""
+    req.images = []
+    if req.release_images is not None:
+        req.release_images()
+
+
+class _PrefillCancelled(Exception):
+    """Raised from the progress hook to unwind the prefill of a request whose client went away."""
+
 
 _ids = itertools.count(1)
 
@@ -174,6 +188,7 @@ class Scheduler:
         queue_timeout_s: float = 300.0,
         failed_retry_s: float = 60.0,
         prefill_slice_s: float = 0.25,
+        resolve: Callable[[str], None] | None = None,
     ) -> None:
         if max_running < 1 or max_queued < 0 or queue_timeout_s <= 0 or prefill_slice_s < 0:
             raise ValueError(
@@ -181,6 +196,10 @@ class Scheduler:
             )
         self.model_ids = list(model_ids)
         self._load = load
+        #: resolves a model's files (maybe downloading them) in a thread of its own; None: ``load`` does it
+        self._resolve = resolve
+        self._resolved: set[str] = set()  # guarded by _cond
+        self._resolving: set[str] = set()  # guarded by _cond
         self.max_running = max_running
         self.max_queued = max_queued
         self.queue_timeout_s = queue_timeout_s
@@ -188,6 +207,8 @@ class Scheduler:
         #: longest wait of the running streams for a decode step while a prefill runs (see module doc)
         self.prefill_slice_s = prefill_slice_s
         self._admitting = 0  # 1 while an admission runs (worker thread only)
+        self._admitting_job: Job | None = None  # the job being admitted (worker thread only)
+        self._prep_pool: concurrent.futures.ThreadPoolExecutor | None = None  # runs model.prepare
         #: perf_counter at the end of the last decode step, while sequences were left running after it
         self._gap_from: float | None = None
         self._interleaved_s = 0.0  # decode time spent inside the current admission
@@ -200,6 +221,8 @@ class Scheduler:
         self._failed: dict[str, tuple[str, float]] = {}  # model id -> (reason, monotonic time)
         self._preload: str | None = None
         self._stop = False
+        self._draining = False  # shutdown began: no new requests
+        self._cut: str | None = None  # end the running sequences with this message (worker thread acts)
         self._thread: threading.Thread | None = None
         self._service_ewma = 5.0  # seconds a request takes, for Retry-After
         self._num_running = 0
@@ -236,15 +259,18 @@ class Scheduler:
             self._check_request(req)
         jobs = [Job(req, loop, self, group=group) for req in reqs]
         with self._cond:
-            if self._stop:
+            if self._stop or self._draining:
                 raise ModelUnavailable("the server is shutting down")
             self._check_failed_locked(reqs[0].model_id)
-            queued = self._queued_locked()
+            # waiting requests that a free slot will take at once are not queued: a burst into an idle
+            # server gets max_running + max_queued accepted, and max_queued = 0 means "no queue"
+            free = max(0, self.max_running - self._num_running)
+            queued = self._queued_locked() - free
             if queued >= self.max_queued:
                 retry = self._retry_after_locked()
                 metrics.REJECTED.labels(reason="overloaded").inc()
                 raise Overloaded(
-                    f"server busy: {queued} requests queued (max {self.max_queued}); retry later",
+                    f"server busy: {max(queued, 0)} requests queued (max {self.max_queued}); retry later",
                     retry_after=retry,
                 )
             self._waiting.extend(jobs)
@@ -331,11 +357,75 @@ class Scheduler:
     def failures(self) -> dict[str, str]:
         return {k: v[0] for k, v in self._failed.items()}
 
+    def resolving(self) -> list[str]:
+        with self._cond:
+            return sorted(self._resolving)
+
+    # --- resolving another model's files while the resident one serves -----------------------------
+    def _swappable_locked(self, model_id: str) -> bool:
+        """True when a swap to ``model_id`` may start: its files are resolved (or there is no separate
+        resolve step). Otherwise starts resolving them in the background and returns False."""
+        if self._resolve is None or model_id in self._resolved:
+            return True
+        if model_id not in self._resolving:
+            self._resolving.add(model_id)
+            threading.Thread(target=self._resolve_files, args=(model_id,), name=f"ocr-resolve-{model_id}",
+                             daemon=True).start()
+        return False
+
+    def _resolve_files(self, model_id: str) -> None:
+        assert self._resolve is not None
+        failed: list[Job] = []
+        try:
+            self._resolve(model_id)
+            error: EngineError | None = None
+        except EngineError as exc:
+            error = exc
+        except Exception as exc:  # noqa: BLE001 - a resolver that raised something else
+            log.exception("resolving model %s failed", model_id)
+            error = ModelUnavailable(f"The model '{model_id}' is not available: {type(exc).__name__}")
+        with self._cond:
+            self._resolving.discard(model_id)
+            if error is None:
+                self._resolved.add(model_id)
+            else:  # nothing was unloaded: only the requests for this model fail
+                self._failed[model_id] = (error.message, time.monotonic())
+                failed = [j for j in self._waiting if j.model_id == model_id]
+                for job in failed:
+                    self._waiting.remove(job)
+                self._set_depth_locked()
+            self._cond.notify_all()
+        for job in failed:
+            if job.timer is not None:
+                job.loop.call_soon_threadsafe(job.timer.cancel)
+            job.send(ModelUnavailable(error.message if error else ""))
+
     # --- lifecycle -------------------------------------------------------------------------------
     def _ensure_thread_locked(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._worker, name="ocr-engine", daemon=True)
             self._thread.start()
+
+    def drain(self) -> None:
+        """Shutdown, first part: refuse new requests and answer the waiting ones 503; the running
+        sequences go on."""
+        with self._cond:
+            self._draining = True
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            metrics.QUEUE_DEPTH.set(0)
+            self._cond.notify_all()
+        for job in waiting:
+            if job.timer is not None:
+                job.loop.call_soon_threadsafe(job.timer.cancel)
+            job.send(ModelUnavailable("the server is shutting down"))
+
+    def cut_running(self, message: str = "the server is shutting down") -> None:
+        """Shutdown, second part: end every running sequence (and a prefill in progress) with an error
+        event carrying ``message`` (status 503)."""
+        with self._cond:
+            self._cut = message
+            self._cond.notify_all()
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
         """Stop the worker: waiting requests get 503; running sequences are failed and released."""
@@ -349,6 +439,8 @@ class Scheduler:
             job.send(ModelUnavailable("the server is shutting down"))
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        if self._prep_pool is not None:
+            self._prep_pool.shutdown(wait=False, cancel_futures=True)
 
     # --- worker ----------------------------------------------------------------------------------
     def _worker(self) -> None:
@@ -358,7 +450,11 @@ class Scheduler:
                     self._cond.wait()
                 if self._stop:
                     break
-                action = self._plan_locked()
+                cut, self._cut = self._cut, None
+                action = None if cut else self._plan_locked()
+            if cut:
+                self._fail_running(cut, status=503)
+                continue
             try:
                 if action is not None:
                     kind, arg = action
@@ -389,7 +485,7 @@ class Scheduler:
 
     def _choose_locked(self, *, pop: bool) -> tuple[str, object] | None:
         resident = self._resident if self._model is not None else None
-        oldest_other: float | None = None
+        other: Job | None = None  # the oldest waiting job for another model whose files are ready
         best: Job | None = None
         best_load = 0
         seen: set[int] = set()
@@ -398,10 +494,11 @@ class Scheduler:
             if job.cancelled:
                 continue
             if job.model_id != resident:
-                if oldest_other is None:
-                    oldest_other = job.t_submit
+                # a model whose files are still being resolved does not hold anyone back yet
+                if other is None and self._swappable_locked(job.model_id):
+                    other = job
                 continue
-            if oldest_other is not None and job.t_submit > oldest_other and job.t_submit > self._loaded_at:
+            if other is not None and job.t_submit > other.t_submit and job.t_submit > self._loaded_at:
                 continue  # arrived after a request for another model: held back
             if len(self._running) >= self.max_running:
                 return None
@@ -421,11 +518,10 @@ class Scheduler:
                     best.group.admitted = True
                 self._set_depth_locked()
             return ("admit", best)
-        if oldest_other is not None:
+        if other is not None:
             if self._running:
                 return None  # drain first
-            target = next(j for j in self._waiting if not j.cancelled and j.model_id != resident).model_id
-            return ("swap", target)
+            return ("swap", other.model_id)
         if not self._running and not self._waiting and self._wants_preload():
             target = self._preload
             if pop:
@@ -443,6 +539,7 @@ class Scheduler:
             reason = str(exc)
             log.error("model %s unavailable: %s", model_id, reason)
             with self._cond:
+                self._resolved.discard(model_id)  # resolve again before the next try
                 self._failed[model_id] = (reason, time.monotonic())
                 failed = [j for j in self._waiting if j.model_id == model_id]
                 for job in failed:
@@ -469,10 +566,12 @@ class Scheduler:
         assert model is not None and self._resident == job.model_id
         metrics.QUEUE_WAIT.observe(time.monotonic() - job.t_submit)
         self._admitting = 1
+        self._admitting_job = job
         try:
             self._admit_with(job, model)
         finally:
             self._admitting = 0
+            self._admitting_job = None
             self._set_running(len(self._running))
 
     def _admit_with(self, job: Job, model: OcrModel) -> None:
@@ -482,15 +581,24 @@ class Scheduler:
         t0 = time.perf_counter()
         self._interleaved_s = 0.0
         try:
-            prepared = model.prepare(req.text, req.images, req.vision, req.system)
+            prepared = self._prepare_while_serving(job, model)
             room = model.max_context - prepared.num_prompt_tokens
             if room < 1:
                 raise InputError(
                     f"the prompt is {prepared.num_prompt_tokens} tokens; the model's context is {model.max_context}"
                 )
             seq = Sequence(model, prepared, req.sampling, min(req.max_new_tokens, room), req.stop)
+            if job.cancelled:
+                raise _PrefillCancelled
             with progress_hook(self._decode_during_prefill):
                 logits, seq.cache = model.prefill(prepared, seq.max_new_tokens)
+        except _PrefillCancelled:
+            if seq is not None:
+                seq.release()
+            if not job.cancelled:  # the server is shutting down: tell the client
+                job.send(ModelUnavailable(self._cut or "the server is shutting down"))
+            log.debug("request %s cancelled during its prefill", job.id)
+            return
         except InputError as exc:  # (the running count is restored by _admit)
             if seq is not None:
                 seq.release()
@@ -500,7 +608,7 @@ class Scheduler:
             log.exception("prefill failed for request %s", job.id)
             if seq is not None:
                 seq.release()
-            job.send(EngineError(f"prefill failed: {type(exc).__name__}: {exc}"))
+            job.send(EngineError(f"internal error while reading the input ({type(exc).__name__})"))
             return
         metrics.PREFILL_SECONDS.observe(time.perf_counter() - t0 - self._interleaved_s)
         metrics.PROMPT_TOKENS.labels(model=job.model_id).inc(prepared.num_prompt_tokens)
@@ -509,9 +617,40 @@ class Scheduler:
         self._accept(run, logits, first=True)
         self._sweep()
 
+    def _prepare_while_serving(self, job: Job, model: OcrModel) -> Prepared:
+        """``model.prepare`` (tokenizing, image preprocessing) runs in a helper thread while the running
+        streams keep getting decode steps here, so a long prompt or a big image never stalls them."""
+        req = job.req
+
+        def work() -> Prepared:
+            prepared = model.prepare(req.text, req.images, req.vision, req.system)
+            if req.answer_prefix:
+                prepared = model.continue_answer(prepared, req.answer_prefix)
+            return prepared
+
+        if self._prep_pool is None:
+            self._prep_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ocr-prepare")
+        fut = self._prep_pool.submit(work)
+        fut.add_done_callback(lambda _: _drop_images(req))
+        while True:
+            # the same rule as inside a prefill: a decode step once the streams waited prefill_slice_s
+            wait = 0.05
+            if self._running and self._gap_from is not None:
+                wait = max(0.0, self.prefill_slice_s - (time.perf_counter() - self._gap_from))
+            if concurrent.futures.wait([fut], timeout=wait).done:
+                return fut.result()
+            if job.cancelled:
+                raise _PrefillCancelled
+            if self._running and self._gap_from is not None:
+                self._step()
+
     def _decode_during_prefill(self) -> None:
-        """``progress()`` hook of an admission: one decode step for the running streams once they have
-        waited ``prefill_slice_s`` since their last one."""
+        """``progress()`` hook of an admission: stop at once when the admitted request was cancelled;
+        else one decode step for the running streams once they have waited ``prefill_slice_s`` since
+        their last one."""
+        job = self._admitting_job
+        if job is not None and (job.cancelled or self._cut):
+            raise _PrefillCancelled
         if self._gap_from is None or time.perf_counter() - self._gap_from < self.prefill_slice_s:
             return
         t0 = time.perf_counter()
@@ -534,7 +673,7 @@ class Scheduler:
             logits = model.decode([r.seq.last_token for r in batch], [r.seq.cache for r in batch])  # type: ignore[misc]
         except Exception as exc:  # noqa: BLE001
             log.exception("decode step failed")
-            self._fail_running(f"decode failed: {type(exc).__name__}: {exc}")
+            self._fail_running(f"internal error while generating ({type(exc).__name__})")
             return
         label = str(len(batch))
         metrics.DECODE_SECONDS.labels(batch=label).inc(time.perf_counter() - t0)
@@ -582,13 +721,15 @@ class Scheduler:
         self._running = keep
         self._set_running(len(keep) + self._admitting)
 
-    def _fail_running(self, message: str) -> None:
+    def _fail_running(self, message: str, status: int = 500) -> None:
         self._gap_from = None
         for run in self._running:
             run.seq.release()
             if not run.job.done and not run.job.cancelled:
                 if run.job.started:
-                    run.job.send(Failed(message))
+                    run.job.send(Failed(message, status=status))
+                elif status == 503:
+                    run.job.send(ModelUnavailable(message))
                 else:
                     run.job.send(EngineError(message))
         self._running = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,6 +25,11 @@ class OcrRequest:
     stop: list[str] = field(default_factory=list)
     system: str | None = None
     request_id: str = ""
+    #: start of the answer to continue (the conversation ended with a partial assistant message)
+    answer_prefix: str | None = None
+    #: called (from the engine's thread) once the engine no longer needs ``images``: after
+    #: preprocessing, or when the request ends without it; the engine drops ``images`` then
+    release_images: Callable[[], None] | None = field(default=None, repr=False)
 
 
 @dataclass

@@ -207,6 +207,17 @@ class OcrModel(abc.ABC):
         Raises :class:`InputError` for requests the model cannot serve.
         """
 
+    def continue_answer(self, prepared: Prepared, partial: str) -> Prepared:
+        """``prepared`` with the start of the answer (``partial``, text the model would have written)
+        appended after the generation prompt, so that generation continues it ("continue response" in
+        chat UIs). This default suits models whose positions are the token indices; a family with
+        multimodal positions computed in ``prepare`` overrides it."""
+        ids = self.tokenizer.encode(partial, add_special_tokens=False).ids if partial else []
+        out = Prepared([*prepared.input_ids, *ids], dict(prepared.inputs))
+        if out.num_prompt_tokens >= self.max_context:
+            raise InputError(f"prompt is {out.num_prompt_tokens} tokens; the model's context is {self.max_context}")
+        return out
+
     @abc.abstractmethod
     def prefill(self, prepared: Prepared, max_new_tokens: int) -> tuple[torch.Tensor, SequenceCache]:
         """Run vision + the whole prompt. Returns float32 logits ``[vocab]`` of the last position and

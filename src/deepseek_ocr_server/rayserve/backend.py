@@ -11,6 +11,7 @@ sent again (another replica, or the restarted one); after the first event it end
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -57,7 +58,9 @@ class RayBackend:
             raise UnknownModel(
                 f"model {req.model_id!r} not found; available: {', '.join(self._handles)}", param="model"
             )
-        return self._events(req)
+        # the decoded-image share stays in this process (returned when the HTTP request ends): the
+        # request that travels to a replica carries no callback
+        return self._events(dataclasses.replace(req, release_images=None))
 
     async def _events(self, req: OcrRequest) -> AsyncIterator[Event]:
         handle = self._handles[req.model_id].options(stream=True)

@@ -14,8 +14,8 @@ Used by the engine and API tests (and by anyone who needs a model that loads in 
   Sampling sees a real distribution (every letter has a finite score), so seeds matter.
 - Batched ``decode`` takes sequences of different lengths; each cache checks it is not overrun or used
   after ``release``; ``live_caches`` counts caches not yet released.
-- ``step_delay`` / ``prefill_delay`` (seconds) slow the model down; ``on_decode`` / ``on_prefill``
-  callbacks let tests block or observe the worker deterministically. ``prefill_layers`` > 0 makes a
+- ``step_delay`` / ``prefill_delay`` (seconds) slow the model down; ``on_decode`` / ``on_prefill`` /
+  ``on_layer`` / ``on_prepare`` callbacks let tests block or observe the worker deterministically. ``prefill_layers`` > 0 makes a
   prefill call ``models.base.progress()`` that many times, as the real models do between layers (the
   delay split among them); ``decodes_during_prefill`` counts decode calls made in the middle of one.
 """
@@ -115,6 +115,8 @@ class FakeOcrModel(OcrModel):
         on_decode: Callable[[FakeOcrModel, int], None] | None = None,
         on_prefill: Callable[[FakeOcrModel, Prepared], None] | None = None,
         prefill_layers: int = 0,
+        on_layer: Callable[[FakeOcrModel, int], None] | None = None,
+        on_prepare: Callable[[FakeOcrModel, str], None] | None = None,
     ) -> None:
         self.name = name
         self.salt = zlib.crc32(name.encode())  # two fakes with different names answer differently
@@ -132,6 +134,9 @@ class FakeOcrModel(OcrModel):
         self.on_decode = on_decode
         self.on_prefill = on_prefill
         self.prefill_layers = prefill_layers
+        self.on_layer = on_layer
+        self.on_prepare = on_prepare
+        self.layers_run = 0  # prefill layers run in total (a cancelled prefill stops early)
         self.in_prefill = False
         self.decodes_during_prefill = 0
         self.quantized: str | None = None
@@ -180,6 +185,8 @@ class FakeOcrModel(OcrModel):
         settings: VisionSettings | None = None,
         system: str | None = None,
     ) -> Prepared:
+        if self.on_prepare is not None:
+            self.on_prepare(self, text)
         if len(images) > self.max_images:
             raise InputError(f"too many images: {len(images)} (this model takes at most {self.max_images})")
         markers = text.count(IMAGE)
@@ -213,8 +220,11 @@ class FakeOcrModel(OcrModel):
             self.on_prefill(self, prepared)
         self.in_prefill = True
         try:
-            for _ in range(self.prefill_layers):
+            for layer in range(self.prefill_layers):
                 time.sleep(self.prefill_delay / self.prefill_layers)
+                self.layers_run += 1
+                if self.on_layer is not None:
+                    self.on_layer(self, layer)
                 progress()
             if self.prefill_delay and not self.prefill_layers:
                 time.sleep(self.prefill_delay)

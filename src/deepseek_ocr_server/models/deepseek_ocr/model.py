@@ -194,8 +194,10 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         if len(images) > 1:
             raise InputError(
                 f"{self.kind} serves at most one image per request, got {len(images)} "
-                "(the reference handles a single image per prompt, SPEC §7.4)"
+                "(the model reads a single image per prompt)"
             )
+        if system and marker in system:
+            raise InputError(f"the system message must not contain the image marker {marker}")
         n_markers = text.count(marker)
         if n_markers > len(images):
             raise InputError(f"prompt has {n_markers} {marker} markers but {len(images)} image(s) were given")

@@ -238,6 +238,18 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
             inputs["pixel_values"] = torch.cat([p.pixel_values for p in processed])
         return Prepared(input_ids=expanded, inputs=inputs)
 
+    def continue_answer(self, prepared: Prepared, partial: str) -> Prepared:
+        """The 3-D rope positions cover the appended answer start too (recomputed from the ids)."""
+        ids = self.tokenizer.encode(partial, add_special_tokens=False).ids if partial else []
+        expanded = [*prepared.input_ids, *ids]
+        if len(expanded) >= self.max_context:
+            raise InputError(f"prompt of {len(expanded)} tokens exceeds the context of {self.max_context}")
+        grids = prepared.inputs["grids"]
+        positions, delta = mrope_positions(
+            expanded, grids, self.config.image_token_id, self.config.vision.spatial_merge_size
+        )
+        return Prepared(input_ids=expanded, inputs={**prepared.inputs, "positions": positions, "rope_delta": delta})
+
     # ------------------------------------------------------------------------------------ forward
 
     @torch.inference_mode()
