@@ -19,6 +19,7 @@ from deepseek_ocr_server import cpu
 from deepseek_ocr_server.cpu import CPU_CLASSES, classify
 from deepseek_ocr_server.models.base import ModelFiles, ModelLoadError, VisionSettings
 from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
+from deepseek_ocr_server.models.glm_ocr.model import GlmOcrModel
 from deepseek_ocr_server.models.layers import (
     WideningEmbedding,
     WideningLinear,
@@ -180,10 +181,18 @@ PLANS = list(
 )
 
 
-@pytest.mark.parametrize("family", ["deepseek", "paddle"])
-def test_each_plan_gives_the_float32_tokens(family: str, deepseek_ckpt, paddle_ckpt) -> None:  # noqa: ANN001
-    cls, ckpt = (DeepseekOcrModel, deepseek_ckpt) if family == "deepseek" else (PaddleOcrVlModel, paddle_ckpt)
-    files = ModelFiles.from_dir(ckpt)
+#: family -> (model class, fixture of its tiny checkpoint)
+FAMILIES = {
+    "deepseek": (DeepseekOcrModel, "deepseek_ckpt"),
+    "paddle": (PaddleOcrVlModel, "paddle_ckpt"),
+    "glm": (GlmOcrModel, "glm_ckpt"),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_plan_gives_the_float32_tokens(family: str, request: pytest.FixtureRequest) -> None:
+    cls, fixture = FAMILIES[family]
+    files = ModelFiles.from_dir(request.getfixturevalue(fixture))
     n = 8
     ref = cls.load(files, dtype=decide("cpu", None, "f32"))
     ref_toks, ref_logits = _run(ref, n)

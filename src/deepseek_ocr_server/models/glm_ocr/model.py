@@ -22,9 +22,10 @@ from ..base import (
     check_load_options,
     progress,
 )
-from ..layers import PackedNet, pack_model, weight_bytes
+from ..layers import PackedNet, prepare_for_inference, storage_dtypes, weight_bytes
 from ..paddleocr_vl.processor import mrope_positions
-from ..quant import quantize_linears_int8, skip_vision
+from ..precision import Precision
+from ..quant import is_vision
 from ..weights import match_layout, read_headers, read_tensors, weight_files
 from .config import GlmOcrConfig
 from .language import GlmKVCache, GlmTextModel
@@ -69,6 +70,8 @@ def mtp_pattern(cfg: GlmOcrConfig) -> re.Pattern[str]:
 
 class GlmOcrModel(PackedNet, OcrModel):
     kind: ClassVar[str] = "glm-ocr"
+    #: ``load`` takes a per-phase precision plan (``models/precision.py``)
+    precision_plans: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -79,7 +82,7 @@ class GlmOcrModel(PackedNet, OcrModel):
         chat_template: str,
         eos_token_ids: frozenset[int],
         device: torch.device,
-        dtype: torch.dtype,
+        precision: Precision,
     ) -> None:
         self.config = config
         self.net = net
@@ -88,9 +91,11 @@ class GlmOcrModel(PackedNet, OcrModel):
         self.chat_template = chat_template
         self.eos_token_ids = eos_token_ids
         self.device = device
-        self.dtype = dtype
+        self.precision = precision
+        self.dtype = precision.compute_dtype  # the language model's activations
+        self.vision_dtype = precision.vision_dtype
         self.max_context = config.max_position_embeddings
-        self.cache_dtype = torch.float32 if device.type == "cpu" else dtype
+        self.cache_dtype = precision.kv_dtype
         self._account_weights()
 
     def _account_weights(self) -> None:
@@ -105,15 +110,15 @@ class GlmOcrModel(PackedNet, OcrModel):
         cls,
         files: ModelFiles,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.bfloat16,
+        dtype: torch.dtype | Precision | None = None,
         quantize: str | None = None,
     ) -> GlmOcrModel:
         """Strict: every checkpoint tensor must exist under its name with its shape, the MTP layer's
         included. The MTP layer's DATA is not read and its module is dropped after the check: plain
         greedy decoding never runs it, and it would hold 218M parameters (436 MB in bf16) for nothing.
         (Using it as a speculative draft would need a multi-token step in the engine's decode protocol.)"""
-        check_load_options(cls.kind, dtype, quantize)
         dev = torch.device(device)
+        precision = check_load_options(cls.kind, dtype, quantize, dev)
         config = GlmOcrConfig.from_file(files.config)
         if config.vision.out_hidden_size != config.hidden_size:
             raise ModelLoadError(
@@ -136,18 +141,19 @@ class GlmOcrModel(PackedNet, OcrModel):
             tied=tied,
         )
         mtp = mtp_pattern(config)
-        state = read_tensors({k: e for k, e in plan.items() if not mtp.search(k)}, dtype, device=dev)
+        stored, overrides = storage_dtypes(net, precision, is_vision)  # each tensor in its phase's dtype
+        wanted = {k: e for k, e in plan.items() if not mtp.search(k)}
+        state = read_tensors(wanted, stored, overrides, device=dev)
         for name, src in tied.items():
             state.setdefault(name, state[src])
         lm = net.model.language_model
         del lm.layers[config.num_hidden_layers :]  # the MTP layers: checked above, not kept
         net.load_state_dict(state, strict=True, assign=True)
         lm.rebuild_buffers(dev)
-        del state
+        del state  # the net holds the only reference: a replaced layer's weight is freed at once
         net.eval().requires_grad_(False)
-        if quantize == "int8":  # decoder linears + lm_head; vision tower and merger stay as loaded
-            quantize_linears_int8(net, skip=skip_vision)
-        pack_model(net)
+        # int8 (decoder linears + lm_head) when asked; widening layers of the plan; oneDNN packing
+        prepare_for_inference(net, precision, quantize, is_vision)
 
         try:
             tokenizer = Tokenizer.from_file(str(files.tokenizer))
@@ -176,7 +182,7 @@ class GlmOcrModel(PackedNet, OcrModel):
             chat_template or FALLBACK_CHAT_TEMPLATE,
             frozenset(eos),
             dev,
-            dtype,
+            precision,
         )
 
     # ------------------------------------------------------------------------------------ prompt
@@ -224,8 +230,8 @@ class GlmOcrModel(PackedNet, OcrModel):
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
-        """Vision tower + merger: ``[sum(t*gh*gw/4), hidden]`` in the model dtype."""
-        return self.net.model.visual(pixel_values.to(self.device, self.dtype), grids)
+        """Vision tower + merger: ``[sum(t*gh*gw/4), hidden]`` in the vision dtype."""
+        return self.net.model.visual(pixel_values.to(self.device, self.vision_dtype), grids)
 
     @torch.inference_mode()
     def prefill(self, prepared: Prepared, max_new_tokens: int) -> tuple[torch.Tensor, SequenceCache]:
