@@ -122,18 +122,21 @@ def test_assistant_before_the_last_user_message_is_history(client: openai.OpenAI
     assert _ask(client, messages).choices[0].message.content == expected_answer("fake-a", "read", [IMAGE], 40)
 
 
-@pytest.mark.parametrize("model_id", ["deepseek-ocr", "paddleocr-vl"])
+@pytest.mark.parametrize("model_id", ["deepseek-ocr", "paddleocr-vl", "glm-ocr"])
 def test_continue_answer_equals_decoding_the_partial_answer(
-    deepseek_ckpt, paddle_ckpt, model_id: str
-) -> None:  # noqa: ANN001
+    request: pytest.FixtureRequest, model_id: str
+) -> None:
     """Prefilling prompt + partial answer gives the logits that decoding the partial answer token by
-    token after the prompt gives (positions included: PaddleOCR-VL's 3-D rope)."""
+    token after the prompt gives (positions included: the 3-D rope of PaddleOCR-VL and GLM-OCR)."""
     import torch
-    from fixtures.server import REAL_VISION, load_real, real_model_files
+    from fixtures.server import REAL_VISION
 
-    from deepseek_ocr_server.models.base import VisionSettings
+    from deepseek_ocr_server.models import load_model
+    from deepseek_ocr_server.models.base import ModelFiles, VisionSettings
 
-    model = load_real(model_id, real_model_files(deepseek_ckpt, paddle_ckpt)[model_id])
+    ckpt = {"deepseek-ocr": "deepseek_ckpt", "paddleocr-vl": "paddle_ckpt", "glm-ocr": "glm_ckpt"}[model_id]
+    files = ModelFiles.from_dir(request.getfixturevalue(ckpt))
+    model = load_model(model_id, files, device="cpu", dtype=torch.float32)
     prepared = model.prepare("read", [IMAGE], VisionSettings(**REAL_VISION))
     partial = "The table: 12 apples"
     ids = model.tokenizer.encode(partial, add_special_tokens=False).ids

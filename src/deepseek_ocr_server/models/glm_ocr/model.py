@@ -23,6 +23,7 @@ from ..base import (
     progress,
 )
 from ..layers import PackedNet, prepare_for_inference, storage_dtypes, weight_bytes
+from ..paddleocr_vl.model import continue_mrope_answer
 from ..paddleocr_vl.processor import mrope_positions
 from ..precision import Precision
 from ..quant import is_vision
@@ -225,6 +226,9 @@ class GlmOcrModel(PackedNet, OcrModel):
         if processed:
             inputs["pixel_values"] = torch.cat([p.pixel_values for p in processed])
         return Prepared(input_ids=expanded, inputs=inputs)
+
+    def continue_answer(self, prepared: Prepared, partial: str) -> Prepared:
+        return continue_mrope_answer(self, prepared, partial)
 
     # ------------------------------------------------------------------------------------ forward
 

@@ -79,6 +79,21 @@ def _special_token(cfg: dict[str, Any] | None, name: str) -> str | None:
     return v if isinstance(v, str) else None
 
 
+def continue_mrope_answer(model: Any, prepared: Prepared, partial: str) -> Prepared:
+    """``OcrModel.continue_answer`` for a family with 3-D (multimodal) rope positions computed in
+    ``prepare`` (PaddleOCR-VL, GLM-OCR): the answer start is appended and the positions are recomputed
+    from the ids, so that they cover it too."""
+    ids = model.tokenizer.encode(partial, add_special_tokens=False).ids if partial else []
+    expanded = [*prepared.input_ids, *ids]
+    if len(expanded) >= model.max_context:
+        raise InputError(f"prompt of {len(expanded)} tokens exceeds the context of {model.max_context}")
+    grids = prepared.inputs["grids"]
+    positions, delta = mrope_positions(
+        expanded, grids, model.config.image_token_id, model.config.vision.spatial_merge_size
+    )
+    return Prepared(input_ids=expanded, inputs={**prepared.inputs, "positions": positions, "rope_delta": delta})
+
+
 class PaddleOcrVlModel(PackedNet, OcrModel):
     kind: ClassVar[str] = "paddleocr-vl"
     #: ``load`` takes a per-phase precision plan (``models/precision.py``)
@@ -239,16 +254,7 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
         return Prepared(input_ids=expanded, inputs=inputs)
 
     def continue_answer(self, prepared: Prepared, partial: str) -> Prepared:
-        """The 3-D rope positions cover the appended answer start too (recomputed from the ids)."""
-        ids = self.tokenizer.encode(partial, add_special_tokens=False).ids if partial else []
-        expanded = [*prepared.input_ids, *ids]
-        if len(expanded) >= self.max_context:
-            raise InputError(f"prompt of {len(expanded)} tokens exceeds the context of {self.max_context}")
-        grids = prepared.inputs["grids"]
-        positions, delta = mrope_positions(
-            expanded, grids, self.config.image_token_id, self.config.vision.spatial_merge_size
-        )
-        return Prepared(input_ids=expanded, inputs={**prepared.inputs, "positions": positions, "rope_delta": delta})
+        return continue_mrope_answer(self, prepared, partial)
 
     # ------------------------------------------------------------------------------------ forward
 
