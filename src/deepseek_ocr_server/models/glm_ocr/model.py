@@ -4,7 +4,7 @@ prompt preparation, prefill and batched decode."""
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from PIL import Image
@@ -23,8 +23,7 @@ from ..base import (
     progress,
 )
 from ..layers import PackedNet, prepare_for_inference, storage_dtypes, weight_bytes
-from ..paddleocr_vl.model import continue_mrope_answer
-from ..paddleocr_vl.processor import mrope_positions
+from ..paddleocr_vl.model import continue_mrope_answer, mrope_prepared
 from ..precision import Precision
 from ..quant import is_vision
 from ..weights import match_layout, read_headers, read_tensors, weight_files
@@ -204,28 +203,7 @@ class GlmOcrModel(PackedNet, OcrModel):
         processed = [preprocess_image(img, self.image_config) for img in images]
         prompt = self.render(text, len(images), system)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
-        image_id = self.config.image_token_id
-        at = [i for i, t in enumerate(ids) if t == image_id]
-        if len(at) != len(processed):
-            raise InputError(
-                f"the prompt has {len(at)} image placeholders for {len(processed)} images "
-                f"(the text must not contain {IMAGE_TOKEN})"
-            )
-        expanded: list[int] = []
-        prev = 0
-        for i, img in zip(at, processed, strict=True):
-            expanded.extend(ids[prev:i])
-            expanded.extend([image_id] * img.num_tokens)
-            prev = i + 1
-        expanded.extend(ids[prev:])
-        if len(expanded) >= self.max_context:
-            raise InputError(f"prompt of {len(expanded)} tokens exceeds the context of {self.max_context}")
-        grids = [img.grid_thw for img in processed]
-        positions, delta = mrope_positions(expanded, grids, image_id, self.config.vision.spatial_merge_size)
-        inputs: dict[str, Any] = {"grids": grids, "positions": positions, "rope_delta": delta}
-        if processed:
-            inputs["pixel_values"] = torch.cat([p.pixel_values for p in processed])
-        return Prepared(input_ids=expanded, inputs=inputs)
+        return mrope_prepared(self, ids, processed, IMAGE_TOKEN)
 
     def continue_answer(self, prepared: Prepared, partial: str) -> Prepared:
         return continue_mrope_answer(self, prepared, partial)

@@ -79,6 +79,34 @@ def _special_token(cfg: dict[str, Any] | None, name: str) -> str | None:
     return v if isinstance(v, str) else None
 
 
+def mrope_prepared(model: Any, ids: list[int], processed: list[Any], placeholder: str) -> Prepared:
+    """The prompt of a family with 3-D (multimodal) rope positions (PaddleOCR-VL, GLM-OCR): each image
+    placeholder id of the rendered prompt ``ids`` expanded to its image's tokens, and the positions
+    computed over the result. ``placeholder`` names the marker in the error for a text that holds one."""
+    image_id = model.config.image_token_id
+    at = [i for i, t in enumerate(ids) if t == image_id]
+    if len(at) != len(processed):
+        raise InputError(
+            f"the prompt has {len(at)} image placeholders for {len(processed)} images "
+            f"(the text must not contain {placeholder})"
+        )
+    expanded: list[int] = []
+    prev = 0
+    for i, img in zip(at, processed, strict=True):
+        expanded.extend(ids[prev:i])
+        expanded.extend([image_id] * img.num_tokens)
+        prev = i + 1
+    expanded.extend(ids[prev:])
+    if len(expanded) >= model.max_context:
+        raise InputError(f"prompt of {len(expanded)} tokens exceeds the context of {model.max_context}")
+    grids = [img.grid_thw for img in processed]
+    positions, delta = mrope_positions(expanded, grids, image_id, model.config.vision.spatial_merge_size)
+    inputs: dict[str, Any] = {"grids": grids, "positions": positions, "rope_delta": delta}
+    if processed:
+        inputs["pixel_values"] = torch.cat([p.pixel_values for p in processed])
+    return Prepared(input_ids=expanded, inputs=inputs)
+
+
 def continue_mrope_answer(model: Any, prepared: Prepared, partial: str) -> Prepared:
     """``OcrModel.continue_answer`` for a family with 3-D (multimodal) rope positions computed in
     ``prepare`` (PaddleOCR-VL, GLM-OCR): the answer start is appended and the positions are recomputed
@@ -230,28 +258,7 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
         processed = [preprocess_image(img, self.image_config) for img in images]
         prompt = self.render(text, len(images), system)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
-        image_id = self.config.image_token_id
-        at = [i for i, t in enumerate(ids) if t == image_id]
-        if len(at) != len(processed):
-            raise InputError(
-                f"the prompt has {len(at)} image placeholders for {len(processed)} images "
-                f"(the text must not contain {IMAGE_PLACEHOLDER})"
-            )
-        expanded: list[int] = []
-        prev = 0
-        for i, img in zip(at, processed, strict=True):
-            expanded.extend(ids[prev:i])
-            expanded.extend([image_id] * img.num_tokens)
-            prev = i + 1
-        expanded.extend(ids[prev:])
-        if len(expanded) >= self.max_context:
-            raise InputError(f"prompt of {len(expanded)} tokens exceeds the context of {self.max_context}")
-        grids = [img.grid_thw for img in processed]
-        positions, delta = mrope_positions(expanded, grids, image_id, self.config.vision.spatial_merge_size)
-        inputs: dict[str, Any] = {"grids": grids, "positions": positions, "rope_delta": delta}
-        if processed:
-            inputs["pixel_values"] = torch.cat([p.pixel_values for p in processed])
-        return Prepared(input_ids=expanded, inputs=inputs)
+        return mrope_prepared(self, ids, processed, IMAGE_PLACEHOLDER)
 
     def continue_answer(self, prepared: Prepared, partial: str) -> Prepared:
         return continue_mrope_answer(self, prepared, partial)
