@@ -17,6 +17,8 @@ from .config import ClipConfig, SamConfig
 
 # Upper bound on the elements of one materialised rel-pos bias chunk in SAM global attention.
 _BIAS_CHUNK_ELEMS = 1 << 26
+#: Score elements of one tile of the float32 CPU path (:func:`rel_pos_attention`): 8 MB, reused.
+_SCORE_TILE_ELEMS = 1 << 21
 
 
 def _interp_abs_pos_2d(table: torch.Tensor, size: int) -> torch.Tensor:
@@ -75,6 +77,10 @@ class SamAttention(nn.Module):
         q = q.reshape(b * self.heads, n, self.head_dim)
         k = k.reshape(b * self.heads, n, self.head_dim)
         v = v.reshape(b * self.heads, n, self.head_dim)
+        if q.device.type == "cpu" and q.dtype == torch.float32:
+            out = rel_pos_attention(q, k, v, rh, rw, h, w)
+            out = out.reshape(b, self.heads, h, w, self.head_dim).permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
+            return self.proj(out)
         out = torch.empty_like(q)
         step = max(1, _BIAS_CHUNK_ELEMS // (n * n))
         for s in range(0, b * self.heads, step):
@@ -92,6 +98,51 @@ class SamAttention(nn.Module):
             ).squeeze(1)
         out = out.reshape(b, self.heads, h, w, self.head_dim).permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
         return self.proj(out)
+
+
+def rel_pos_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rh: torch.Tensor, rw: torch.Tensor, h: int, w: int
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + B) v with SAM's decomposed relative-position bias
+    ``B[(i, j), (y, x)] = q[i, j] . rh[i, y] + q[i, j] . rw[j, x]`` (the UNSCALED q), without ever
+    materialising B over all keys and heads. q/k/v (N, h*w, d) row-major over the h x w grid, rh (h, h, d),
+    rw (w, w, d) -> (N, h*w, d).
+
+    Tiles of ~``_SCORE_TILE_ELEMS`` scores (several heads of a small window, or a band of query rows of
+    one head of a big grid) run as: a float32 GEMM into a reused buffer, the two bias terms added in place
+    while the tile is in cache (broadcast over key columns, then over key rows), softmax into a second
+    reused buffer, a GEMM with v. Measured on 2 AVX2 cores: ~2x faster than torch's SDPA fed the full
+    bias as a mask (whose 270 MB bias chunks are fresh allocations: page faults at every call), for the
+    same result up to float32 rounding."""
+    heads, n, d = q.shape
+    qg = q.view(heads, h, w, d)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", qg, rh)  # (N, h, w, h): query (i, j) against key row y
+    rel_w = torch.einsum("bhwc,wkc->bhwk", qg, rw)  # (N, h, w, w): query (i, j) against key column x
+    qs = q * (d**-0.5)
+    kt = k.transpose(1, 2)
+    if n * n <= _SCORE_TILE_ELEMS:  # whole heads per tile
+        group, rows = max(1, _SCORE_TILE_ELEMS // (n * n)), h
+    else:  # one head, a band of query rows per tile (bands of even height)
+        bands = -(-h // max(1, _SCORE_TILE_ELEMS // (n * w)))
+        group, rows = 1, -(-h // bands)
+    group = min(group, heads)
+    s_buf = torch.empty(group * rows * w * n, dtype=q.dtype)
+    p_buf = torch.empty_like(s_buf)
+    out = torch.empty_like(q)
+    for g0 in range(0, heads, group):
+        g1 = min(heads, g0 + group)
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
+            t = (r1 - r0) * w
+            scores = s_buf[: (g1 - g0) * t * n].view(g1 - g0, t, n)
+            torch.bmm(qs[g0:g1, r0 * w : r1 * w], kt[g0:g1], out=scores)
+            grid = scores.view(g1 - g0, r1 - r0, w, h, w)
+            grid.add_(rel_h[g0:g1, r0:r1, :, :, None]).add_(rel_w[g0:g1, r0:r1, :, None, :])
+            probs = p_buf[: scores.numel()].view_as(scores)
+            torch.ops.aten._softmax.out(scores, -1, False, out=probs)
+            # either one head (a band of rows) or whole heads: the output slice is contiguous
+            torch.bmm(probs, v[g0:g1], out=out[g0:g1, r0 * w : r1 * w])
+    return out
 
 
 class SamMlp(nn.Module):
