@@ -133,6 +133,13 @@ def test_wide_copies_only_within_the_budget() -> None:
     assert net[0]._wide and not net[1]._wide
     x = torch.randn(net[0].narrow_max_rows + 3, 40)
     assert torch.allclose(net[0](x), torch.nn.functional.linear(x, net[0].weight.float()), atol=1e-5)
+    # a batched decode step of wide_min_rows rows or more runs the kept copy too (exact float32);
+    # fewer rows stay on the narrow kernel (the input rounded to bf16)
+    for rows in (1, net[0].wide_min_rows - 1, net[0].wide_min_rows, net[0].narrow_max_rows):
+        x = torch.randn(rows, 40)
+        want = torch.nn.functional.linear(x, net[0].weight.float())
+        err = (net[0](x) - want).abs().max().item()
+        assert (err < 1e-5) == (rows >= net[0].wide_min_rows), (rows, err)
     assert "_wide" not in str(dict(net.named_modules()))  # not a submodule: state_dict unchanged
 
 

@@ -347,6 +347,10 @@ class WideningLinear(nn.Module):
     #: measured on AVX2 (``bench/bench_linear.py --as-cpu avx2``): the bf16 kernel's cost grows about
     #: linearly with the rows, widening costs a fixed ~1 ns per weight; they cross at 16-32 rows
     narrow_max_rows: int = 16
+    #: with a kept compute-dtype copy (:meth:`keep_wide_copy`), from this many rows on that copy runs
+    #: instead: on AVX2 the bf16 kernel at 8 rows reads 3.5-5 GB/s of bf16 bytes, packed float32 6-7
+    #: GB/s-equivalent (``bench/bench_linear.py --as-cpu avx2``); at 4 rows they are even
+    wide_min_rows: int = 5
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:
         super().__init__()
@@ -372,7 +376,7 @@ class WideningLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(1, x.shape[-1])
-        if rows <= self.narrow_max_rows:
+        if rows <= self.narrow_max_rows and not (self._wide and rows >= self.wide_min_rows):
             y = F.linear(x.to(self.weight.dtype), self.weight).to(self.compute_dtype)
             return y if self.bias is None else y + self.bias
         if self._wide:
