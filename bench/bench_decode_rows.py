@@ -44,7 +44,9 @@ def main() -> None:
     settings = {"default": WideningLinear.wide_min_rows}
     if wide:
         settings["bf16 kernel at all decode rows"] = WideningLinear.narrow_max_rows + 1
-        print(f"# {len(wide)} widening layers keep a float32 copy (wide_min_rows {WideningLinear.wide_min_rows})")
+        print(
+            f"# {len(wide)} widening layers keep a float32 copy (wide_min_rows {WideningLinear.wide_min_rows})"
+        )
     print(f"# read bandwidth {measure_bandwidth_gbs(args.threads):.1f} GB/s")
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
     results: dict[tuple[str, int], float] = {}
