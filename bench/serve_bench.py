@@ -394,7 +394,8 @@ def int8_check(args: argparse.Namespace, bound: dict, steps: int = 64) -> None:
     from deepseek_ocr_server.engine.generate import generate
     from deepseek_ocr_server.models import load_model
     from deepseek_ocr_server.models.base import ModelFiles, VisionSettings
-    from deepseek_ocr_server.models.quant import int8_weight_bytes, quantize_linears_int8, skip_vision
+    from deepseek_ocr_server.models.quant import int8_weight_bytes, quantize_linears_int8
+    from deepseek_ocr_server.models.registry import family
     from deepseek_ocr_server.sampling import SamplingParams
 
     torch.set_num_threads(args.threads)
@@ -436,7 +437,7 @@ def int8_check(args: argparse.Namespace, bound: dict, steps: int = 64) -> None:
     with torch.inference_mode():
         ref = generate(model, prepared, greedy, steps).token_ids
         base_rates = {b: decode_rate(b) for b in (1, 8)}
-        n = quantize_linears_int8(model.net, skip=skip_vision)
+        n = quantize_linears_int8(model.net, skip=lambda name, _: family(args.model).is_vision(name))
         label = "int8"
         q = generate(model, prepared, greedy, steps).token_ids
         q_rates = {b: decode_rate(b) for b in (1, 8)}

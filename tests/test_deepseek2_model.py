@@ -99,7 +99,7 @@ def test_strict_loading_names_every_problem(deepseek2_ckpt: Path, tmp_path: Path
 
 def test_registered_with_its_own_defaults(tmp_path: Path):
     assert model_class("deepseek-ocr-2") is DeepseekOcr2Model
-    entry = cfg.BUILTIN_MODELS["deepseek-ocr-2"]
+    entry = cfg.builtin_models()["deepseek-ocr-2"]
     assert (entry.kind, entry.repo) == ("deepseek-ocr-2", "deepseek-ai/DeepSeek-OCR-2")
     for path in (tmp_path / "empty.toml", tmp_path / "new" / "config.toml"):  # no file / the written default
         if path.name == "empty.toml":

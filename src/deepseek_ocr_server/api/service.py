@@ -15,12 +15,12 @@ from typing import Any, TypeVar
 
 import anyio
 
+from ..config import ServerSettings, Settings
 from ..engine.manager import ModelManager, UnknownModel
 from ..engine.types import Event, Failed, Finished, OcrRequest, TextDelta
 from .budget import PixelBudget
 from .errors import ApiError, as_api_error
 from .messages import Conversation
-from .options import ApiOptions
 from .resolve import default_prompt, resolve, stop_list
 from .schemas import DecodeFields
 
@@ -60,8 +60,8 @@ def failed_error(ev: Failed) -> ApiError:
 async def build_request(
     *,
     manager: ModelManager,
-    settings: Any,
-    opts: ApiOptions,
+    settings: Settings,
+    opts: ServerSettings,
     model_id: str,
     conv: Conversation,
     body: DecodeFields,
@@ -86,10 +86,10 @@ async def build_request(
         )
     if not conv.images and not conv.files:
         return None
-    if len(conv.images) > opts.max_images:
+    if len(conv.images) > opts.max_images_per_request:
         raise ApiError(
-            f"too many images: {len(conv.images)} (this server accepts at most {opts.max_images} per request)",
-            param=conv.images[opts.max_images].param,
+            f"too many images: {len(conv.images)} (this server accepts at most {opts.max_images_per_request} per request)",
+            param=conv.images[opts.max_images_per_request].param,
             code="too_many_images",
         )
     inputs = await load_inputs(conv, opts, body, pixel_budget)

@@ -31,7 +31,7 @@ from ..base import (
 )
 from ..layers import PackedNet, prepare_for_inference, storage_dtypes, weight_bytes
 from ..precision import Precision
-from ..quant import is_vision
+from ..registry import family
 from ..weights import load_checkpoint
 from . import processor
 from .config import DeepseekOcrConfig
@@ -158,6 +158,7 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         with torch.device("meta"):
             net = cls.net_class(cfg)
         expected = {k: tuple(p.shape) for k, p in net.named_parameters()}
+        is_vision = family(cls.kind).is_vision  # the vision side: its spec's quantize_skip
         stored, overrides = storage_dtypes(net, precision, is_vision)  # each tensor in its phase's dtype
         state = load_checkpoint(
             files.weights, expected, stored, model=cls.display_name, ignored=cls.ignored_keys,

@@ -24,7 +24,7 @@ from ..base import (
 )
 from ..layers import PackedNet, prepare_for_inference, storage_dtypes, weight_bytes
 from ..precision import Precision
-from ..quant import is_vision
+from ..registry import family
 from ..weights import load_checkpoint
 from .config import PaddleOcrVlConfig
 from .language import ErnieModel, KVCache
@@ -174,6 +174,7 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
         with torch.device("meta"):
             net = PaddleOcrVlNet(config)
         expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        is_vision = family(cls.kind).is_vision  # the vision side: its spec's quantize_skip
         stored, overrides = storage_dtypes(net, precision, is_vision)  # each tensor in its phase's dtype
         state = load_checkpoint(
             files.weights,

@@ -19,23 +19,15 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image, ImageOps
 
 from ..base import InputError
-
-#: Task prompts the model was trained on (exact strings, no trailing space).
-PROMPT_OCR = "OCR:"
-PROMPT_TABLE = "Table Recognition:"
-PROMPT_FORMULA = "Formula Recognition:"
-PROMPT_CHART = "Chart Recognition:"
-#: Only PaddleOCR-VL 1.5+.
-PROMPT_SEAL = "Seal Recognition:"
-PROMPT_SPOTTING = "Spotting:"
-TASK_PROMPTS: dict[str, str] = {
-    "ocr": PROMPT_OCR,
-    "table": PROMPT_TABLE,
-    "formula": PROMPT_FORMULA,
-    "chart": PROMPT_CHART,
-    "seal": PROMPT_SEAL,
-    "spotting": PROMPT_SPOTTING,
-}
+from .spec import (  # noqa: F401 - the task prompts, re-exported
+    PROMPT_CHART,
+    PROMPT_FORMULA,
+    PROMPT_OCR,
+    PROMPT_SEAL,
+    PROMPT_SPOTTING,
+    PROMPT_TABLE,
+    TASK_PROMPTS,
+)
 
 IMAGE_PLACEHOLDER = "<|IMAGE_PLACEHOLDER|>"
 IMAGE_START = "<|IMAGE_START|>"
