@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, make_dataclass, replace
 from pathlib import Path
@@ -297,6 +298,11 @@ def _toml(v: Any) -> str:
     return repr(v) if isinstance(v, float) else str(v)
 
 
+def _toml_key(key: str) -> str:
+    """A bare TOML key when it can be one; quoted otherwise (``"paddleocr-vl-1.5"``: a dot separates keys)."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml(key)
+
+
 def _setting_line(s: settings_table.Setting, width: int) -> str:
     """One key of ``[inference]`` / ``[server]``: commented out when unset or when a family has its own
     default (the comment then says which)."""
@@ -322,7 +328,7 @@ def default_config_toml() -> str:
     settings table (``settings.py``): the README shows it verbatim (a test checks it)."""
     out = [_CONFIG_HEAD.format(active=DEFAULT_ACTIVE)]
     for f in registry.builtin_families():
-        lines = [f"[models.entries.{f.kind}]", f"kind = {_toml(f.kind)}", f"repo = {_toml(f.repo)}",
+        lines = [f"[models.entries.{_toml_key(f.kind)}]", f"kind = {_toml(f.kind)}", f"repo = {_toml(f.repo)}",
                  'revision = "main"']
         prompt = f"# prompt = {_toml(f.default_prompt)}"
         lines += [c.replace("{prompt}", prompt) for c in f.config_comments]

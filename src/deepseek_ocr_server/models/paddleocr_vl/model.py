@@ -32,6 +32,7 @@ from .processor import (
     FALLBACK_CHAT_TEMPLATE,
     IMAGE_PLACEHOLDER,
     ImageProcessorConfig,
+    ProcessedImage,
     mrope_positions,
     preprocess_image,
     render_prompt,
@@ -126,6 +127,8 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
     kind: ClassVar[str] = "paddleocr-vl"
     #: ``load`` takes a per-phase precision plan (``models/precision.py``)
     precision_plans: ClassVar[bool] = True
+    #: the image preprocessing of a checkpoint whose ``preprocessor_config.json`` does not say
+    image_defaults: ClassVar[ImageProcessorConfig] = ImageProcessorConfig()
 
     def __init__(
         self,
@@ -208,7 +211,7 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
             tokenizer = Tokenizer.from_file(str(files.tokenizer))
         except Exception as e:  # noqa: BLE001
             raise ModelLoadError(f"cannot load tokenizer {files.tokenizer}: {e}") from e
-        image_config = ImageProcessorConfig.from_dict(files.read_json("preprocessor_config.json"))
+        image_config = ImageProcessorConfig.from_dict(files.read_json("preprocessor_config.json"), cls.image_defaults)
         template_path = files.extra("chat_template.jinja")
         chat_template = template_path.read_text(encoding="utf-8") if template_path else None
         tok_cfg = files.read_json("tokenizer_config.json")
@@ -256,10 +259,14 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
         settings: VisionSettings | None = None,
         system: str | None = None,
     ) -> Prepared:
-        processed = [preprocess_image(img, self.image_config) for img in images]
+        processed = self.preprocess_images(text, images)
         prompt = self.render(text, len(images), system)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
         return mrope_prepared(self, ids, processed, IMAGE_PLACEHOLDER)
+
+    def preprocess_images(self, text: str, images: list[Image.Image]) -> list[ProcessedImage]:
+        """Each image resized within the checkpoint's pixel budget and cut into patches."""
+        return [preprocess_image(img, self.image_config) for img in images]
 
     def continue_answer(self, prepared: Prepared, partial: str) -> Prepared:
         return continue_mrope_answer(self, prepared, partial)

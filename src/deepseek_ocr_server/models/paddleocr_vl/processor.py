@@ -79,12 +79,14 @@ class ImageProcessorConfig:
     resample: int = 3  # PIL BICUBIC
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> ImageProcessorConfig:
+    def from_dict(cls, d: dict[str, Any] | None, base: ImageProcessorConfig | None = None) -> ImageProcessorConfig:
+        """The file's values; a pixel budget the file does not give is ``base``'s (default: v1.0's)."""
+        base = base or cls()
         if not d:
-            return cls()
+            return base
         size = d.get("size") or {}
-        min_px = d.get("min_pixels", size.get("shortest_edge", cls.min_pixels))
-        max_px = d.get("max_pixels", size.get("longest_edge", cls.max_pixels))
+        min_px = d.get("min_pixels", size.get("shortest_edge", base.min_pixels))
+        max_px = d.get("max_pixels", size.get("longest_edge", base.max_pixels))
         return cls(
             min_pixels=int(min_px),
             max_pixels=int(max_px),
