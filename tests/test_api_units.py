@@ -205,17 +205,17 @@ SETTINGS = Settings(
 def test_resolve_precedence_body_over_settings_over_builtin() -> None:
     sp, vs, budget = resolve(_body(), "a", SETTINGS, None, budget_param="max_tokens")
     assert (sp.top_p, sp.repetition_penalty, sp.no_repeat_ngram_size, budget) == (0.9, 1.1, 35, 77)
-    assert (vs.base_size, vs.image_size, vs.crop_mode) == (640, 512, False)
+    assert vs == {"base_size": 640, "image_size": 512, "crop_mode": False}  # the options the family reads
     sp, vs, budget = resolve(
         _body(top_p=0.5, no_repeat_ngram_size=0, base_size=1024, crop_mode=True), "a", SETTINGS, 9,
         budget_param="max_tokens",
     )
-    assert (sp.top_p, sp.no_repeat_ngram_size, vs.base_size, vs.crop_mode, budget) == (0.5, 0, 1024, True, 9)
+    assert (sp.top_p, sp.no_repeat_ngram_size, vs["base_size"], vs["crop_mode"], budget) == (0.5, 0, 1024, True, 9)
     # the request did not change the defaults for the next one
     assert resolve(_body(), "a", SETTINGS, None, budget_param="max_tokens")[2] == 77
     # no settings at all: built-in defaults
     sp, vs, budget = resolve(_body(), "a", builtin_settings(), None, budget_param="max_tokens")
-    assert (sp.do_sample, sp.no_repeat_ngram_size, vs.base_size, budget) == (False, 20, 1024, 512)
+    assert (sp.do_sample, sp.no_repeat_ngram_size, vs, budget) == (False, 20, {}, 512)
 
 
 def test_resolve_temperature_turns_sampling_on() -> None:

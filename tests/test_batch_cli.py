@@ -326,7 +326,8 @@ def test_real_checkpoints_folder(
 
     from deepseek_ocr_server.engine.generate import generate
     from deepseek_ocr_server.models import load_model
-    from deepseek_ocr_server.models.base import ModelFiles, VisionSettings
+    from deepseek_ocr_server.models.base import ModelFiles
+    from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
     from deepseek_ocr_server.models.registry import family
     from deepseek_ocr_server.sampling import SamplingParams
 

@@ -20,7 +20,8 @@ from deepseek_ocr_server import config as cfg
 from deepseek_ocr_server.config import InferenceDefaults, ModelEntry, ServerSettings, Settings
 from deepseek_ocr_server.engine.generate import generate
 from deepseek_ocr_server.models import load_model, model_class
-from deepseek_ocr_server.models.base import InputError, ModelFiles, ModelLoadError, VisionSettings
+from deepseek_ocr_server.models.base import InputError, ModelFiles, ModelLoadError
+from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
 from deepseek_ocr_server.models.deepseek_ocr2.config import DeepseekOcr2Config
 from deepseek_ocr_server.models.deepseek_ocr2.model import DeepseekOcr2ForCausalLM, DeepseekOcr2Model
 from deepseek_ocr_server.models.deepseek_ocr2.vision import hybrid_mask

@@ -15,7 +15,8 @@ from deepseek_ocr_server.engine.generate import generate
 from deepseek_ocr_server.engine.manager import ModelManager
 from deepseek_ocr_server.engine.types import Finished, OcrRequest, TextDelta
 from deepseek_ocr_server.models import load_model
-from deepseek_ocr_server.models.base import ModelFiles, OcrModel, VisionSettings
+from deepseek_ocr_server.models.base import ModelFiles, OcrModel
+from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
 from deepseek_ocr_server.models.quant import Int8Linear
 from deepseek_ocr_server.models.registry import family
 from deepseek_ocr_server.sampling import SamplingParams

@@ -16,9 +16,11 @@ from fastapi.testclient import TestClient
 from fixtures.server import data_url, png_bytes
 
 from deepseek_ocr_server import cli, config, models
+from deepseek_ocr_server.api.schemas import DecodeFields
 from deepseek_ocr_server.documents.postprocess import GROUNDING, for_kind
 from deepseek_ocr_server.models import model_class, registry
 from deepseek_ocr_server.server import build_app
+from deepseek_ocr_server.settings import SETTINGS
 
 SPEC = """
 from ..registry import FamilySpec
@@ -74,6 +76,8 @@ def test_the_builtin_families_are_found_in_their_folders() -> None:
     for spec in registry.families().values():
         assert model_class(spec.kind).kind == spec.kind  # the class it names declares the same kind
         assert spec.postprocess in ("grounding", "otsl", "plain")
+        # the options it reads are request settings of the table, fields of every request body
+        assert all(SETTINGS[name].request and name in DecodeFields.model_fields for name in spec.options)
         if spec.repo:  # a built-in entry: everything a user needs is declared
             assert spec.default_prompt and spec.test_checkpoint and spec.quantize_skip
             assert set(spec.defaults) <= set(config.INFERENCE_KEYS)

@@ -227,7 +227,8 @@ def test_sampling_and_vision_views(tmp_path: Path) -> None:
     sp = inf.sampling()
     sp.validate()
     assert (sp.do_sample, sp.temperature, sp.seed, sp.no_repeat_ngram_size) == (True, 0.7, 3, 20)
-    assert inf.vision().crop_mode is False
+    assert inf.options("deepseek-ocr") == {"base_size": 1024, "image_size": 640, "crop_mode": False}
+    assert s.options_for("deepseek-ocr-2")["image_size"] == 768 and s.options_for("paddleocr-vl") == {}
 
 
 def replace_dtype(inf: InferenceDefaults, dtype: str) -> InferenceDefaults:

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
-from deepseek_ocr_server.models.base import ModelFiles, OcrModel, Prepared, VisionSettings
+from deepseek_ocr_server.models.base import ModelFiles, OcrModel, Prepared
 from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
+from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
 from deepseek_ocr_server.models.layers import (
     PackedLinear,
     PackedRows,

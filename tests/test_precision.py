@@ -17,8 +17,9 @@ from torch import nn
 
 from deepseek_ocr_server import cpu
 from deepseek_ocr_server.cpu import CPU_CLASSES, classify
-from deepseek_ocr_server.models.base import ModelFiles, ModelLoadError, VisionSettings
+from deepseek_ocr_server.models.base import ModelFiles, ModelLoadError
 from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
+from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
 from deepseek_ocr_server.models.glm_ocr.model import GlmOcrModel
 from deepseek_ocr_server.models.layers import (
     WideningEmbedding,

@@ -58,9 +58,6 @@ class ConfigError(Exception):
 class _InferenceMethods:
     device: str
     dtype: str | None
-    base_size: int
-    image_size: int
-    crop_mode: bool
 
     @property
     def effective_dtype(self) -> str:
@@ -85,11 +82,9 @@ class _InferenceMethods:
 
         return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(SamplingParams)})
 
-    def vision(self) -> Any:
-        """These defaults as :class:`~deepseek_ocr_server.models.base.VisionSettings`."""
-        from .models.base import VisionSettings
-
-        return VisionSettings(base_size=self.base_size, image_size=self.image_size, crop_mode=self.crop_mode)
+    def options(self, kind: str) -> dict[str, Any]:
+        """These defaults of the request options a family reads (its spec's ``options``)."""
+        return {name: getattr(self, name) for name in registry.family(kind).options}
 
 
 #: Server-side defaults of one model's inference. ``dtype=None`` means "the device's default"
@@ -188,6 +183,10 @@ class Settings:
         merged = replace(merged, **entry.overrides)
         merged = replace(merged, **self.cli_inference)
         return replace(merged, dtype=merged.effective_dtype)
+
+    def options_for(self, model_id: str) -> dict[str, Any]:
+        """The model's request options (its family's ``options``) at their configured values."""
+        return self.inference_for(model_id).options(self.entry(model_id).kind)
 
     def ray_for(self, model_id: str) -> RayDeploymentSettings:
         """Cluster mode: ``--ray-*`` flag > ``[models.entries.<id>.ray]`` > built-in; checked as a whole."""

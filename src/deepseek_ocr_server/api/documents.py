@@ -314,7 +314,7 @@ async def extract_for_open_webui(
         model_id=model_id,
         text=default_prompt(settings, model_id),
         images=[],
-        vision=inference.vision(),
+        options=settings.options_for(model_id) if model_id in settings.models else {},
         sampling=inference.sampling(),
         max_new_tokens=inference.max_new_tokens,
     )

@@ -11,9 +11,10 @@ samples at temperature 1.0 (the usual neutral value), since sampling at 0 would 
 from __future__ import annotations
 
 from dataclasses import fields
+from typing import Any
 
 from ..config import InferenceDefaults, Settings
-from ..models.base import VisionSettings
+from ..models import registry
 from ..sampling import SamplingParams
 from ..settings import SETTINGS
 from .errors import ApiError
@@ -38,8 +39,10 @@ def default_prompt(settings: Settings, model_id: str) -> str:
 
 def resolve(
     body: DecodeFields, model_id: str, settings: Settings, max_new_tokens: int | None, *, budget_param: str
-) -> tuple[SamplingParams, VisionSettings, int]:
-    """Sampling and vision settings and the token budget of one request; 400 for invalid values."""
+) -> tuple[SamplingParams, dict[str, Any], int]:
+    """Sampling, the model family's request options (``models.base.RequestOptions``) and the token
+    budget of one request; 400 for invalid values. A request option the family does not read is
+    range-checked and has no effect."""
     d = model_defaults(settings, model_id)
 
     def pick(body_value: object, name: str) -> object:
@@ -72,17 +75,15 @@ def resolve(
         param = str(exc).split(" ", 1)[0]
         raise ApiError(str(exc), param=param, code="invalid_value") from None
 
-    vision = VisionSettings(
-        base_size=int(pick(body.base_size, "base_size")),
-        image_size=int(pick(body.image_size, "image_size")),
-        crop_mode=bool(pick(body.crop_mode, "crop_mode")),
-    )
+    entry = settings.models.get(model_id)
+    names = registry.family(entry.kind).options if entry is not None else ()
+    options = {name: pick(getattr(body, name), name) for name in names}
     budget = int(pick(max_new_tokens, "max_new_tokens"))
     if max_new_tokens is not None and budget > MAX_NEW_TOKENS_LIMIT:
         raise ApiError(
             f"{budget_param} must be <= {MAX_NEW_TOKENS_LIMIT}, got {budget}", param=budget_param, code="invalid_value"
         )
-    return sampling, vision, budget
+    return sampling, options, budget
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:

@@ -75,7 +75,7 @@ async def build_request(
     None when the message carries no image and no file (answered without the model)."""
     from .documents import DocumentInput, load_inputs  # (documents.py builds on this module)
 
-    sampling, vision, budget = resolve(body, model_id, settings, max_new_tokens, budget_param=budget_param)
+    sampling, options, budget = resolve(body, model_id, settings, max_new_tokens, budget_param=budget_param)
     stops = stop_list(stop)
     chars = len(conv.text) + len(conv.system or "") + len(conv.answer_prefix or "")
     if chars > opts.max_prompt_chars:
@@ -99,7 +99,7 @@ async def build_request(
         text=text,
         images=inputs.images,
         release_images=inputs.lease.release if inputs.lease is not None else None,
-        vision=vision,
+        options=options,
         sampling=sampling,
         max_new_tokens=budget,
         stop=stops,

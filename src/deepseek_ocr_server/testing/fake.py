@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from ..models.base import InputError, ModelFiles, OcrModel, Prepared, SequenceCache, VisionSettings, progress
+from ..models.base import InputError, ModelFiles, OcrModel, Prepared, RequestOptions, SequenceCache, progress
 
 BOS = "<|bos|>"
 EOS = "<|eos|>"
@@ -182,7 +182,7 @@ class FakeOcrModel(OcrModel):
         self,
         text: str,
         images: list[Image.Image],
-        settings: VisionSettings | None = None,
+        settings: RequestOptions | None = None,
         system: str | None = None,
     ) -> Prepared:
         if self.on_prepare is not None:

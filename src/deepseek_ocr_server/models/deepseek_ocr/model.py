@@ -25,8 +25,8 @@ from ..base import (
     ModelLoadError,
     OcrModel,
     Prepared,
+    RequestOptions,
     SequenceCache,
-    VisionSettings,
     check_load_options,
 )
 from ..layers import PackedNet, prepare_for_inference, storage_dtypes, weight_bytes
@@ -36,6 +36,7 @@ from ..weights import load_checkpoint
 from . import processor
 from .config import DeepseekOcrConfig
 from .language import DeepseekV2Decoder, KVCache, Rope
+from .options import VisionSettings
 from .vision import ClipVisionModel, Projector, SamEncoder, arrange_image_embeddings, encode_views
 
 #: Keys a re-saved checkpoint may carry that the model does not use (SPEC §3.4).
@@ -187,10 +188,10 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         self,
         text: str,
         images: list[Image.Image],
-        settings: VisionSettings | None = None,
+        settings: RequestOptions | VisionSettings | None = None,
         system: str | None = None,
     ) -> Prepared:
-        settings = settings or VisionSettings()
+        settings = VisionSettings.of(settings)
         marker = self.image_placeholder
         if len(images) > 1:
             raise InputError(

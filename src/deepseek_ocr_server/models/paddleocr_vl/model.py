@@ -17,8 +17,8 @@ from ..base import (
     ModelLoadError,
     OcrModel,
     Prepared,
+    RequestOptions,
     SequenceCache,
-    VisionSettings,
     check_load_options,
     progress,
 )
@@ -256,7 +256,7 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
         self,
         text: str,
         images: list[Image.Image],
-        settings: VisionSettings | None = None,
+        settings: RequestOptions | None = None,
         system: str | None = None,
     ) -> Prepared:
         processed = self.preprocess_images(text, images)
