@@ -78,6 +78,13 @@ class Setting:
         return self.flag or "--" + self.name.replace("_", "-")
 
     @property
+    def metavar_text(self) -> str | None:
+        """The flag's metavar: ``{cpu,cuda,metal}`` for a choice (its "unset" word last), else ``metavar``."""
+        if self.kind == "choice":
+            return "{" + ",".join((*self.choices, *((self.none_word,) if self.none_word else ()))) + "}"
+        return self.metavar
+
+    @property
     def dest(self) -> str | None:
         """The argparse dest of its flag (``--queue-timeout`` -> ``queue_timeout``)."""
         flag = self.flag_name
@@ -194,7 +201,6 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
         "cpu",
         "inference backend: cpu, cuda, or metal (Apple GPU via torch mps)",
         choices=DEVICES,
-        metavar="{cpu,cuda,metal}",
         group=_DEV,
         note="cpu | cuda | metal",
     ),
@@ -206,7 +212,6 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
         "weights/activations precision",
         choices=DTYPES,
         none_word="auto",
-        metavar="{f32,f16,bf16,auto}",
         group=_DEV,
         note="auto | f32 | f16 | bf16 (auto: cpu per phase by CPU class, cuda bf16, metal f16)",
     ),
@@ -361,7 +366,6 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
         "int8 weight-only quantisation of the linear layers: less memory, see README",
         choices=QUANTIZE,
         none_word="none",
-        metavar="{none,int8}",
         group=_DEV,
         note="none | int8 (weight-only int8 linear layers)",
     ),

@@ -19,6 +19,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 from torch import nn
 
+from ...settings import SETTINGS
 from ..base import (
     InputError,
     ModelFiles,
@@ -233,8 +234,10 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         """Raise :class:`InputError` for view sizes the model cannot serve."""
         for name in ("base_size", "image_size"):
             v = getattr(settings, name)
-            if v < processor.PIXELS_PER_TOKEN or v % processor.PIXELS_PER_TOKEN or v > 4096:
-                raise InputError(f"{name} must be a multiple of 64 between 64 and 4096, got {v}")
+            lo, hi = int(SETTINGS[name].lo or 0), int(SETTINGS[name].hi or 0)  # the setting's range
+            if v < max(lo, processor.PIXELS_PER_TOKEN) or v % processor.PIXELS_PER_TOKEN or v > hi:
+                step = processor.PIXELS_PER_TOKEN
+                raise InputError(f"{name} must be a multiple of {step} between {max(lo, step)} and {hi}, got {v}")
 
     def preprocess_image(self, image: Image.Image, settings: VisionSettings) -> processor.ImageInput:
         """One image -> its views and image-token count (``OSError``/``ValueError`` for a bad image)."""
