@@ -130,3 +130,26 @@ def test_a_new_family_is_served(toy_family: registry.FamilySpec, tmp_path: Path)
         assert r.status_code == 400 and r.json()["error"]["param"] == "base_size"
         r = client.post("/v1/chat/completions", json={**body, "model": "toy-ocr-typo"})
         assert r.status_code == 404
+
+
+@pytest.mark.parametrize("kind", [f.kind for f in registry.builtin_families()])
+def test_int8_skip_modules_name_the_vision_side(kind: str, tmp_path: Path) -> None:
+    """Each name in ``quantize_skip`` is a module of the family's checkpoint (a typo would silently
+    quantize the vision tower), and every vision tensor lies under one of them."""
+    from safetensors import safe_open
+
+    spec = registry.family(kind)
+    d = Path(spec.build_test_checkpoint(tmp_path))
+    keys: list[str] = []
+    for f in d.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            keys += list(h.keys())
+    parts = {p for k in keys for p in k.split(".")}
+    assert spec.quantize_skip <= parts
+    vision = {k for k in keys if spec.is_vision(k)}
+    assert vision and len(vision) < len(keys)  # the vision side, not everything
+    assert not any(
+        spec.is_vision(k)
+        for k in keys
+        if k.startswith(("lm_head.", "model.layers.", "model.language_model.layers."))
+    )

@@ -1,6 +1,7 @@
 """The contract between the engine and every model family.
 
-A model family lives in ``models/<kind>/`` and exposes one class implementing :class:`OcrModel`.
+A model family lives in ``models/<family>/``: its ``spec.py`` declares it (``models/registry.py``) and
+names one class implementing :class:`OcrModel`.
 The engine never looks inside a model: it calls ``prepare`` (CPU preprocessing, tokenisation),
 ``prefill`` (vision + prompt, returns the logits of the last prompt position and an opaque per-sequence
 cache) and ``decode`` (one new token for each of several sequences, possibly of different lengths).
