@@ -71,3 +71,33 @@ def test_quickstart_test_command_is_what_ci_runs(readme: str) -> None:
 
 if __name__ == "__main__":
     regenerate()
+
+
+@pytest.mark.parametrize("readme", READMES)
+def test_flag_table_defaults_are_the_settings_table(readme: str) -> None:
+    """The flag table's default column shows each setting's default (``settings.py``) and names every
+    family with its own (``models/<family>/spec.py``)."""
+    from deepseek_ocr_server.models import registry
+    from deepseek_ocr_server.settings import SETTINGS_TABLE
+
+    table = section(readme, "flags")
+    checked = 0
+    for s in SETTINGS_TABLE:
+        if s.flag_name is None or s.default is None:
+            continue
+        m = re.search(rf"^\| `{re.escape(s.flag_name)}[ `][^|]*\| ([^|]*) \|", table, re.M)
+        assert m, f"{readme}: {s.flag_name} missing"
+        column = m.group(1)
+        shown = re.match(r"`([^`]*)`", column)
+        assert shown, f"{readme}: {s.flag_name}: no default in {column!r}"
+        value = shown.group(1)
+        if s.kind in ("int", "float"):
+            assert float(value) == float(s.default), f"{readme}: {s.flag_name} shows {value}, default {s.default}"
+        else:
+            assert value == (str(s.default).lower() if s.kind == "bool" else str(s.default)), s.flag_name
+        for f in registry.builtin_families():
+            if s.name in f.defaults:
+                named = re.search(rf"(?<![\w.-]){re.escape(f.kind)}(?![\w-]|\.\d)", column)
+                assert named, f"{readme}: {s.flag_name}: {f.kind}'s own default is not shown"
+        checked += 1
+    assert checked >= 20
