@@ -101,6 +101,8 @@ def _add_setting(g: Any, s: table.Setting) -> None:
         convert = _optional(convert)
     rng = s.range_text()
     help_ = s.help + (f"; {rng}" if rng and rng not in s.help else "")
+    if s.request and s.group == "vision":  # a model family's option: say which families read it
+        help_ += f"; read by {', '.join(registry.readers(s.name))} only"
     g.add_argument(s.flag_name, dest=s.dest, metavar=s.metavar_text, type=_typed(s.name, convert),
                    help=f"{help_} {_default_text(s)}")
 

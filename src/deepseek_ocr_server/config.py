@@ -307,6 +307,8 @@ def _setting_line(s: settings_table.Setting, width: int) -> str:
     default (the comment then says which)."""
     by_family = {f.kind: f.defaults[s.name] for f in registry.builtin_families() if s.name in f.defaults}
     note = s.note
+    if s.request and s.group == "vision":  # a model family's option: which families read it
+        note += f" ({' and '.join(registry.readers(s.name))} only)"
     if by_family:
         groups: dict[Any, list[str]] = {}
         for kind, v in by_family.items():

@@ -140,6 +140,11 @@ def builtin_families() -> list[FamilySpec]:
     return [s for s in families().values() if s.repo]
 
 
+def readers(option: str) -> list[str]:
+    """The built-in families that read a request option (``base_size`` -> DeepSeek-OCR's two)."""
+    return [f.kind for f in builtin_families() if option in f.options]
+
+
 def register(spec: FamilySpec) -> None:
     """Add (or replace) a family at run time."""
     _registered[spec.kind] = spec
@@ -161,6 +166,7 @@ __all__ = [
     "families",
     "family",
     "kinds",
+    "readers",
     "register",
     "rescan",
     "unregister",
