@@ -30,7 +30,7 @@ import platformdirs
 
 from . import settings as settings_table
 from .models import registry
-from .settings import DEVICES, DTYPES, QUANTIZE, SETTINGS  # noqa: F401 - re-exported
+from .settings import SETTINGS
 
 APP_NAME = "deepseek-ocr"
 API_KEY_ENV = "DEEPSEEK_OCR_API_KEY"
@@ -574,8 +574,6 @@ def builtin_settings(config_path: Path | None = None, cache_dir: Path | None = N
 __all__ = [
     "API_KEY_ENV",
     "DEFAULT_CONFIG_TOML",
-    "DEVICES",
-    "DTYPES",
     "ConfigError",
     "InferenceDefaults",
     "ModelEntry",
