@@ -87,13 +87,14 @@ class _InferenceMethods:
         return {name: getattr(self, name) for name in registry.family(kind).options}
 
 
-#: Server-side defaults of one model's inference. ``dtype=None`` means "the device's default"
-#: (:func:`default_dtype`); :meth:`Settings.inference_for` always returns it resolved.
 InferenceDefaults = make_dataclass(
     "InferenceDefaults", settings_table.dataclass_fields("inference"), bases=(_InferenceMethods,), frozen=True
 )
-InferenceDefaults.__doc__ = "Server-side defaults of one model's inference (the [inference] keys of ``settings``)."
+InferenceDefaults.__doc__ = """Server-side defaults of one model's inference: the ``[inference]`` settings of
+``settings.py``. ``dtype=None`` means "the device's default" (:func:`default_dtype`);
+:meth:`Settings.inference_for` always returns it resolved."""
 INFERENCE_KEYS: tuple[str, ...] = tuple(f.name for f in fields(InferenceDefaults))
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -117,11 +118,8 @@ class ModelEntry:
     ray: dict[str, Any] = field(default_factory=dict)
 
 
-#: The ``[server]`` table (limits, auth, CORS, HTTP): one field per server setting of ``settings``.
-ServerSettings = make_dataclass(
-    "ServerSettings", settings_table.dataclass_fields("server"), frozen=True
-)
-ServerSettings.__doc__ = "The [server] keys of ``settings``: limits, auth, CORS, HTTP."
+ServerSettings = make_dataclass("ServerSettings", settings_table.dataclass_fields("server"), frozen=True)
+ServerSettings.__doc__ = "The ``[server]`` settings of ``settings.py``: limits, auth, CORS, HTTP."
 SERVER_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerSettings))
 
 #: the resolutions a PDF page may be rendered at (config ``pdf_dpi`` and a request's ``dpi``)
@@ -143,6 +141,7 @@ RayDeploymentSettings.__doc__ = _RayDoc.__doc__
 for _cls in (InferenceDefaults, ServerSettings, RayDeploymentSettings):
     _cls.__module__ = __name__  # pickling (Ray ships settings to replicas) finds them here
 RAY_KEYS: tuple[str, ...] = tuple(f.name for f in fields(RayDeploymentSettings))
+
 
 def builtin_models() -> dict[str, ModelEntry]:
     """The built-in model entries: one per registered family with a repo, id = kind."""
