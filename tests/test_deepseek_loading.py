@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from deepseek_ocr_server.models import model_class
 from deepseek_ocr_server.models.base import ModelFiles, ModelLoadError
+from deepseek_ocr_server.models.common.fused import checkpoint_names
 from deepseek_ocr_server.models.deepseek_ocr.config import DeepseekOcrConfig
 from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrForCausalLM, DeepseekOcrModel
 from deepseek_ocr_server.testing.deepseek_ocr import build_tiny_checkpoint, full_config, original_shapes
@@ -186,4 +187,6 @@ def test_full_size_module_tree_matches_the_original_layout():
     assert len(ours) == 2710
     assert sum(p.numel() for p in net.parameters()) == 3_336_106_240
     assert list(net.named_buffers()) == []
-    assert {k for k, _ in net.named_parameters()} == set(want)
+    # the parameters are the checkpoint's tensors (q/k/v and gate/up each one fused layer, stored apart)
+    stored = checkpoint_names(net)
+    assert {s for k, _ in net.named_parameters() for s in stored.get(k, [k])} == set(want)

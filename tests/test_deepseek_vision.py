@@ -72,7 +72,7 @@ def test_spliced_image_rows_are_clip_then_sam_without_cls(deepseek_model_f32, si
         expected.append(nl)
     expected.append(sep)
     want = torch.stack(expected)
-    assert rows.shape == want.shape == (image.num_tokens, model.cfg.language.hidden_size)
+    assert rows.shape == want.shape == (image.num_tokens, model.config.language.hidden_size)
     assert torch.allclose(rows, want, atol=1e-5, rtol=1e-5)
     # the text rows are untouched token embeddings
     ids = torch.tensor(prep.input_ids)
