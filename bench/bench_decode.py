@@ -37,14 +37,16 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from deepseek_ocr_server.models import load_model
-    from deepseek_ocr_server.models.base import ModelFiles
+    from deepseek_ocr_server.models.base import ModelFiles, VisionSettings
 
     torch.set_num_threads(args.threads)
     dtype = {"auto": None, "bf16": torch.bfloat16, "f32": torch.float32}[args.dtype]
     t0 = time.perf_counter()
     m = load_model(args.family, ModelFiles.from_dir(args.ckpt), dtype=dtype)
     load_s = time.perf_counter() - t0
-    prep = m.prepare(PROMPTS[args.family], [])
+    # DeepSeek-OCR 2 serves two view sizes only (the settings are checked even without an image)
+    settings = VisionSettings(image_size=768) if args.family == "deepseek-ocr-2" else None
+    prep = m.prepare(PROMPTS[args.family], [], settings)
     steps: list[float] = []
     for rep in range(args.repeats + 1):
         logits, cache = m.prefill(prep, args.tokens + 1)
