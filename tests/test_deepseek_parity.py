@@ -1,7 +1,7 @@
 """Part-wise f32 parity of our DeepSeek-OCR modules with reference modules importable offline
 from transformers (test-only dependency), loaded with the SAME random weights (names mapped here).
 
-SPEC §12.2 explains why these references are equivalent for the parts compared and which quirks of
+The references are equivalent for the parts compared (same modules, same weights layout); the quirks of
 the native transformers port to avoid; each test says what it checks.
 """
 
@@ -89,7 +89,7 @@ def _sam_reference(model):
 def test_sam_encoder_matches_transformers(deepseek_model_f32, size):
     """1024 needs no interpolation (the spec's recommended oracle input); 640 also exercises the
     abs-pos (bicubic+antialias) and global rel-pos (linear) resizes, which the installed
-    transformers version implements exactly as SPEC §6.1 (checked in its source)."""
+    transformers version implements exactly as DeepSeek-OCR's SAM does (checked in its source)."""
     model = deepseek_model_f32
     ref = _sam_reference(model)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(size)).clamp(-1, 1)
@@ -103,7 +103,7 @@ def test_sam_encoder_matches_transformers(deepseek_model_f32, size):
 def test_clip_layers_match_transformers(deepseek_model_f32):
     """Our CLIP-L layers vs transformers' CLIPEncoderLayer (pre-LN, quick_gelu, eps 1e-5, bias on all
     linears, bidirectional attention). The fused ``qkv_proj`` is split into q/k/v along the output
-    dimension in [q; k; v] order (SPEC §3.4/§12.2)."""
+    dimension in [q; k; v] order (how transformers' port stores CLIP's attention)."""
     model = deepseek_model_f32
     c = model.config.clip
     cfg = CLIPVisionConfig(
@@ -143,7 +143,7 @@ def test_clip_layers_match_transformers(deepseek_model_f32):
 @pytest.mark.parametrize("m", [16, 10])
 def test_clip_embeddings_follow_spec(deepseek_model_f32, m):
     """CLS + SAM map as patch tokens + position table (resized bicubic+antialias for m != 16, CLS row
-    untouched) + pre_layrnorm, written out from SPEC §6.2 steps 1-4."""
+    untouched) + pre_layrnorm, written out step by step (CLS + SAM tokens, position table, pre-layernorm)."""
     vm = deepseek_model_f32.net.model.vision_model
     c = deepseek_model_f32.config.clip
     feats = torch.randn(1, c.width, m, m, generator=torch.Generator().manual_seed(m))
@@ -238,7 +238,7 @@ def test_rope_is_rotate_half_over_full_head_dim(deepseek_model_f32):
 
 
 def test_tiled_packing_matches_spec_formula():
-    """SPEC §6.4: mosaic rows span all nw tiles before the newline; local block, then global, then ONE
+    """Image-token layout: mosaic rows span all nw tiles before the newline; local block, then global, then ONE
     separator. Checked element by element with tile/row/col-coded features."""
     nw, nh, q, qb, d = 3, 2, 2, 3, 4
     tiles = torch.zeros(nw * nh, q, q, d)

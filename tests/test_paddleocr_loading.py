@@ -153,7 +153,7 @@ def test_unsupported_vision_activation_rejected(paddle_ckpt: Path, tmp_path: Pat
         _load(tmp_path / "c")
 
 
-# The real PaddleOCR-VL v1.0 values (SPEC §3), written out here on purpose.
+# The real PaddleOCR-VL v1.0 config.json values, written out here on purpose.
 REAL_CONFIG = {
     "vocab_size": 103424,
     "hidden_size": 1024,

@@ -1,6 +1,6 @@
 """Random DeepSeek-OCR checkpoints in the ORIGINAL layout (config.json + safetensors + tokenizer.json).
 
-The key list is written from SPEC §3 (independently of the model code), so loading one of these
+The key list is written from the published checkpoint's layout (independently of the model code), so loading one of these
 checkpoints checks the model's module names against the original layout.
 
 Tiny tokenizer id mapping (byte-level BPE):
@@ -30,7 +30,7 @@ SPECIAL_TOKENS = [
 ]  # fmt: skip
 _MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("e", "r"), ("i", "n")]
 
-#: The official sizes (SPEC §2), in the original config.json format.
+#: The official sizes, in the original config.json format.
 FULL_LANGUAGE: dict[str, Any] = {
     "bos_token_id": 0,
     "eos_token_id": 1,
@@ -93,7 +93,7 @@ TINY_CLIP: dict[str, Any] = {"heads": 4, "image_size": 224, "layers": 2, "patch_
 
 
 def make_config(language: dict[str, Any], sam: dict[str, Any], clip: dict[str, Any]) -> dict[str, Any]:
-    """config.json in the original format: nested language_config + flat top-level copy (SPEC §2)."""
+    """config.json in the original format: nested language_config + flat top-level copy (as the published file has them)."""
     lang = {"architectures": ["DeepseekV2ForCausalLM"], **language, "torch_dtype": "bfloat16"}
     return {
         "_name_or_path": "deepseek-ai/DeepSeek-OCR",
@@ -123,7 +123,7 @@ def make_config(language: dict[str, Any], sam: dict[str, Any], clip: dict[str, A
 
 
 def original_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Every original key with its shape (SPEC §3), for the sizes in ``config``."""
+    """Every original key with its shape (the published layout), for the sizes in ``config``."""
     lc = config["language_config"]
     h = lc["hidden_size"]
     out = language_shapes(lc)

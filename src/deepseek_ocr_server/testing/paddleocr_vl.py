@@ -1,4 +1,4 @@
-"""Random-weight PaddleOCR-VL checkpoints in the ORIGINAL layout (SPEC §13.1).
+"""Random-weight PaddleOCR-VL checkpoints in the ORIGINAL layout (the published checkpoint's key names and shapes).
 
 ``build_tiny_checkpoint`` writes a few-hundred-KB model that transformers'
 ``PaddleOCRVLForConditionalGeneration`` and our implementation both load (parity tests);
@@ -27,7 +27,7 @@ SPECIAL_TOKENS = [
     "<|VIDEO_PLACEHOLDER|>",
 ]
 
-#: The chat template written into test checkpoints ("variant B" of SPEC §7.2).
+#: The chat template written into test checkpoints ("variant B", the later checkpoint revisions' template).
 CHAT_TEMPLATE_B = """{%- if not add_generation_prompt is defined -%}
     {%- set add_generation_prompt = true -%}
 {%- endif -%}
