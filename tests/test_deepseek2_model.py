@@ -26,7 +26,7 @@ from deepseek_ocr_server.models.deepseek_ocr2.model import DeepseekOcr2ForCausal
 from deepseek_ocr_server.models.deepseek_ocr2.vision import hybrid_mask
 from deepseek_ocr_server.models.quant import Int8Linear
 from deepseek_ocr_server.sampling import SamplingParams
-from deepseek_ocr_server.testing.deepseek_ocr import write_safetensors
+from deepseek_ocr_server.testing.common import write_safetensors
 from deepseek_ocr_server.testing.deepseek_ocr2 import WEIGHTS_NAME, full_config, original_shapes
 
 #: sha256 of the published checkpoint's key list ("key<TAB>[shape]" lines, sorted, joined by "\n"):
