@@ -16,6 +16,7 @@ from torch import nn
 from deepseek_ocr_server.models import model_class
 from deepseek_ocr_server.models.base import ModelFiles
 from deepseek_ocr_server.models.common import GatedMLP, KVCache, decode_attention, fuse_state_dict
+from deepseek_ocr_server.models.common.cache import INITIAL_DECODE_RESERVE, initial_capacity
 from deepseek_ocr_server.models.common.loading import stop_token_ids
 from deepseek_ocr_server.models.glm_ocr.model import mtp_pattern
 from deepseek_ocr_server.models.paddleocr_vl.model import UNUSED_KEY_PATTERNS
@@ -97,7 +98,9 @@ def test_fuse_state_dict_concatenates_in_place_and_drops_the_parts() -> None:
 
 
 def test_kv_cache_grows_geometrically_within_its_limit() -> None:
-    c = KVCache.for_prompt(2, 1, 4, prompt=3, max_new_tokens=1, limit=10, dtype=torch.float32, device="cpu")
+    assert initial_capacity(3, 1, 10) == 4 and initial_capacity(3, 5000, 10_000) == 3 + INITIAL_DECODE_RESERVE
+    assert initial_capacity(9, 5, 10) == 10
+    c = KVCache(2, 1, 4, initial_capacity(3, 1, 10), torch.float32, "cpu", limit=10)
     assert c.capacity == 4
     k = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 1, 3, 4)
     for layer in range(2):

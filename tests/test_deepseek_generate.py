@@ -198,9 +198,9 @@ def test_prefill_in_two_chunks_equals_one(deepseek_model_f32):
     net = m.net.model
     x = torch.randn(30, m.config.language.hidden_size, generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
-        one = net.new_cache(30, 2, 32, torch.float32, "cpu")
+        one = net.new_cache(32, torch.float32, "cpu")
         want = net.prefill(x.clone(), *m.rope(torch.arange(30)), one)
-        two = net.new_cache(30, 2, 32, torch.float32, "cpu")
+        two = net.new_cache(32, torch.float32, "cpu")
         net.prefill(x[:17].clone(), *m.rope(torch.arange(17)), two)
         got = net.prefill(x[17:].clone(), *m.rope(torch.arange(17, 30)), two)
     _close(got, want[17:])

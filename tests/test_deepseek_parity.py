@@ -220,7 +220,7 @@ def test_decoder_matches_transformers(deepseek_model_f32):
     x = torch.randn(1, 37, lc.hidden_size, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         want = ref(inputs_embeds=x).last_hidden_state[0]
-        cache = model.net.model.new_cache(37, 3, 40, torch.float32, torch.device("cpu"))
+        cache = model.net.model.new_cache(40, torch.float32, torch.device("cpu"))
         got = model.net.model.prefill(x[0].clone(), *model.rope(torch.arange(37)), cache)
     _close(got, want)
     _close(model.net.lm_head(got), F.linear(want, model.net.lm_head.weight))

@@ -146,27 +146,12 @@ class DecoderStack(nn.Module):
         return itertools.islice(self.layers, self.num_layers)
 
     def new_cache(
-        self,
-        prompt: int,
-        max_new_tokens: int,
-        limit: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-        rope_delta: int = 0,
+        self, capacity: int, dtype: torch.dtype, device: torch.device | str, **options: int
     ) -> KVCache:
-        """A cache for a prompt of ``prompt`` tokens (:meth:`.cache.KVCache.for_prompt`)."""
+        """An empty cache of ``capacity`` positions for these layers (``options``: ``KVCache``'s
+        ``limit`` and ``rope_delta``)."""
         attn = self.layers[0].self_attn
-        return KVCache.for_prompt(
-            self.num_layers,
-            attn.num_kv,
-            attn.head_dim,
-            prompt,
-            max_new_tokens,
-            limit,
-            dtype,
-            device,
-            rope_delta,
-        )
+        return KVCache(self.num_layers, attn.num_kv, attn.head_dim, capacity, dtype, device, **options)
 
     def prefill(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """h ``[T, hidden]``: the input embeddings of T prompt tokens after what ``cache`` holds (cos/sin

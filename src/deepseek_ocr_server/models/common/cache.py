@@ -25,6 +25,12 @@ from ..base import SequenceCache
 INITIAL_DECODE_RESERVE = 1024
 
 
+def initial_capacity(prompt: int, max_new_tokens: int, limit: int) -> int:
+    """Positions a new cache holds for a prompt of ``prompt`` tokens: the prompt plus at most
+    :data:`INITIAL_DECODE_RESERVE` answer tokens (at least one), never more than ``limit``."""
+    return min(limit, prompt + max(1, min(max_new_tokens, INITIAL_DECODE_RESERVE)))
+
+
 class KVCache(SequenceCache):
     """Keys and values of one sequence for every layer, growing geometrically up to ``limit`` positions.
 
@@ -51,24 +57,6 @@ class KVCache(SequenceCache):
         self.limit = limit
         self.rope_delta = rope_delta
         self._length = 0
-
-    @classmethod
-    def for_prompt(
-        cls,
-        layers: int,
-        kv_heads: int,
-        head_dim: int,
-        prompt: int,
-        max_new_tokens: int,
-        limit: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-        rope_delta: int = 0,
-    ) -> KVCache:
-        """A cache for a prompt of ``prompt`` tokens: room for it plus at most
-        :data:`INITIAL_DECODE_RESERVE` answer tokens at first, never more than ``limit`` in all."""
-        capacity = min(limit, prompt + max(1, min(max_new_tokens, INITIAL_DECODE_RESERVE)))
-        return cls(layers, kv_heads, head_dim, capacity, dtype, device, limit=limit, rope_delta=rope_delta)
 
     @property
     def length(self) -> int:

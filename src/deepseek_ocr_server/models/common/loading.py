@@ -5,7 +5,8 @@ network's ``state_dict()`` names (the checkpoint's own names: fused layers show 
 each tensor once in the dtype of its phase (``layers.storage_dtypes``), fuses sibling projections in place
 (``fused.fuse_state_dict``), loads strictly with ``assign=True`` and turns the result into its inference
 form (``layers.prepare_for_inference``: int8 when asked, the precision plan's widening layers, oneDNN
-packing). :func:`load_tokenizer` and :func:`stop_token_ids` are the two other steps every family shares.
+packing). :func:`load_tokenizer`, :func:`stop_token_ids` and :func:`chat_template` are the other steps
+the families share.
 """
 
 from __future__ import annotations
@@ -47,6 +48,17 @@ def stop_token_ids(config_ids: Iterable[int], files: ModelFiles) -> frozenset[in
     if isinstance(eos, list) and eos:
         return frozenset(int(x) for x in eos)
     return frozenset(int(x) for x in config_ids)
+
+
+def chat_template(files: ModelFiles) -> str | None:
+    """The checkpoint's chat template: ``chat_template.jinja``, else ``tokenizer_config.json``'s
+    ``chat_template`` string, else None."""
+    path = files.extra("chat_template.jinja")
+    if path is not None:
+        return path.read_text(encoding="utf-8")
+    tok_cfg = files.read_json("tokenizer_config.json") or {}
+    template = tok_cfg.get("chat_template")
+    return template if isinstance(template, str) else None
 
 
 def load_net(

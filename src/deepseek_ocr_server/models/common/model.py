@@ -7,20 +7,25 @@ tables its positions use; the cache handling, the layer loop and the logits are 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from ..base import InputError, Prepared, SequenceCache
+from ..precision import Precision
 from .blocks import DecoderStack
-from .cache import KVCache
+from .cache import KVCache, initial_capacity
 
 
 class StackModel:
     """``prefill`` / ``decode`` for a family whose decoder is a :class:`DecoderStack`.
 
-    The family provides :attr:`stack`, :attr:`lm_head`, :meth:`embed_prompt`, :meth:`prompt_rope` and
-    :meth:`step_rope`, plus the attributes every model has (``device``, ``dtype``, ``cache_dtype``,
-    ``max_context``, ``kind``)."""
+    The family provides :meth:`embed_prompt`, :meth:`prompt_rope` and :meth:`step_rope`, plus the
+    attributes every model has (``net``, ``device``, ``dtype``, ``cache_dtype``, ``max_context``, ``kind``);
+    its stack is ``net.model`` and its output layer ``net.lm_head`` unless it says otherwise."""
+
+    net: nn.Module
 
     device: torch.device
     dtype: torch.dtype
@@ -31,11 +36,11 @@ class StackModel:
 
     @property
     def stack(self) -> DecoderStack:
-        raise NotImplementedError
+        return self.net.model
 
     @property
     def lm_head(self) -> nn.Module:
-        raise NotImplementedError
+        return self.net.lm_head
 
     def embed_prompt(self, prepared: Prepared) -> torch.Tensor:
         """The prompt's input embeddings ``[T, hidden]`` (image rows replaced by the vision output)."""
@@ -48,6 +53,30 @@ class StackModel:
     def step_rope(self, caches: list[KVCache]) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of the next position of each cache (``length + rope_delta``)."""
         raise NotImplementedError
+
+    def bind(
+        self,
+        config: Any,
+        net: nn.Module,
+        tokenizer: Any,
+        eos_token_ids: frozenset[int],
+        device: torch.device,
+        precision: Precision,
+        max_context: int,
+    ) -> None:
+        """Set what every model holds: its config, network, tokenizer, stop ids, device, context and
+        the dtypes of its precision plan (``dtype``: the language model's activations; ``cache_dtype``:
+        the KV cache, float32 on CPU)."""
+        self.config = config
+        self.net = net
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.device = device
+        self.precision = precision
+        self.dtype = precision.compute_dtype
+        self.vision_dtype = precision.vision_dtype
+        self.cache_dtype = precision.kv_dtype
+        self.max_context = max_context
 
     def step_weight_bytes(self) -> int:
         """Bytes of weights the decode step just run read (``OcrModel.last_decode_weight_bytes``)."""
@@ -69,9 +98,12 @@ class StackModel:
             raise InputError(f"prompt is {n} tokens; the model's context is {self.max_context} positions")
         h = self.embed_prompt(prepared)
         cos, sin = self.prompt_rope(prepared)
-        delta = int(prepared.inputs.get("rope_delta", 0))
         cache = self.stack.new_cache(
-            n, max_new_tokens, self.max_context, self.cache_dtype, self.device, delta
+            initial_capacity(n, max_new_tokens, self.max_context),
+            self.cache_dtype,
+            self.device,
+            limit=self.max_context,
+            rope_delta=int(prepared.inputs.get("rope_delta", 0)),
         )
         out = self.stack.prefill(h, cos, sin, cache)
         return self.lm_head(out[-1:]).float()[0], cache

@@ -108,24 +108,14 @@ class DeepseekOcrModel(StackModel, PackedNet, OcrModel):
         eos_token_ids: frozenset[int],
         image_token_id: int,
     ) -> None:
-        self.config = cfg = config
-        self.net = net
-        self.tokenizer = tokenizer
-        self.device = device
-        self.precision = precision
-        self.dtype = precision.compute_dtype  # the language model's activations
-        self.vision_dtype = precision.vision_dtype
-        self.eos_token_ids = eos_token_ids
-        self.bos_token_id = cfg.language.bos_token_id
+        lc = config.language
+        self.bind(config, net, tokenizer, eos_token_ids, device, precision, lc.max_position_embeddings)
+        self.bos_token_id = lc.bos_token_id
         self.image_token_id = image_token_id
-        self.max_context = cfg.language.max_position_embeddings
         #: Wall times of the last prefill: "vision_s" (image encoders) and "prefill_s" (decoder).
         self.last_timings: dict[str, float] = {}
-        #: KV cache dtype (the precision plan): float32 on CPU (exact for the values written; fast decode
-        #: attention, see ``common.cache``), the model dtype elsewhere
-        self.cache_dtype = precision.kv_dtype
         self._account_weights()
-        self.rope = Rope(cfg.language.head_dim, cfg.language.rope_theta, self.max_context, self.dtype, device)
+        self.rope = Rope(lc.head_dim, lc.rope_theta, self.max_context, self.dtype, device)
 
     # ---------------------------------------------------------------- load
     @classmethod
@@ -148,8 +138,13 @@ class DeepseekOcrModel(StackModel, PackedNet, OcrModel):
             raise ModelLoadError("image/BOS token id outside the embedding table")
         eos = stop_token_ids(config.language.eos_token_id, files)
         net = load_net(
-            lambda: cls.net_class(config), files, precision, quantize, dev,
-            model=cls.display_name, ignored=cls.ignored_keys,
+            lambda: cls.net_class(config),
+            files,
+            precision,
+            quantize,
+            dev,
+            model=cls.display_name,
+            ignored=cls.ignored_keys,
         )
         return cls(config, net, tokenizer, dev, precision, eos, int(image_id))
 
@@ -222,14 +217,6 @@ class DeepseekOcrModel(StackModel, PackedNet, OcrModel):
         return processor.preprocess(image, settings.base_size, settings.image_size, settings.crop_mode)
 
     # ------------------------------------------------------------- prefill / decode (common.model)
-    @property
-    def stack(self) -> DeepseekV2Decoder:
-        return self.net.model
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.net.lm_head
-
     def embed_prompt(self, prepared: Prepared) -> torch.Tensor:
         """Token embeddings with the image rows overwritten by the vision output (in placeholder order)."""
         ids = torch.tensor(prepared.input_ids, dtype=torch.long, device=self.device)
@@ -237,7 +224,9 @@ class DeepseekOcrModel(StackModel, PackedNet, OcrModel):
         images: list[processor.ImageInput] = prepared.inputs.get("images", [])
         if images:
             t0 = time.perf_counter()
-            emb = torch.cat([self.net.encode_image(img, self.vision_dtype, self.device) for img in images], dim=0)
+            emb = torch.cat(
+                [self.net.encode_image(img, self.vision_dtype, self.device) for img in images], dim=0
+            )
             self.last_timings["vision_s"] = time.perf_counter() - t0
             self.splice_images(ids, h, self.image_token_id, emb)
         return h

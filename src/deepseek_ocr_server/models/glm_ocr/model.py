@@ -4,7 +4,7 @@ prompt preparation, prefill and batched decode."""
 from __future__ import annotations
 
 import re
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
@@ -15,16 +15,12 @@ from ..base import (
     ModelFiles,
     ModelLoadError,
     OcrModel,
-    Prepared,
-    VisionSettings,
     check_load_options,
 )
-from ..common.cache import KVCache
-from ..common.loading import load_net, load_tokenizer, stop_token_ids
-from ..common.model import StackModel
+from ..common.loading import chat_template, load_net, load_tokenizer, stop_token_ids
 from ..common.rope import MultimodalRope
 from ..layers import PackedNet, weight_bytes
-from ..paddleocr_vl.model import continue_mrope_answer, mrope_prepared
+from ..paddleocr_vl.model import MultimodalRopeModel
 from ..precision import Precision
 from .config import GlmOcrConfig
 from .language import GlmTextModel
@@ -64,8 +60,9 @@ def mtp_pattern(cfg: GlmOcrConfig) -> re.Pattern[str]:
     return re.compile(rf"^model\.language_model\.layers\.({idx})\.")
 
 
-class GlmOcrModel(StackModel, PackedNet, OcrModel):
+class GlmOcrModel(MultimodalRopeModel, PackedNet, OcrModel):
     kind: ClassVar[str] = "glm-ocr"
+    image_token: ClassVar[str] = IMAGE_TOKEN
     #: ``load`` takes a per-phase precision plan (``models/precision.py``)
     precision_plans: ClassVar[bool] = True
 
@@ -80,18 +77,9 @@ class GlmOcrModel(StackModel, PackedNet, OcrModel):
         device: torch.device,
         precision: Precision,
     ) -> None:
-        self.config = config
-        self.net = net
-        self.tokenizer = tokenizer
+        self.bind(config, net, tokenizer, eos_token_ids, device, precision, config.max_position_embeddings)
         self.image_config = image_config
         self.chat_template = chat_template
-        self.eos_token_ids = eos_token_ids
-        self.device = device
-        self.precision = precision
-        self.dtype = precision.compute_dtype  # the language model's activations
-        self.vision_dtype = precision.vision_dtype
-        self.max_context = config.max_position_embeddings
-        self.cache_dtype = precision.kv_dtype
         self.rope = MultimodalRope(config.head_dim, config.rope_theta, config.mrope_section, device)
         self._account_weights()
 
@@ -125,31 +113,38 @@ class GlmOcrModel(StackModel, PackedNet, OcrModel):
                 f"config.json: vision out_hidden_size {config.vision.out_hidden_size} != text hidden_size "
                 f"{config.hidden_size}"
             )
-        tied = {"lm_head.weight": "model.language_model.embed_tokens.weight"} if config.tie_word_embeddings else {}
+        tied = (
+            {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+            if config.tie_word_embeddings
+            else {}
+        )
 
         def drop_mtp(net: nn.Module) -> None:  # the MTP layers: checked by name and shape, not kept
             del net.model.language_model.layers[config.num_hidden_layers :]
 
         net = load_net(
-            lambda: GlmOcrNet(config), files, precision, quantize, dev,
-            model="GLM-OCR", tied=tied, unread=mtp_pattern(config), prune=drop_mtp,
+            lambda: GlmOcrNet(config),
+            files,
+            precision,
+            quantize,
+            dev,
+            model="GLM-OCR",
+            tied=tied,
+            unread=mtp_pattern(config),
+            prune=drop_mtp,
         )
         tokenizer = load_tokenizer(files.tokenizer)
         if tokenizer.token_to_id(IMAGE_TOKEN) != config.image_token_id:
             raise ModelLoadError(f"tokenizer id of {IMAGE_TOKEN} differs from config image_token_id")
         image_config = ImageProcessorConfig.from_dict(files.read_json("preprocessor_config.json"))
-        template_path = files.extra("chat_template.jinja")
-        chat_template = template_path.read_text(encoding="utf-8") if template_path else None
-        tok_cfg = files.read_json("tokenizer_config.json") or {}
-        if chat_template is None and isinstance(tok_cfg.get("chat_template"), str):
-            chat_template = tok_cfg["chat_template"]
+        template = chat_template(files)
         eos = stop_token_ids(config.eos_token_ids, files)
         return cls(
             config,
             net,
             tokenizer,
             image_config,
-            chat_template or FALLBACK_CHAT_TEMPLATE,
+            template or FALLBACK_CHAT_TEMPLATE,
             eos,
             dev,
             precision,
@@ -157,26 +152,14 @@ class GlmOcrModel(StackModel, PackedNet, OcrModel):
 
     # ------------------------------------------------------------------------------------ prompt
 
+    def preprocess_image(self, image: Image.Image) -> Any:
+        return preprocess_image(image, self.image_config)
+
     def render(self, text: str, num_images: int, system: str | None = None) -> str:
         """The prompt string before placeholder expansion."""
         return render_prompt(
             self.chat_template, build_messages(text, num_images, system, self.image_placeholder)
         )
-
-    def prepare(
-        self,
-        text: str,
-        images: list[Image.Image],
-        settings: VisionSettings | None = None,
-        system: str | None = None,
-    ) -> Prepared:
-        processed = [preprocess_image(img, self.image_config) for img in images]
-        prompt = self.render(text, len(images), system)
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
-        return mrope_prepared(self, ids, processed, IMAGE_TOKEN)
-
-    def continue_answer(self, prepared: Prepared, partial: str) -> Prepared:
-        return continue_mrope_answer(self, prepared, partial)
 
     # ------------------------------------------------------------------------------------ forward
 
@@ -188,25 +171,3 @@ class GlmOcrModel(StackModel, PackedNet, OcrModel):
     @property
     def stack(self) -> GlmTextModel:
         return self.net.model.language_model
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.net.lm_head
-
-    def embed_prompt(self, prepared: Prepared) -> torch.Tensor:
-        ids = torch.tensor(prepared.input_ids, dtype=torch.long, device=self.device)
-        h = self.stack.embed_tokens(ids)
-        grids = prepared.inputs.get("grids") or []
-        if grids:
-            feats = prepared.inputs.get("image_features")  # precomputed by encode_images (benchmarks)
-            if feats is None:
-                feats = self.encode_images(prepared.inputs["pixel_values"], grids)
-            self.splice_images(ids, h, self.config.image_token_id, feats)
-        return h
-
-    def prompt_rope(self, prepared: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.rope(prepared.inputs["positions"].to(self.device), self.dtype)
-
-    def step_rope(self, caches: list[KVCache]) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = torch.tensor([c.length + c.rope_delta for c in caches], dtype=torch.long, device=self.device)
-        return self.rope(pos[None].expand(3, -1), self.dtype)

@@ -21,7 +21,7 @@ from ..base import (
     check_load_options,
 )
 from ..common.cache import KVCache
-from ..common.loading import load_net, load_tokenizer, stop_token_ids
+from ..common.loading import chat_template, load_net, load_tokenizer, stop_token_ids
 from ..common.model import StackModel
 from ..common.rope import MultimodalRope
 from ..layers import PackedNet, weight_bytes
@@ -50,6 +50,7 @@ _RENAMES = (
     (re.compile(r"^model\.projector\."), "mlp_AR."),
     (re.compile(r"^model\.language_model\."), "model."),
 )
+
 
 class PaddleOcrVlNet(nn.Module):
     """The whole network, module names mirroring the original checkpoint keys."""
@@ -117,11 +118,71 @@ def continue_mrope_answer(model: Any, prepared: Prepared, partial: str) -> Prepa
     positions, delta = mrope_positions(
         expanded, grids, model.config.image_token_id, model.config.vision.spatial_merge_size
     )
-    return Prepared(input_ids=expanded, inputs={**prepared.inputs, "positions": positions, "rope_delta": delta})
+    return Prepared(
+        input_ids=expanded, inputs={**prepared.inputs, "positions": positions, "rope_delta": delta}
+    )
 
 
-class PaddleOcrVlModel(StackModel, PackedNet, OcrModel):
+class MultimodalRopeModel(StackModel):
+    """:class:`~..common.model.StackModel` for a family whose prompts :func:`mrope_prepared` builds
+    (PaddleOCR-VL, GLM-OCR): image features spliced at the image tokens, 3-axis rotary positions for
+    the prompt, ``length + rope_delta`` on every axis for a decode step."""
+
+    config: Any
+    rope: MultimodalRope
+    tokenizer: Any
+    image_config: Any
+    #: the image token of the rendered prompt (named in the error for a text that holds it)
+    image_token: ClassVar[str]
+
+    def render(self, text: str, num_images: int, system: str | None = None) -> str:
+        """The prompt string, one image token per image, before each is expanded to its image's tokens."""
+        raise NotImplementedError
+
+    def preprocess_image(self, image: Image.Image) -> Any:
+        """One image -> its patches and grid (``pixel_values``, ``grid_thw``, ``num_tokens``)."""
+        raise NotImplementedError
+
+    def encode_images(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepare(
+        self,
+        text: str,
+        images: list[Image.Image],
+        settings: VisionSettings | None = None,
+        system: str | None = None,
+    ) -> Prepared:
+        processed = [self.preprocess_image(img) for img in images]
+        prompt = self.render(text, len(images), system)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        return mrope_prepared(self, ids, processed, self.image_token)
+
+    def continue_answer(self, prepared: Prepared, partial: str) -> Prepared:
+        return continue_mrope_answer(self, prepared, partial)
+
+    def embed_prompt(self, prepared: Prepared) -> torch.Tensor:
+        ids = torch.tensor(prepared.input_ids, dtype=torch.long, device=self.device)
+        h = self.stack.embed_tokens(ids)
+        grids = prepared.inputs.get("grids") or []
+        if grids:
+            feats = prepared.inputs.get("image_features")  # precomputed by encode_images (benchmarks)
+            if feats is None:
+                feats = self.encode_images(prepared.inputs["pixel_values"], grids)
+            self.splice_images(ids, h, self.config.image_token_id, feats)
+        return h
+
+    def prompt_rope(self, prepared: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rope(prepared.inputs["positions"].to(self.device), self.dtype)
+
+    def step_rope(self, caches: list[KVCache]) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.tensor([c.length + c.rope_delta for c in caches], dtype=torch.long, device=self.device)
+        return self.rope(pos[None].expand(3, -1), self.dtype)
+
+
+class PaddleOcrVlModel(MultimodalRopeModel, PackedNet, OcrModel):
     kind: ClassVar[str] = "paddleocr-vl"
+    image_token: ClassVar[str] = IMAGE_PLACEHOLDER
     #: ``load`` takes a per-phase precision plan (``models/precision.py``)
     precision_plans: ClassVar[bool] = True
 
@@ -137,19 +198,10 @@ class PaddleOcrVlModel(StackModel, PackedNet, OcrModel):
         device: torch.device,
         precision: Precision,
     ) -> None:
-        self.config = config
-        self.net = net
-        self.tokenizer = tokenizer
+        self.bind(config, net, tokenizer, eos_token_ids, device, precision, config.max_position_embeddings)
         self.image_config = image_config
         self.chat_template = chat_template
         self.special_tokens = special_tokens
-        self.eos_token_ids = eos_token_ids
-        self.device = device
-        self.precision = precision
-        self.dtype = precision.compute_dtype  # the language model's activations
-        self.vision_dtype = precision.vision_dtype
-        self.max_context = config.max_position_embeddings
-        self.cache_dtype = precision.kv_dtype
         self.rope = MultimodalRope(config.head_dim, config.rope_theta, config.mrope_section, device)
         self._account_weights()
 
@@ -174,17 +226,20 @@ class PaddleOcrVlModel(StackModel, PackedNet, OcrModel):
         precision = check_load_options(cls.kind, dtype, quantize, dev)
         config = PaddleOcrVlConfig.from_file(files.config)
         net = load_net(
-            lambda: PaddleOcrVlNet(config), files, precision, quantize, dev,
-            model="PaddleOCR-VL", renames=_RENAMES, ignored=UNUSED_KEY_PATTERNS,
+            lambda: PaddleOcrVlNet(config),
+            files,
+            precision,
+            quantize,
+            dev,
+            model="PaddleOCR-VL",
+            renames=_RENAMES,
+            ignored=UNUSED_KEY_PATTERNS,
             tied={"lm_head.weight": "model.embed_tokens.weight"},
         )
         tokenizer = load_tokenizer(files.tokenizer)
         image_config = ImageProcessorConfig.from_dict(files.read_json("preprocessor_config.json"))
-        template_path = files.extra("chat_template.jinja")
-        chat_template = template_path.read_text(encoding="utf-8") if template_path else None
+        template = chat_template(files)
         tok_cfg = files.read_json("tokenizer_config.json")
-        if chat_template is None and tok_cfg and isinstance(tok_cfg.get("chat_template"), str):
-            chat_template = tok_cfg["chat_template"]
         special = {k: v for k in ("cls_token", "eos_token") if (v := _special_token(tok_cfg, k))}
         eos = stop_token_ids([config.eos_token_id], files)
         for tok_name in ("<|IMAGE_PLACEHOLDER|>",):
@@ -195,7 +250,7 @@ class PaddleOcrVlModel(StackModel, PackedNet, OcrModel):
             net,
             tokenizer,
             image_config,
-            chat_template or FALLBACK_CHAT_TEMPLATE,
+            template or FALLBACK_CHAT_TEMPLATE,
             special,
             eos,
             dev,
@@ -203,6 +258,9 @@ class PaddleOcrVlModel(StackModel, PackedNet, OcrModel):
         )
 
     # ------------------------------------------------------------------------------------ prompt
+
+    def preprocess_image(self, image: Image.Image) -> Any:
+        return preprocess_image(image, self.image_config)
 
     def render(self, text: str, num_images: int, system: str | None = None) -> str:
         """The prompt string before placeholder expansion (``<image>`` markers removed)."""
@@ -214,21 +272,6 @@ class PaddleOcrVlModel(StackModel, PackedNet, OcrModel):
             self.special_tokens,
         )
 
-    def prepare(
-        self,
-        text: str,
-        images: list[Image.Image],
-        settings: VisionSettings | None = None,
-        system: str | None = None,
-    ) -> Prepared:
-        processed = [preprocess_image(img, self.image_config) for img in images]
-        prompt = self.render(text, len(images), system)
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
-        return mrope_prepared(self, ids, processed, IMAGE_PLACEHOLDER)
-
-    def continue_answer(self, prepared: Prepared, partial: str) -> Prepared:
-        return continue_mrope_answer(self, prepared, partial)
-
     # ------------------------------------------------------------------------------------ forward
 
     @torch.inference_mode()
@@ -237,29 +280,3 @@ class PaddleOcrVlModel(StackModel, PackedNet, OcrModel):
         pv = pixel_values.to(self.device, self.vision_dtype)
         feats = self.net.visual.vision_model(pv, grids)
         return self.net.mlp_AR(feats, grids)
-
-    @property
-    def stack(self) -> ErnieModel:
-        return self.net.model
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.net.lm_head
-
-    def embed_prompt(self, prepared: Prepared) -> torch.Tensor:
-        ids = torch.tensor(prepared.input_ids, dtype=torch.long, device=self.device)
-        h = self.stack.embed_tokens(ids)
-        grids = prepared.inputs.get("grids") or []
-        if grids:
-            feats = prepared.inputs.get("image_features")  # precomputed by encode_images (benchmarks)
-            if feats is None:
-                feats = self.encode_images(prepared.inputs["pixel_values"], grids)
-            self.splice_images(ids, h, self.config.image_token_id, feats)
-        return h
-
-    def prompt_rope(self, prepared: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.rope(prepared.inputs["positions"].to(self.device), self.dtype)
-
-    def step_rope(self, caches: list[KVCache]) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = torch.tensor([c.length + c.rope_delta for c in caches], dtype=torch.long, device=self.device)
-        return self.rope(pos[None].expand(3, -1), self.dtype)
