@@ -4,7 +4,7 @@ Each run is its own process (one model resident at a time): it loads the checkpo
 default auto: the per-phase plan of this CPU), prefills a short text prompt, then times ``--tokens``
 greedy decode steps ``--repeats`` times (after one warm-up pass) and reports the median step. The runs
 alternate baseline / this tree ``--rounds`` times, so a neighbour's load hits both alike; the ratio is
-of the medians over all steps. The baseline is any checkout's ``src`` folder (``git worktree add`` or
+of the medians over all steps. Each run also reports its load time and peak RSS (load included). The baseline is any checkout's ``src`` folder (``git worktree add`` or
 ``git archive REV | tar -x``)::
 
     python bench/bench_decode.py --family deepseek-ocr --ckpt CKPT_DIR --baseline-src ../base/src
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -59,7 +60,8 @@ def child(args: argparse.Namespace) -> None:
             if rep:  # the first pass warms up
                 steps.append(dt)
         cache.release()
-    print(json.dumps({"load_s": load_s, "steps": steps}), flush=True)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # KiB -> GiB (Linux)
+    print(json.dumps({"load_s": load_s, "steps": steps, "peak_rss_gib": rss}), flush=True)
 
 
 def run(args: argparse.Namespace, src: str) -> dict:
