@@ -10,6 +10,7 @@ The shape of a language model here::
         GatedMLP / a family MoE   gate/up fused at load
       RMSNorm
     KVCache (cache.py)            one sequence's keys/values, grows geometrically up to the context
+    StackModel (model.py)         the engine protocol's prefill / decode over the stack, written once
 
 Fusion (fused.py) happens once at load with one forward path, while ``state_dict()`` and the strict loader
 keep the checkpoint's own key names; loading.py is the one family-loading helper (tokenizer, stop ids,
