@@ -4,7 +4,8 @@ Each run is its own process (one model resident at a time): it loads the checkpo
 default auto: the per-phase plan of this CPU), prefills a short text prompt, then times ``--tokens``
 greedy decode steps ``--repeats`` times (after one warm-up pass) and reports the median step. The runs
 alternate baseline / this tree ``--rounds`` times, so a neighbour's load hits both alike; the ratio is
-of the medians over all steps. Each run also reports its load time and peak RSS (load included). The baseline is any checkout's ``src`` folder (``git worktree add`` or
+of the medians over all steps. Each run also reports its load time and peak RSS (load included). The
+baseline is any checkout's ``src`` folder (``git worktree add`` or
 ``git archive REV | tar -x``)::
 
     python bench/bench_decode.py --family deepseek-ocr --ckpt CKPT_DIR --baseline-src ../base/src
@@ -125,7 +126,7 @@ def main() -> None:
             med = statistics.median(res["steps"])
             print(
                 f"round {r + 1} {name:8s}: load {res['load_s']:.1f} s, median step {med * 1e3:.1f} ms "
-                f"({1 / med:.2f} tok/s)",
+                f"({1 / med:.2f} tok/s), peak RSS {res['peak_rss_gib']:.2f} GiB",
                 flush=True,
             )
     base, this = (statistics.median(steps[k]) for k in ("baseline", "this"))
