@@ -49,6 +49,18 @@ def child(args: argparse.Namespace) -> None:
     # DeepSeek-OCR 2 serves two view sizes only (the settings are checked even without an image)
     settings = VisionSettings(image_size=768) if args.family == "deepseek-ocr-2" else None
     prep = m.prepare(PROMPTS[args.family], [], settings)
+    if args.count_ops:  # one decode step at batch 1 and 4 under the profiler: aten ops per step
+        from torch.profiler import ProfilerActivity, profile
+
+        counts = {}
+        for b in (1, 4):
+            caches = [m.prefill(prep, 4)[1] for _ in range(b)]
+            m.decode([5] * b, caches)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                m.decode([5] * b, caches)
+            counts[b] = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+        print(json.dumps({"ops": counts}), flush=True)
+        return
     steps: list[float] = []
     for rep in range(args.repeats + 1):
         logits, cache = m.prefill(prep, args.tokens + 1)
@@ -84,6 +96,7 @@ def run(args: argparse.Namespace, src: str) -> dict:
         str(args.repeats),
         "--threads",
         str(args.threads),
+        *(["--count-ops"] if args.count_ops else []),
     ]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the --src tree alone decides
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -106,6 +119,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="instead of timing: aten ops in one decode step at batch 1 and 4, per tree (noise-free; small checkpoints do)",
+    )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -118,6 +136,10 @@ def main() -> None:
     print(
         f"cpu class: {torch.backends.cpu.get_cpu_capability()}, threads {args.threads}, {args.family} {args.dtype}"
     )
+    if args.count_ops:
+        for name, src in (("baseline", args.baseline_src), ("this", args.src)):
+            print(f"{name:8s}: aten ops in one decode step (batch: count) {run(args, src)['ops']}")
+        return
     steps: dict[str, list[float]] = {"baseline": [], "this": []}
     for r in range(args.rounds):
         for name, src in (("baseline", args.baseline_src), ("this", args.src)):
