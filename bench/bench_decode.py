@@ -39,7 +39,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from deepseek_ocr_server.models import load_model
-    from deepseek_ocr_server.models.base import ModelFiles, VisionSettings
+    from deepseek_ocr_server.models.base import ModelFiles
 
     torch.set_num_threads(args.threads)
     dtype = {"auto": None, "bf16": torch.bfloat16, "f32": torch.float32}[args.dtype]
@@ -47,7 +47,7 @@ def child(args: argparse.Namespace) -> None:
     m = load_model(args.family, ModelFiles.from_dir(args.ckpt), dtype=dtype)
     load_s = time.perf_counter() - t0
     # DeepSeek-OCR 2 serves two view sizes only (the settings are checked even without an image)
-    settings = VisionSettings(image_size=768) if args.family == "deepseek-ocr-2" else None
+    settings = {"image_size": 768} if args.family == "deepseek-ocr-2" else None
     prep = m.prepare(PROMPTS[args.family], [], settings)
     if args.count_ops:  # one decode step at batch 1 and 4 under the profiler: aten ops per step
         from torch.profiler import ProfilerActivity, profile

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
-from deepseek_ocr_server.models.base import ModelFiles, OcrModel, Prepared, VisionSettings
+from deepseek_ocr_server.models.base import ModelFiles, OcrModel, Prepared
 from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
+from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
 from deepseek_ocr_server.models.layers import (
     PackedLinear,
     pack_linears,
@@ -228,12 +229,13 @@ def test_int8_of_a_packed_model_quantizes_each_projection(deepseek_ckpt):
     """quantize_linears_int8 on an already packed model (what serve_bench --int8-check does) gives what
     load(quantize="int8") gives; a fused layer's int8 rows and scales are exactly each projection's own
     (per-row scales), and its state_dict splits back under the checkpoint's names."""
-    from deepseek_ocr_server.models.quant import quantize_linears_int8, quantize_weight_int8, skip_vision
+    from deepseek_ocr_server.models.quant import quantize_linears_int8, quantize_weight_int8
+    from deepseek_ocr_server.models.registry import family
 
     m = DeepseekOcrModel.load(ModelFiles.from_dir(deepseek_ckpt), dtype=torch.bfloat16)
     ref = DeepseekOcrModel.load(ModelFiles.from_dir(deepseek_ckpt), dtype=torch.bfloat16, quantize="int8")
     plain = m.net.model.layers[1].mlp.experts[0].state_dict()
-    quantize_linears_int8(m.net, skip=skip_vision)
+    quantize_linears_int8(m.net, skip=lambda name, _: family("deepseek-ocr").is_vision(name))
     expert = m.net.model.layers[1].mlp.experts[0]
     assert isinstance(expert.gate_up_proj, Int8Linear) and not any(isinstance(x, PackedLinear) for x in expert.modules())
     sd = expert.state_dict()

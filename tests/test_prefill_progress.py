@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from deepseek_ocr_server.models.base import VisionSettings, progress, progress_hook
+from deepseek_ocr_server.models.base import progress, progress_hook
+from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
 
 TINY = VisionSettings(base_size=512, image_size=512, crop_mode=False)
 

@@ -34,7 +34,16 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from ..models.base import InputError, ModelFiles, OcrModel, Prepared, SequenceCache, VisionSettings, progress
+from ..models.base import (
+    SUPPORTED_QUANTIZE,
+    InputError,
+    ModelFiles,
+    OcrModel,
+    Prepared,
+    RequestOptions,
+    SequenceCache,
+    progress,
+)
 
 BOS = "<|bos|>"
 EOS = "<|eos|>"
@@ -172,7 +181,7 @@ class FakeOcrModel(OcrModel):
             raise ModelLoadError(f"fake model: configured to fail ({files.config})")
         opts.pop("model_type", None)
         model = cls(**opts)
-        if quantize not in (None, "int8"):
+        if quantize not in SUPPORTED_QUANTIZE:
             raise ValueError(f"unsupported quantize {quantize!r}")
         model.quantized = quantize
         return model
@@ -182,7 +191,7 @@ class FakeOcrModel(OcrModel):
         self,
         text: str,
         images: list[Image.Image],
-        settings: VisionSettings | None = None,
+        settings: RequestOptions | None = None,
         system: str | None = None,
     ) -> Prepared:
         if self.on_prepare is not None:

@@ -22,7 +22,6 @@ from torch import nn
 from ..base import ModelFiles, ModelLoadError
 from ..layers import prepare_for_inference, storage_dtypes
 from ..precision import Precision
-from ..quant import is_vision
 from ..weights import load_checkpoint
 from .fused import fuse_state_dict
 
@@ -69,6 +68,7 @@ def load_net(
     device: torch.device,
     *,
     model: str,
+    is_vision: Callable[[str], bool],
     renames: Iterable[tuple[re.Pattern[str], str]] = (),
     ignored: Iterable[re.Pattern[str]] = (),
     tied: Mapping[str, str] | None = None,
@@ -77,7 +77,8 @@ def load_net(
 ) -> nn.Module:
     """The network ``build()`` makes, loaded strictly from ``files.weights`` and ready for inference.
 
-    ``model`` names the layout in errors; ``renames``, ``ignored`` and ``tied`` are
+    ``model`` names the layout in errors; ``is_vision(name)`` says which tensors and layers are the vision
+    side (their own dtype, no int8: the family spec's ``is_vision``); ``renames``, ``ignored`` and ``tied`` are
     ``weights.match_layout``'s; ``unread`` matches keys that are checked (name and shape) but not read,
     and ``prune(net)`` then drops the modules that held them before the strict ``load_state_dict``."""
     with torch.device("meta"):

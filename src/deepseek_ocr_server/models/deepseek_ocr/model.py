@@ -19,14 +19,15 @@ from PIL import Image
 from tokenizers import Tokenizer
 from torch import nn
 
+from ...settings import SETTINGS
 from ..base import (
     InputError,
     ModelFiles,
     ModelLoadError,
     OcrModel,
     Prepared,
+    RequestOptions,
     SequenceCache,
-    VisionSettings,
     check_load_options,
 )
 from ..common.cache import KVCache
@@ -35,9 +36,11 @@ from ..common.model import StackModel
 from ..common.rope import Rope
 from ..layers import PackedNet, weight_bytes
 from ..precision import Precision
+from ..registry import family
 from . import processor
 from .config import DeepseekOcrConfig
 from .language import DeepseekV2Decoder
+from .options import VisionSettings
 from .vision import ClipVisionModel, Projector, SamEncoder, arrange_image_embeddings, encode_views
 
 #: Keys a re-saved checkpoint may carry that the model does not use (CLIP's position-id buffer).
@@ -145,6 +148,7 @@ class DeepseekOcrModel(StackModel, PackedNet, OcrModel):
             dev,
             model=cls.display_name,
             ignored=cls.ignored_keys,
+            is_vision=family(cls.kind).is_vision,  # the vision side: its spec's quantize_skip
         )
         return cls(config, net, tokenizer, dev, precision, eos, int(image_id))
 
@@ -164,10 +168,10 @@ class DeepseekOcrModel(StackModel, PackedNet, OcrModel):
         self,
         text: str,
         images: list[Image.Image],
-        settings: VisionSettings | None = None,
+        settings: RequestOptions | VisionSettings | None = None,
         system: str | None = None,
     ) -> Prepared:
-        settings = settings or VisionSettings()
+        settings = VisionSettings.of(settings)
         marker = self.image_placeholder
         if len(images) > 1:
             raise InputError(
@@ -209,8 +213,10 @@ class DeepseekOcrModel(StackModel, PackedNet, OcrModel):
         """Raise :class:`InputError` for view sizes the model cannot serve."""
         for name in ("base_size", "image_size"):
             v = getattr(settings, name)
-            if v < processor.PIXELS_PER_TOKEN or v % processor.PIXELS_PER_TOKEN or v > 4096:
-                raise InputError(f"{name} must be a multiple of 64 between 64 and 4096, got {v}")
+            lo, hi = int(SETTINGS[name].lo or 0), int(SETTINGS[name].hi or 0)  # the setting's range
+            if v < max(lo, processor.PIXELS_PER_TOKEN) or v % processor.PIXELS_PER_TOKEN or v > hi:
+                step = processor.PIXELS_PER_TOKEN
+                raise InputError(f"{name} must be a multiple of {step} between {max(lo, step)} and {hi}, got {v}")
 
     def preprocess_image(self, image: Image.Image, settings: VisionSettings) -> processor.ImageInput:
         """One image -> its views and image-token count (``OSError``/``ValueError`` for a bad image)."""

@@ -22,6 +22,7 @@ from ..common.rope import MultimodalRope
 from ..layers import PackedNet, weight_bytes
 from ..paddleocr_vl.model import MultimodalRopeModel
 from ..precision import Precision
+from ..registry import family
 from .config import GlmOcrConfig
 from .language import GlmTextModel
 from .processor import (
@@ -129,6 +130,7 @@ class GlmOcrModel(MultimodalRopeModel, PackedNet, OcrModel):
             quantize,
             dev,
             model="GLM-OCR",
+            is_vision=family(cls.kind).is_vision,  # the vision side: its spec's quantize_skip
             tied=tied,
             unread=mtp_pattern(config),
             prune=drop_mtp,

@@ -17,7 +17,7 @@ from ..base import (
     ModelLoadError,
     OcrModel,
     Prepared,
-    VisionSettings,
+    RequestOptions,
     check_load_options,
 )
 from ..common.cache import KVCache
@@ -26,6 +26,7 @@ from ..common.model import StackModel
 from ..common.rope import MultimodalRope
 from ..layers import PackedNet, weight_bytes
 from ..precision import Precision
+from ..registry import family
 from .config import PaddleOcrVlConfig
 from .language import ErnieModel
 from .processor import (
@@ -143,6 +144,11 @@ class MultimodalRopeModel(StackModel):
         """One image -> its patches and grid (``pixel_values``, ``grid_thw``, ``num_tokens``)."""
         raise NotImplementedError
 
+    def preprocess_images(self, text: str, images: list[Image.Image]) -> list[Any]:
+        """Each image resized within the checkpoint's pixel budget and cut into patches (a family may
+        make it depend on the prompt: PaddleOCR-VL 1.5's spotting)."""
+        return [self.preprocess_image(img) for img in images]
+
     def encode_images(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
         raise NotImplementedError
 
@@ -150,10 +156,10 @@ class MultimodalRopeModel(StackModel):
         self,
         text: str,
         images: list[Image.Image],
-        settings: VisionSettings | None = None,
+        settings: RequestOptions | None = None,
         system: str | None = None,
     ) -> Prepared:
-        processed = [self.preprocess_image(img) for img in images]
+        processed = self.preprocess_images(text, images)
         prompt = self.render(text, len(images), system)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
         return mrope_prepared(self, ids, processed, self.image_token)
@@ -185,6 +191,8 @@ class PaddleOcrVlModel(MultimodalRopeModel, PackedNet, OcrModel):
     image_token: ClassVar[str] = IMAGE_PLACEHOLDER
     #: ``load`` takes a per-phase precision plan (``models/precision.py``)
     precision_plans: ClassVar[bool] = True
+    #: the image preprocessing of a checkpoint whose ``preprocessor_config.json`` does not say
+    image_defaults: ClassVar[ImageProcessorConfig] = ImageProcessorConfig()
 
     def __init__(
         self,
@@ -232,12 +240,13 @@ class PaddleOcrVlModel(MultimodalRopeModel, PackedNet, OcrModel):
             quantize,
             dev,
             model="PaddleOCR-VL",
+            is_vision=family(cls.kind).is_vision,  # the vision side: its spec's quantize_skip
             renames=_RENAMES,
             ignored=UNUSED_KEY_PATTERNS,
             tied={"lm_head.weight": "model.embed_tokens.weight"},
         )
         tokenizer = load_tokenizer(files.tokenizer)
-        image_config = ImageProcessorConfig.from_dict(files.read_json("preprocessor_config.json"))
+        image_config = ImageProcessorConfig.from_dict(files.read_json("preprocessor_config.json"), cls.image_defaults)
         template = chat_template(files)
         tok_cfg = files.read_json("tokenizer_config.json")
         special = {k: v for k in ("cls_token", "eos_token") if (v := _special_token(tok_cfg, k))}
