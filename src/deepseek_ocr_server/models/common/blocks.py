@@ -155,8 +155,8 @@ class DecoderStack(nn.Module):
 
     def prefill(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """h ``[T, hidden]``: the input embeddings of T prompt tokens after what ``cache`` holds (cos/sin
-        of their positions). Fills the cache; returns the final-normed ``[T, hidden]``."""
-
+        of their positions). Fills the cache; returns the final-normed ``[T, hidden]``. Between layers it
+        calls ``base.progress()`` (the engine's chance to run a decode step of the other sequences)."""
         for i, layer in enumerate(self.decoder_layers()):
             h = layer(h, lambda attn, x, i=i: attn.prefill(x, cos, sin, cache, i))
             progress()
