@@ -142,11 +142,12 @@ def child(args: argparse.Namespace) -> None:
 
 
 def _clone_cache(cache, extra: int):
-    from deepseek_ocr_server.models.deepseek_ocr.language import KVCache
+    from deepseek_ocr_server.models.common.cache import KVCache
 
     n = cache.length
     c = KVCache(
-        cache.k.shape[0], cache.k.shape[1], cache.k.shape[3], n + extra, cache.k.dtype, cache.k.device
+        cache.k.shape[0], cache.k.shape[1], cache.k.shape[3], n + extra, cache.k.dtype, cache.k.device,
+        limit=cache.limit,
     )
     c.k[:, :, :n] = cache.k[:, :, :n]
     c.v[:, :, :n] = cache.v[:, :, :n]

@@ -27,7 +27,7 @@ from deepseek_ocr_server.models.deepseek_ocr2.model import DeepseekOcr2ForCausal
 from deepseek_ocr_server.models.deepseek_ocr2.vision import hybrid_mask
 from deepseek_ocr_server.models.quant import Int8Linear
 from deepseek_ocr_server.sampling import SamplingParams
-from deepseek_ocr_server.testing.deepseek_ocr import write_safetensors
+from deepseek_ocr_server.testing.common import write_safetensors
 from deepseek_ocr_server.testing.deepseek_ocr2 import WEIGHTS_NAME, full_config, original_shapes
 
 #: sha256 of the published checkpoint's key list ("key<TAB>[shape]" lines, sorted, joined by "\n"):
@@ -54,7 +54,7 @@ def test_full_size_module_tree_is_the_published_layout():
     net_cfg = DeepseekOcr2Config.from_dict(full_config())
     with torch.device("meta"):
         net = DeepseekOcr2ForCausalLM(net_cfg)
-    shapes = {k: tuple(p.shape) for k, p in net.named_parameters()}
+    shapes = {k: tuple(p.shape) for k, p in net.state_dict().items()}  # the checkpoint's names
     assert not list(net.named_buffers())
     assert len(shapes) == 2707
     assert sum(math.prod(s) for s in shapes.values()) == 3_389_119_360
@@ -179,7 +179,7 @@ def test_int8_keeps_the_vision_side(deepseek2_ckpt: Path):
         "deepseek-ocr-2", ModelFiles.from_dir(deepseek2_ckpt), dtype=torch.float32, quantize="int8"
     )
     m = model.net.model
-    assert isinstance(m.layers[0].self_attn.q_proj, Int8Linear) and isinstance(model.net.lm_head, Int8Linear)
+    assert isinstance(m.layers[0].self_attn.qkv_proj, Int8Linear) and isinstance(model.net.lm_head, Int8Linear)
     assert not any(
         isinstance(x, Int8Linear)
         for part in (m.sam_model, m.qwen2_model, m.projector)

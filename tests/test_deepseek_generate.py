@@ -59,17 +59,22 @@ def test_batch_of_different_lengths_equals_each_alone(deepseek_model_f32):
         both = m.decode([ta, tb], [ca, cb])
         alone_a = m.decode([ta], [ca1])[0]
         alone_b = m.decode([tb], [cb1])[0]
-        assert both.shape == (2, m.cfg.language.vocab_size) and both.dtype == torch.float32
+        assert both.shape == (2, m.config.language.vocab_size) and both.dtype == torch.float32
         _close(both[0], alone_a)
         _close(both[1], alone_b)
     assert ca.length == ca1.length and cb.length == cb1.length
 
 
-def test_decode_rejects_full_cache(deepseek_model_f32):
+def test_decode_rejects_a_cache_at_the_context(deepseek_model_f32, monkeypatch):
+    """The cache grows past its first reserve (the budget is the engine's), never past the context."""
     m = deepseek_model_f32
-    _, c = m.prefill(m.prepare("hi", []), max_new_tokens=1)
+    prep = m.prepare("hi", [])
+    monkeypatch.setattr(m, "max_context", prep.num_prompt_tokens + 2)
+    _, c = m.prefill(prep, max_new_tokens=1)
     m.decode([5], [c])
-    with pytest.raises(ValueError, match="full"):
+    m.decode([5], [c])  # grown to the context
+    assert c.length == c.capacity == m.max_context
+    with pytest.raises(ValueError, match="context"):
         m.decode([5], [c])
 
 
@@ -115,7 +120,7 @@ def test_finish_length_when_no_eos_is_reachable(deepseek_model_f32, eos_ids):
     """With an end-of-sequence id no logit row can produce, only the budget can end generation."""
     m = deepseek_model_f32
     prep = m.prepare("Free OCR.", [_page()], TINY)
-    eos_ids({m.cfg.language.vocab_size + 7})
+    eos_ids({m.config.language.vocab_size + 7})
     res = generate(m, prep, SamplingParams(no_repeat_ngram_size=0), max_new_tokens=5)
     assert res.finish_reason == "length"
     assert res.completion_tokens == len(res.token_ids) == 5
@@ -192,12 +197,12 @@ def test_prefill_in_two_chunks_equals_one(deepseek_model_f32):
     """The decoder can continue a prefill on a non-empty cache (causal mask offset by the cached length)."""
     m = deepseek_model_f32
     net = m.net.model
-    x = torch.randn(30, m.cfg.language.hidden_size, generator=torch.Generator().manual_seed(11))
+    x = torch.randn(30, m.config.language.hidden_size, generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
         one = net.new_cache(32, torch.float32, "cpu")
-        want = net.prefill(x.clone(), one, m.rope)
+        want = net.prefill(x.clone(), *m.rope(torch.arange(30)), one)
         two = net.new_cache(32, torch.float32, "cpu")
-        net.prefill(x[:17].clone(), two, m.rope)
-        got = net.prefill(x[17:].clone(), two, m.rope)
+        net.prefill(x[:17].clone(), *m.rope(torch.arange(17)), two)
+        got = net.prefill(x[17:].clone(), *m.rope(torch.arange(17, 30)), two)
     _close(got, want[17:])
     assert two.length == one.length == 30

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from deepseek_ocr_server.models import model_class
 from deepseek_ocr_server.models.base import ModelFiles, ModelLoadError
+from deepseek_ocr_server.models.common.fused import checkpoint_names
 from deepseek_ocr_server.models.deepseek_ocr.config import DeepseekOcrConfig
 from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrForCausalLM, DeepseekOcrModel
 from deepseek_ocr_server.testing.deepseek_ocr import build_tiny_checkpoint, full_config, original_shapes
@@ -67,7 +68,7 @@ def test_missing_key_is_named(deepseek_ckpt, tmp_path):
 def test_unexpected_key_is_named(deepseek_ckpt, tmp_path):
     def add(t):
         t["model.vision_model.post_layernorm.weight"] = torch.zeros(48, dtype=torch.bfloat16)
-        t["model.vision_model.embeddings.position_ids"] = torch.arange(257)[None]  # tolerated (SPEC §3.4)
+        t["model.vision_model.embeddings.position_ids"] = torch.arange(257)[None]  # tolerated (re-saved checkpoints carry CLIP's position-id buffer)
 
     d = _variant(deepseek_ckpt, tmp_path / "u", add)
     with pytest.raises(
@@ -156,7 +157,7 @@ def test_official_config_parses_to_spec_values():
         257,
     )
     assert (cfg.projector_input_dim, cfg.projector_n_embed) == (2048, 1280)
-    # the official layout: 2,710 tensors, 3,336,106,240 parameters (SPEC §3)
+    # the official layout: 2,710 tensors, 3,336,106,240 parameters
     shapes = original_shapes(full_config())
     assert len(shapes) == 2710
     assert sum(torch.Size(s).numel() for s in shapes.values()) == 3_336_106_240
@@ -175,7 +176,7 @@ def test_top_level_keys_win_like_hf(deepseek_ckpt):
 
 def test_full_size_module_tree_matches_the_original_layout():
     """The official sizes built on the meta device (no memory): every parameter name and shape equals
-    the original checkpoint's, which has 2,710 tensors and 3,336,106,240 parameters (SPEC §3.5/§14),
+    the original checkpoint's, which has 2,710 tensors and 3,336,106,240 parameters,
     and the module holds no buffers (nothing outside the checkpoint is needed to run it)."""
     with torch.device("meta"):
         net = DeepseekOcrForCausalLM(DeepseekOcrConfig.from_dict(full_config()))
@@ -186,4 +187,6 @@ def test_full_size_module_tree_matches_the_original_layout():
     assert len(ours) == 2710
     assert sum(p.numel() for p in net.parameters()) == 3_336_106_240
     assert list(net.named_buffers()) == []
-    assert {k for k, _ in net.named_parameters()} == set(want)
+    # the parameters are the checkpoint's tensors (q/k/v and gate/up each one fused layer, stored apart)
+    stored = checkpoint_names(net)
+    assert {s for k, _ in net.named_parameters() for s in stored.get(k, [k])} == set(want)

@@ -1,7 +1,7 @@
 """Part-wise f32 parity of our DeepSeek-OCR modules with reference modules importable offline
 from transformers (test-only dependency), loaded with the SAME random weights (names mapped here).
 
-SPEC §12.2 explains why these references are equivalent for the parts compared and which quirks of
+The references are equivalent for the parts compared (same modules, same weights layout); the quirks of
 the native transformers port to avoid; each test says what it checks.
 """
 
@@ -23,8 +23,9 @@ from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (  # noqa: 
     DeepseekOcr2TextModel,
 )
 
+from deepseek_ocr_server.models.common.rope import Rope  # noqa: E402
 from deepseek_ocr_server.models.deepseek_ocr.config import DeepseekOcrConfig  # noqa: E402
-from deepseek_ocr_server.models.deepseek_ocr.language import MoEGate, Rope  # noqa: E402
+from deepseek_ocr_server.models.deepseek_ocr.language import MoEGate  # noqa: E402
 from deepseek_ocr_server.models.deepseek_ocr.vision import arrange_image_embeddings  # noqa: E402
 from deepseek_ocr_server.testing.deepseek_ocr import tiny_config  # noqa: E402
 
@@ -46,7 +47,7 @@ def _sam_reference(model):
     rel-pos computed with the UNSCALED query (eager path), exact GELU, neck and the two stride-2
     convs; v1's downsample channels are set explicitly (v2's default is [512, 896]).
     """
-    s = model.cfg.sam
+    s = model.config.sam
     cfg = DeepseekOcr2SamVisionConfig(
         hidden_size=s.width,
         num_hidden_layers=s.layers,
@@ -88,23 +89,23 @@ def _sam_reference(model):
 def test_sam_encoder_matches_transformers(deepseek_model_f32, size):
     """1024 needs no interpolation (the spec's recommended oracle input); 640 also exercises the
     abs-pos (bicubic+antialias) and global rel-pos (linear) resizes, which the installed
-    transformers version implements exactly as SPEC §6.1 (checked in its source)."""
+    transformers version implements exactly as DeepSeek-OCR's SAM does (checked in its source)."""
     model = deepseek_model_f32
     ref = _sam_reference(model)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(size)).clamp(-1, 1)
     with torch.no_grad():
         want = ref(x).last_hidden_state
         got = model.net.model.sam_model(x)
-    assert got.shape == (1, model.cfg.sam.downsample_channels[1], size // 64, size // 64)
+    assert got.shape == (1, model.config.sam.downsample_channels[1], size // 64, size // 64)
     _close(got, want)
 
 
 def test_clip_layers_match_transformers(deepseek_model_f32):
     """Our CLIP-L layers vs transformers' CLIPEncoderLayer (pre-LN, quick_gelu, eps 1e-5, bias on all
     linears, bidirectional attention). The fused ``qkv_proj`` is split into q/k/v along the output
-    dimension in [q; k; v] order (SPEC §3.4/§12.2)."""
+    dimension in [q; k; v] order (how transformers' port stores CLIP's attention)."""
     model = deepseek_model_f32
-    c = model.cfg.clip
+    c = model.config.clip
     cfg = CLIPVisionConfig(
         hidden_size=c.width,
         intermediate_size=c.mlp_dim,
@@ -142,9 +143,9 @@ def test_clip_layers_match_transformers(deepseek_model_f32):
 @pytest.mark.parametrize("m", [16, 10])
 def test_clip_embeddings_follow_spec(deepseek_model_f32, m):
     """CLS + SAM map as patch tokens + position table (resized bicubic+antialias for m != 16, CLS row
-    untouched) + pre_layrnorm, written out from SPEC §6.2 steps 1-4."""
+    untouched) + pre_layrnorm, written out step by step (CLS + SAM tokens, position table, pre-layernorm)."""
     vm = deepseek_model_f32.net.model.vision_model
-    c = deepseek_model_f32.cfg.clip
+    c = deepseek_model_f32.config.clip
     feats = torch.randn(1, c.width, m, m, generator=torch.Generator().manual_seed(m))
     table = vm.embeddings.position_embedding.weight
     grid = table[1:].reshape(1, 16, 16, -1).permute(0, 3, 1, 2)
@@ -162,7 +163,7 @@ def _text_reference(model):
     MHA with rotate-half RoPE over the full head dim, softmax top-k routing without renormalisation,
     one shared MLP of width n_shared*moe_inter). Routed experts are stacked there as
     ``gate_up_proj`` [E, 2I, H] (gate rows first) and ``down_proj`` [E, H, I]."""
-    lc = model.cfg.language
+    lc = model.config.language
     n = lc.num_hidden_layers
     # the official layout, written out (not derived from our config code): layer 0 dense, the rest MoE
     assert lc.first_k_dense_replace == 1 and n >= 2
@@ -215,18 +216,18 @@ def test_decoder_matches_transformers(deepseek_model_f32):
     """Random input embeddings through the whole decoder stack + final norm, and the logits."""
     model = deepseek_model_f32
     ref = _text_reference(model)
-    lc = model.cfg.language
+    lc = model.config.language
     x = torch.randn(1, 37, lc.hidden_size, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         want = ref(inputs_embeds=x).last_hidden_state[0]
         cache = model.net.model.new_cache(40, torch.float32, torch.device("cpu"))
-        got = model.net.model.prefill(x[0].clone(), cache, model.rope)
+        got = model.net.model.prefill(x[0].clone(), *model.rope(torch.arange(37)), cache)
     _close(got, want)
     _close(model.net.lm_head(got), F.linear(want, model.net.lm_head.weight))
 
 
 def test_rope_is_rotate_half_over_full_head_dim(deepseek_model_f32):
-    hd = deepseek_model_f32.cfg.language.head_dim
+    hd = deepseek_model_f32.config.language.head_dim
     rope = Rope(hd, 10000.0, 64, torch.float32, "cpu")
     cos, sin = rope(torch.tensor([7]))
     inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2).float() / hd))
@@ -237,7 +238,7 @@ def test_rope_is_rotate_half_over_full_head_dim(deepseek_model_f32):
 
 
 def test_tiled_packing_matches_spec_formula():
-    """SPEC §6.4: mosaic rows span all nw tiles before the newline; local block, then global, then ONE
+    """Image-token layout: mosaic rows span all nw tiles before the newline; local block, then global, then ONE
     separator. Checked element by element with tile/row/col-coded features."""
     nw, nh, q, qb, d = 3, 2, 2, 3, 4
     tiles = torch.zeros(nw * nh, q, q, d)

@@ -1,4 +1,4 @@
-"""DeepSeek-OCR preprocessing and prompt construction against SPEC §4, §5, §6.4, §7."""
+"""DeepSeek-OCR preprocessing and prompt construction against the reference's rules (modes, letter-box, tiles, token counts, prompt)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from deepseek_ocr_server.models.deepseek_ocr import processor as P
 from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
 from deepseek_ocr_server.models.deepseek_ocr.vision import arrange_image_embeddings
 
-# SPEC §5.3: candidate order produced by the reference's set + stable sort on CPython 3.11
+# Tile grids: candidate order produced by the reference's set + stable sort on CPython 3.11
 ORDER_MAX9 = [
     (1, 2),
     (2, 1),
@@ -56,7 +56,7 @@ ORDER_MAX6 = [
 
 
 def spec_tokens(grid, base=1024, tile=640):
-    """SPEC §14: 273 + (10*nh)*(10*nw + 1) when tiled (Gundam), generalised over base/tile sizes."""
+    """Token count: 273 + (10*nh)*(10*nw + 1) when tiled (Gundam), generalised over base/tile sizes."""
     qb, q = base // 64, tile // 64
     nw, nh = grid
     return qb * (qb + 1) + 1 + ((nh * q) * (nw * q + 1) if (nw, nh) != (1, 1) else 0)
@@ -67,7 +67,7 @@ def test_candidate_order_matches_reference():
     assert P.candidate_grids(2, 6) == ORDER_MAX6
 
 
-# (W, H) -> grid chosen by the HF path (max 9), SPEC §5.3 examples plus extra cases
+# (W, H) -> grid chosen by the HF path (max 9): the reference's examples plus extra cases
 GRIDS = {
     (100, 60): (1, 1),  # tiny: both sides <= 640 -> no tiles
     (640, 640): (1, 1),  # exactly tile-sized: no tiles
@@ -98,7 +98,7 @@ def test_crop_grid_and_token_count(size, grid):
 
 
 def test_spec_examples_token_counts():
-    # SPEC §5.3 examples (HF, max 9)
+    # the reference's examples (HF, max 9)
     for (w, h), n in {
         (600, 800): 903,
         (640, 640): 273,
@@ -120,7 +120,7 @@ def test_spec_examples_token_counts():
 @pytest.mark.parametrize(("size", "n"), [(512, 73), (640, 111), (1024, 273), (1280, 421)])
 @pytest.mark.parametrize("image", [(100, 60), (640, 640), (1000, 1400), (3000, 1000)])
 def test_no_crop_presets(size, n, image):
-    # SPEC §4: Tiny/Small/Base/Large, q(q+1)+1 with q = size/64, independent of the image size
+    # the four fixed modes Tiny/Small/Base/Large, q(q+1)+1 with q = size/64, independent of the image size
     pre = P.preprocess(
         Image.new("RGB", image, (10, 20, 30)), base_size=size, image_size=size, crop_mode=False
     )
@@ -164,11 +164,11 @@ def _value(c: int) -> float:
 def test_letterbox_fill_and_bf16_rounding():
     img = Image.new("RGB", (2000, 1000), (255, 0, 37))
     g = P.preprocess(img, 1024, 640, True).global_view[0]
-    # 2000x1000 -> 1024x512 centred: rows 0..255 and 768..1023 are the gray fill 127 (SPEC §5.2)
+    # 2000x1000 -> 1024x512 centred: rows 0..255 and 768..1023 are the gray fill 127
     assert torch.all(g[:, :256] == _value(127)) and torch.all(g[:, 768:] == _value(127))
     assert abs(_value(127) - (-0.00392)) < 1e-4
     assert torch.allclose(g[:, 300:700, 10:1000], torch.tensor([1.0, -1.0, _value(37)])[:, None, None])
-    assert torch.equal(g, g.to(torch.bfloat16).float())  # bf16-rounded in every dtype (SPEC §5.1)
+    assert torch.equal(g, g.to(torch.bfloat16).float())  # bf16-rounded in every dtype (as the reference's pixels)
     # offset uses banker's rounding of (size - new) * 0.5 on Pillow's rounded size
     tall = P.pad_to_square(Image.new("RGB", (333, 1000), (255, 255, 255)), 1024)
     new_w = round(333 / 1000 * 1024)
@@ -190,7 +190,7 @@ def test_letterbox_fill_and_bf16_rounding():
 )
 def test_letterbox_equals_pillow_imageops_pad(size, target):
     """Our pad_to_square is pixel-identical to ``ImageOps.pad(img, (s, s), color=(127,)*3)`` with
-    Pillow's defaults (BICUBIC, centring 0.5), the reference's call (SPEC §5.2)."""
+    Pillow's defaults (BICUBIC, centring 0.5), the reference's call."""
     w, h = size
     noise = torch.randint(0, 256, (h, w, 3), generator=torch.Generator().manual_seed(w * 7 + h))
     img = Image.fromarray(noise.to(torch.uint8).numpy(), mode="RGB")
@@ -203,7 +203,7 @@ def test_letterbox_equals_pillow_imageops_pad(size, target):
 def test_small_presets_stretch_instead_of_letterbox():
     img = Image.new("RGB", (1000, 200), (255, 255, 255))
     g = P.preprocess(img, 640, 640, False).global_view
-    assert torch.all(g == 1.0)  # stretched: no gray bars (SPEC §5.2, pitfall 15)
+    assert torch.all(g == 1.0)  # stretched: no gray bars (tiles are resized, not letter-boxed)
     g = P.preprocess(img, 1024, 1024, False).global_view
     assert torch.any(g[0, 0] == _value(127))  # Base letter-boxes
 
@@ -232,7 +232,7 @@ def test_image_modes_and_exif():
     buf = io.BytesIO()
     img.save(buf, format="JPEG", exif=exif.tobytes())
     assert P.to_rgb(Image.open(io.BytesIO(buf.getvalue()))).size == (100, 300)
-    # a 1-pixel-high strip does not crash the letter-box (SPEC §5.4)
+    # a 1-pixel-high strip does not crash the letter-box (sides clamped to 1 px)
     assert P.pad_to_square(Image.new("RGB", (5000, 1)), 1024).size == (1024, 1024)
 
 

@@ -1,5 +1,5 @@
 """DeepSeek-OCR vision side: the fused projector input and the image rows that are spliced into the
-prompt (SPEC §6.3/§6.4/§8.1), and the resized position tables' caches."""
+prompt (projector, image-token layout, splice into the embeddings), and the resized position tables' caches."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _image(w: int, h: int) -> Image.Image:
 
 def _by_hand(model, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """projector(cat[CLIP(SAM(x))[:, 1:], SAM(x) flattened row-major]) -> (B, m, m, D), written out with
-    the towers as black boxes and the projector as an explicit affine map (SPEC §6.3); also returns
+    the towers as black boxes and the projector as an explicit affine map; also returns
     the CLIP output (with CLS) and the flattened SAM map."""
     m = model.net.model
     sam = m.sam_model(pixels)  # (B, C, q, q)
@@ -72,7 +72,7 @@ def test_spliced_image_rows_are_clip_then_sam_without_cls(deepseek_model_f32, si
         expected.append(nl)
     expected.append(sep)
     want = torch.stack(expected)
-    assert rows.shape == want.shape == (image.num_tokens, model.cfg.language.hidden_size)
+    assert rows.shape == want.shape == (image.num_tokens, model.config.language.hidden_size)
     assert torch.allclose(rows, want, atol=1e-5, rtol=1e-5)
     # the text rows are untouched token embeddings
     ids = torch.tensor(prep.input_ids)

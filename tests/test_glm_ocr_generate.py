@@ -23,7 +23,7 @@ from deepseek_ocr_server.config import (
 )
 from deepseek_ocr_server.engine.generate import generate
 from deepseek_ocr_server.models.base import ModelFiles, Prepared
-from deepseek_ocr_server.models.glm_ocr.language import GlmKVCache
+from deepseek_ocr_server.models.common.cache import KVCache
 from deepseek_ocr_server.models.glm_ocr.model import GlmOcrModel
 from deepseek_ocr_server.models.paddleocr_vl.processor import mrope_positions
 from deepseek_ocr_server.models.registry import family
@@ -58,17 +58,17 @@ def test_cached_decode_equals_recompute(glm_model: GlmOcrModel) -> None:
 
 
 def test_batch_of_two_equals_each_alone_and_cache_grows(glm_model: GlmOcrModel, monkeypatch) -> None:
-    import deepseek_ocr_server.models.glm_ocr.model as mod
+    import deepseek_ocr_server.models.common.cache as mod
 
     a = glm_model.prepare("Text Recognition:", [_img(150, 90, 1)])
     b = glm_model.prepare("Table Recognition:", [_img(90, 300, 2), _img(60, 60, 3)], system="sys")
     assert len(a.input_ids) != len(b.input_ids)
     steps = 8
     alone = [_greedy(glm_model, p, steps) for p in (a, b)]
-    monkeypatch.setattr(mod, "_INITIAL_DECODE_RESERVE", 1)  # every cache regrows during the run
+    monkeypatch.setattr(mod, "INITIAL_DECODE_RESERVE", 1)  # every cache regrows during the run
     la, ca = glm_model.prefill(a, steps)
     lb, cb = glm_model.prefill(b, steps)
-    assert isinstance(ca, GlmKVCache) and ca.capacity == len(a.input_ids) + 1
+    assert isinstance(ca, KVCache) and ca.capacity == len(a.input_ids) + 1
     ta, tb = int(torch.argmax(la)), int(torch.argmax(lb))
     for step in range(steps):
         assert [ta, tb] == [alone[0][0][step], alone[1][0][step]]

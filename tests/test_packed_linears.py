@@ -1,6 +1,6 @@
 """Linear layers pre-packed for oneDNN (models/layers.py): the same numbers as ``nn.Linear`` (bfloat16:
-bit for bit; float32: to rounding), one weight copy, every linear of both families packed on CPU, the
-int8 and plain paths untouched."""
+bit for bit; float32: to rounding), one weight copy, every linear of every family packed on CPU (q/k/v
+and gate/up as the one layer they are fused into at load), the int8 and plain paths untouched."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
 from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
 from deepseek_ocr_server.models.layers import (
     PackedLinear,
-    PackedRows,
     pack_linears,
     packed_count,
     packing_supported,
@@ -111,9 +110,10 @@ def test_deepseek_bf16_every_linear_packed_same_numbers(deepseek_ckpt):
     mlp = m.net.model.layers[1].mlp
     assert isinstance(m.net.lm_head, PackedLinear)
     # gate+up of every expert and q/k/v of every layer run as one fused layer each
-    assert isinstance(mlp.experts[0].gate_up, PackedLinear) and isinstance(mlp.experts[0].up_proj, PackedRows)
+    assert isinstance(mlp.experts[0].gate_up_proj, PackedLinear) and not hasattr(mlp.experts[0], "up_proj")
     assert isinstance(m.net.model.layers[0].self_attn.qkv_proj, PackedLinear)
-    assert isinstance(mlp.shared_experts.gate_up, PackedLinear) and isinstance(mlp.experts[0].down_proj, PackedLinear)
+    assert isinstance(mlp.shared_experts.gate_up_proj, PackedLinear)
+    assert isinstance(mlp.experts[0].down_proj, PackedLinear)
     assert isinstance(m.net.model.sam_model.blocks[0].attn.qkv, PackedLinear)  # vision too
     assert isinstance(mlp.gate.weight, nn.Parameter)  # the router is not a linear layer
     # parameters() holds no linear weight twice: packed weights are not parameters, nothing else is f16
@@ -127,7 +127,7 @@ def test_deepseek_bf16_every_linear_packed_same_numbers(deepseek_ckpt):
     sd = m.net.state_dict()
     m.set_packed(False)
     assert m.packed_layers == 0 and type(m.net.lm_head) is nn.Linear
-    assert mlp.experts[0].gate_up is None and type(mlp.experts[0].up_proj) is nn.Linear
+    assert type(mlp.experts[0].gate_up_proj) is nn.Linear  # still fused: one forward path
     plain_sd = m.net.state_dict()  # the same keys and values, packed or not
     assert sd.keys() == plain_sd.keys() and all(torch.equal(sd[k], plain_sd[k]) for k in sd)
     plain = _steps(m, prep, 12)
@@ -160,7 +160,7 @@ def test_paddle_bf16_every_linear_packed_same_numbers(paddle_ckpt):
     assert m.packed_layers == _linears(m.net) > 0 and _plain(m.net) == 0
     assert isinstance(m.net.lm_head, PackedLinear)
     assert isinstance(m.net.model.layers[0].self_attn.qkv_proj, PackedLinear)
-    assert isinstance(m.net.model.layers[0].mlp.gate_up, PackedLinear)
+    assert isinstance(m.net.model.layers[0].mlp.gate_up_proj, PackedLinear)
     img = Image.new("RGB", (150, 90), (240, 240, 240))
     ImageDraw.Draw(img).rectangle((10, 30, 140, 50), fill=(0, 0, 0))
     prep = m.prepare("OCR:", [img])
@@ -204,7 +204,7 @@ def test_decode_reports_the_weight_bytes_it_read(deepseek_ckpt, paddle_ckpt):
     m = DeepseekOcrModel.load(ModelFiles.from_dir(deepseek_ckpt), dtype=torch.bfloat16)
     dense, expert = _decoder_bytes(deepseek_ckpt, exclude_experts=True)
     moe = [layer.mlp for layer in m.net.model.layers if hasattr(layer.mlp, "experts")]
-    k = m.cfg.language.num_experts_per_tok
+    k = m.config.language.num_experts_per_tok
     prep = m.prepare("Free OCR.", [_page()], TINY)
     logits, c1 = m.prefill(prep, 4)
     m.decode([int(torch.argmax(logits))], [c1])
@@ -226,17 +226,23 @@ def test_decode_reports_the_weight_bytes_it_read(deepseek_ckpt, paddle_ckpt):
 
 
 def test_int8_of_a_packed_model_quantizes_each_projection(deepseek_ckpt):
-    """quantize_linears_int8 on an already packed and fused model (what serve_bench --int8-check does)
-    undoes the fusion first: every original projection becomes its own int8 layer, nothing stale stays."""
-    from deepseek_ocr_server.models.quant import quantize_linears_int8
+    """quantize_linears_int8 on an already packed model (what serve_bench --int8-check does) gives what
+    load(quantize="int8") gives; a fused layer's int8 rows and scales are exactly each projection's own
+    (per-row scales), and its state_dict splits back under the checkpoint's names."""
+    from deepseek_ocr_server.models.quant import quantize_linears_int8, quantize_weight_int8
     from deepseek_ocr_server.models.registry import family
 
     m = DeepseekOcrModel.load(ModelFiles.from_dir(deepseek_ckpt), dtype=torch.bfloat16)
     ref = DeepseekOcrModel.load(ModelFiles.from_dir(deepseek_ckpt), dtype=torch.bfloat16, quantize="int8")
+    plain = m.net.model.layers[1].mlp.experts[0].state_dict()
     quantize_linears_int8(m.net, skip=lambda name, _: family("deepseek-ocr").is_vision(name))
     expert = m.net.model.layers[1].mlp.experts[0]
-    assert expert.gate_up is None and isinstance(expert.gate_proj, Int8Linear)
-    assert not any(isinstance(x, PackedRows) for x in m.net.modules())
+    assert isinstance(expert.gate_up_proj, Int8Linear) and not any(isinstance(x, PackedLinear) for x in expert.modules())
+    sd = expert.state_dict()
+    assert set(sd) == {f"{p}.{t}" for p in ("gate_proj", "up_proj", "down_proj") for t in ("weight", "scales")}
+    for name in ("gate_proj", "up_proj"):
+        q, scales = quantize_weight_int8(plain[f"{name}.weight"])
+        assert torch.equal(sd[f"{name}.weight"], q) and torch.equal(sd[f"{name}.scales"], scales)
     prep = m.prepare("Free OCR.", [], TINY)
     assert torch.equal(_steps(m, prep, 4)[1], _steps(ref, prep, 4)[1])
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from deepseek_ocr_server.models.common.cache import KVCache, decode_attention
 from deepseek_ocr_server.models.paddleocr_vl import attention
 
 
@@ -35,13 +36,17 @@ def test_tiled_attention_matches_sdpa(monkeypatch, causal: bool, dtype: torch.dt
 
 
 def test_decode_attention_matches_sdpa() -> None:
+    """The decode step's attention (the toolkit's, over a KV cache) against SDPA: 2 kv heads x 8."""
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(2, 8, 32, generator=gen)
     k = torch.randn(2, 50, 32, generator=gen)
     v = torch.randn(2, 50, 32, generator=gen)
-    out = attention.decode_attention(q, k, v, 32**-0.5)
+    cache = KVCache(1, 2, 32, 50, torch.float32, "cpu")
+    cache.write(0, k[:, :49], v[:, :49])
+    cache.advance(49)
+    out = decode_attention(q.reshape(1, 16, 32), k[None, :, 49], v[None, :, 49], [cache], 0, 32**-0.5)
     ref = _reference(q[:, :, None], k, v, 32**-0.5, False)[:, :, 0]
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.view(2, 8, 32), ref, atol=1e-5, rtol=0)
 
 
 def test_tiled_attention_prescaled_single_group(monkeypatch) -> None:

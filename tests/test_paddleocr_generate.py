@@ -11,7 +11,7 @@ from PIL import Image
 
 from deepseek_ocr_server.engine.generate import generate, generate_batch, generate_stream
 from deepseek_ocr_server.models.base import ModelFiles, Prepared
-from deepseek_ocr_server.models.paddleocr_vl.language import KVCache
+from deepseek_ocr_server.models.common.cache import KVCache
 from deepseek_ocr_server.models.paddleocr_vl.model import PaddleOcrVlModel
 from deepseek_ocr_server.models.paddleocr_vl.processor import mrope_positions
 from deepseek_ocr_server.sampling import SamplingParams
@@ -64,11 +64,11 @@ def test_batch_of_two_equals_each_alone(paddle_model: PaddleOcrVlModel) -> None:
 
 
 def test_cache_grows_beyond_initial_capacity(paddle_model: PaddleOcrVlModel, monkeypatch) -> None:
-    import deepseek_ocr_server.models.paddleocr_vl.model as mod
+    import deepseek_ocr_server.models.common.cache as mod
 
     prepared = paddle_model.prepare("OCR:", [_img(150, 90, 4)])
     ref_toks, ref_logits = _greedy(paddle_model, prepared, 6)
-    monkeypatch.setattr(mod, "_INITIAL_DECODE_RESERVE", 1)
+    monkeypatch.setattr(mod, "INITIAL_DECODE_RESERVE", 1)
     logits, cache = paddle_model.prefill(prepared, 6)
     assert isinstance(cache, KVCache) and cache.capacity == len(prepared.input_ids) + 1
     for t, ref in zip(ref_toks, ref_logits[1:], strict=True):

@@ -1,5 +1,5 @@
 """Full-model parity with transformers' PaddleOCRVLForConditionalGeneration on the same tiny original-layout
-checkpoint (SPEC §13): prefill logits, 10 cached decode steps, 20 greedy tokens."""
+checkpoint: prefill logits, 10 cached decode steps, 20 greedy tokens."""
 
 from __future__ import annotations
 

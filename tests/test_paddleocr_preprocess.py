@@ -150,7 +150,7 @@ def test_prompt_string_pinned(paddle_model: PaddleOcrVlModel) -> None:
     )
 
 
-# A template in the style of the older "variant A" (SPEC §7.2): "Assistant: " with a trailing space and
+# A template in the style of the older "variant A" (the first checkpoint revision's template): "Assistant: " with a trailing space and
 # the image markup taken from an ``image_token`` variable with a default. We never bind that variable,
 # so START/END survive (transformers would bind it to the bare placeholder and drop them).
 VARIANT_A_STYLE = (
@@ -228,7 +228,7 @@ def test_prompt_longer_than_context_rejected(paddle_model: PaddleOcrVlModel) -> 
 
 
 def test_mrope_positions_worked_example() -> None:
-    # SPEC §8.2: 5 text tokens, a 6x10 grid (3x5 merged, 15 tokens), then text
+    # 3-D positions: 5 text tokens, a 6x10 grid (3x5 merged, 15 tokens), then text
     img = 99
     ids = [1, 2, 3, 4, 5] + [img] * 15 + [6, 7]
     pos, delta = mrope_positions(ids, [(1, 6, 10)], img, 2)

@@ -61,7 +61,7 @@ def _check(model, first, second, min_calls: int) -> None:
 
 def test_deepseek_prefill_yields_between_layers(deepseek_model_f32):
     m = deepseek_model_f32
-    cfg = m.cfg
+    cfg = m.config
     layers = cfg.sam.layers + cfg.clip.layers + cfg.language.num_hidden_layers
     _check(m, m.prepare("Free OCR.", [_img(1)], TINY), m.prepare("<image>\nOCR.", [_img(2)], TINY), layers)
 

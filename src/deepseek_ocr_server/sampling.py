@@ -6,7 +6,7 @@ Greedy decoding is the argmax after the first two processors.
 
 The context both processors look at is the WHOLE sequence (prompt ids, image placeholders included,
 plus the generated ids), exactly as transformers' ``RepetitionPenaltyLogitsProcessor`` and
-``NoRepeatNGramLogitsProcessor`` do over ``input_ids`` (DeepSeek-OCR SPEC §9, HF path).
+``NoRepeatNGramLogitsProcessor`` do over ``input_ids`` (DeepSeek-OCR's HF inference path).
 """
 
 from __future__ import annotations

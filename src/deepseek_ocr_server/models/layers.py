@@ -1,4 +1,4 @@
-"""Linear layers with their weights pre-packed for oneDNN, shared by both model families.
+"""Linear layers with their weights pre-packed for oneDNN, shared by every model family.
 
 On CPU, torch's plain ``F.linear`` reads a bfloat16 weight at ~20 GB/s in a decode step (one row per
 sequence) and a float32 one at ~13-18 GB/s, well under the memory bandwidth. The same oneDNN kernel fed a
@@ -10,10 +10,10 @@ to ``F.linear`` (same kernel, same accumulation); for float32 they differ by rou
 :class:`PackedLinear` replaces ``nn.Linear`` after loading (:func:`pack_model`), layer by layer, so
 no second copy of the weights is ever alive. It keeps one weight, in the model dtype: prefill, single
 and batched decode steps all use it. Sibling projections that read the same input (q/k/v, gate/up) are
-fused into one packed layer first (:func:`fuse_linears`; the originals stay as :class:`PackedRows`
-views, so ``state_dict()`` is unchanged). Where oneDNN cannot run the dtype (other devices, a CPU without
-bfloat16 support in oneDNN, float16 here) the layers stay plain ``nn.Linear`` (:func:`packing_supported`).
-:func:`weight_bytes` counts what a layer stack reads (decode accounting, ``ocr_decode_weight_bytes_total``).
+already one layer by then (fused at load: ``common.fused``), so they pack as one. Where oneDNN cannot run
+the dtype (other devices, a CPU without bfloat16 support in oneDNN, float16 here) the layers stay plain
+``nn.Linear`` (:func:`packing_supported`). :func:`weight_bytes` counts what a layer stack reads (decode
+accounting, ``ocr_decode_weight_bytes_total``).
 """
 
 from __future__ import annotations
@@ -72,9 +72,6 @@ class PackedLinear(nn.Module):
     parameter (``parameters()`` does not list it); ``state_dict()`` still holds ``weight`` (a dense
     copy) under its original key, and :meth:`dense_weight` / ``.weight`` give it back."""
 
-    #: False for a fused layer (:func:`fuse_linears`): its :class:`PackedRows` views save the weights
-    persistent: bool = True
-
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -102,8 +99,6 @@ class PackedLinear(nn.Module):
         return self.in_features * self.out_features * self.packed.element_size()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 (torch's signature)
-        if not self.persistent:
-            return
         destination[prefix + "weight"] = self.dense_weight()
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
@@ -125,87 +120,6 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed {self.dtype}"
 
 
-class PackedRows(nn.Module):
-    """Output rows ``[start, stop)`` of a fused :class:`PackedLinear`: one of the original layers, kept
-    under its own name (``state_dict``, ``.weight``, ``forward``) while its parent runs the fused layer."""
-
-    def __init__(self, fused: PackedLinear, start: int, stop: int) -> None:
-        super().__init__()
-        self._fused = (fused,)  # a tuple: not registered as a submodule (the parent holds it)
-        self.start, self.stop = start, stop
-        self.in_features, self.out_features = fused.in_features, stop - start
-        self.dtype = fused.dtype
-        self.bias = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._fused[0](x)[..., self.start : self.stop]
-
-    def dense_weight(self) -> torch.Tensor:
-        return self._fused[0].dense_weight()[self.start : self.stop].clone()
-
-    weight = PackedLinear.weight
-    to_linear = PackedLinear.to_linear
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 (torch's signature)
-        destination[prefix + "weight"] = self.dense_weight()
-
-    def extra_repr(self) -> str:
-        return f"rows {self.start}:{self.stop} of a fused layer, in_features={self.in_features}"
-
-
-def _fusing_parents(module: nn.Module) -> list[nn.Module]:
-    return [m for m in module.modules() if getattr(type(m), "FUSED", None)]
-
-
-def fuse_linears(module: nn.Module) -> int:
-    """Fuse sibling layers that read the same input into one :class:`PackedLinear` (a GEMV over a
-    bigger weight runs closer to the memory bandwidth: +15-20 % for 2-3 layers of 1-3 MB, and one call
-    instead of several). A module class opts in with ``FUSED = {"gate_up": ("gate_proj", "up_proj")}``
-    and an attribute ``gate_up = None`` its forward uses when set; the original layers become
-    :class:`PackedRows` views. Only bias-free layers of the same input size and dtype, plain or packed,
-    on a device/dtype oneDNN runs. Returns the number of fused layers made."""
-    n = 0
-    for mod in _fusing_parents(module):  # a list of the parents only: replaced layers are freed at once
-        for fused_name, names in type(mod).FUSED.items():
-            layers = [getattr(mod, name) for name in names]
-            if not all(type(lin) in (nn.Linear, PackedLinear) and lin.bias is None for lin in layers):
-                continue
-            weights = [lin.weight for lin in layers]
-            w0 = weights[0]
-            if any(w.shape[1] != w0.shape[1] or w.dtype != w0.dtype for w in weights):
-                continue
-            if not packing_supported(w0.device, w0.dtype):
-                continue
-            cat = torch.cat(weights)
-            del weights, w0, layers
-            fused = PackedLinear(cat, None)
-            fused.persistent = False
-            del cat
-            start = 0
-            for name in names:
-                stop = start + getattr(mod, name).out_features
-                setattr(mod, name, PackedRows(fused, start, stop))
-                start = stop
-            setattr(mod, fused_name, fused)
-            n += 1
-    release_freed_memory()
-    return n
-
-
-def unfuse_linears(module: nn.Module) -> int:
-    """Undo :func:`fuse_linears`: the views become plain ``nn.Linear`` layers again."""
-    n = 0
-    for mod in _fusing_parents(module):  # a list of the parents only: replaced layers are freed at once
-        for fused_name, names in type(mod).FUSED.items():
-            if getattr(mod, fused_name, None) is None:
-                continue
-            for name in names:
-                setattr(mod, name, getattr(mod, name).to_linear())
-            setattr(mod, fused_name, None)
-            n += 1
-    return n
-
-
 def pack_linears(module: nn.Module, skip: Callable[[str, nn.Linear], bool] | None = None) -> int:
     """Replace every ``nn.Linear`` under ``module`` (in place, layer by layer) by a :class:`PackedLinear`
     when its weight's device and dtype allow it (:func:`packing_supported`); ``skip(name, linear)`` keeps
@@ -225,8 +139,7 @@ def unpack_linears(module: nn.Module) -> int:
 
 
 def weight_bytes(module: nn.Module) -> int:
-    """Bytes of the linear weights under ``module`` as stored: plain, packed (a fused layer once, its
-    views not again) and int8 (values + scales) layers, each special kind by its ``weight_nbytes()``;
+    """Bytes of the linear weights under ``module`` as stored: plain, packed and int8 (values + scales) layers, each special kind by its ``weight_nbytes()``;
     biases and other parameters not counted."""
     n = 0
     for m in module.modules():
@@ -238,7 +151,7 @@ def weight_bytes(module: nn.Module) -> int:
 
 
 def packed_count(module: nn.Module) -> int:
-    """Layers that run pre-packed: :class:`PackedLinear` ones, fused layers counted once each."""
+    """Layers that run pre-packed (:class:`PackedLinear`)."""
     return sum(1 for m in module.modules() if isinstance(m, PackedLinear))
 
 
@@ -254,8 +167,8 @@ class PackedNet:
         return packed_count(self.net)
 
     def set_packed(self, packed: bool) -> None:
-        """Store the linear layers pre-packed for oneDNN, sibling projections fused (the default on CPU),
-        or as plain ``nn.Linear`` layers (tests compare both). Int8 layers and routers are left alone."""
+        """Store the linear layers pre-packed for oneDNN (the default on CPU), or as plain ``nn.Linear``
+        layers (tests compare both). Int8 layers and routers are left alone."""
         pack_model(self.net, packed)
         self._account_weights()
 
@@ -264,13 +177,10 @@ class PackedNet:
 
 
 def pack_model(net: nn.Module, packed: bool = True) -> None:
-    """Pack (:func:`pack_linears`) and fuse (:func:`fuse_linears`) every linear layer of ``net``, or
-    undo both (``packed=False``)."""
+    """Pack (:func:`pack_linears`) every linear layer of ``net``, or undo it (``packed=False``)."""
     if packed:
-        fuse_linears(net)  # first: straight from the plain weights (one transient copy per group)
         pack_linears(net)
     else:
-        unfuse_linears(net)
         unpack_linears(net)
 
 
@@ -444,7 +354,10 @@ def storage_dtypes(net: nn.Module, precision, is_vision: Callable[[str], bool]):
     dtype its phase runs in (``precision``, a ``models.precision.Precision``): the language model's
     linear weights and token embedding in ``precision.weights`` (the default), the vision side
     (``is_vision(name)``) in ``precision.vision``, everything else (norms, biases, routers, small
-    parameters) in ``precision.compute``. ``net`` may live on the meta device."""
+    parameters) in ``precision.compute``. ``net`` may live on the meta device. The overrides are keyed
+    by the checkpoint's names (a fused layer's stored parts: ``common.fused.checkpoint_names``)."""
+    from .common.fused import checkpoint_names
+
     default = precision.weights_dtype
     vision, compute = precision.vision_dtype, precision.compute_dtype
     overrides: dict[str, torch.dtype] = {}
@@ -452,10 +365,12 @@ def storage_dtypes(net: nn.Module, precision, is_vision: Callable[[str], bool]):
     for mname, mod in net.named_modules():
         if type(mod) in (nn.Linear, nn.Embedding):
             stored.add(f"{mname}.weight" if mname else "weight")
+    in_checkpoint = checkpoint_names(net)
     for name, _ in list(net.named_parameters()) + list(net.named_buffers()):
         want = vision if is_vision(name) else default if name in stored else compute
         if want != default:
-            overrides[name] = want
+            for key in in_checkpoint.get(name, [name]):
+                overrides[key] = want
     return default, overrides
 
 

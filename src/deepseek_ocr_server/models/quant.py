@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import PackedLinear, replace_linears, unfuse_linears
+from .layers import PackedLinear, replace_linears
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -112,9 +112,10 @@ def quantize_linears_int8(
 
     ``skip(qualified_name, linear)`` keeps a layer in full precision when it returns True (e.g. a router
     whose top-k choice is sensitive, or an lm_head); layers with ``min(in, out) < min_features`` are kept
-    too. Returns the number of layers replaced. The full-precision weights are freed layer by layer.
+    too. Returns the number of layers replaced. The full-precision weights are freed layer by layer. A
+    fused layer (q/k/v, gate/up: ``common.fused``) becomes one int8 layer: its scales are per output row,
+    so they are the scales each projection would get on its own.
     """
-    unfuse_linears(module)  # fused projections (layers.fuse_linears) become separate layers first
     return replace_linears(module, Int8Linear.from_linear, skip, min_features, source=(nn.Linear, PackedLinear))
 
 

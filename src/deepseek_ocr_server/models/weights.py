@@ -335,12 +335,14 @@ def load_checkpoint(
     tied: Mapping[str, str] | None = None,
     overrides: Mapping[str, torch.dtype] | None = None,
     device: torch.device | str | None = None,
+    unread: re.Pattern[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Strictly read ``weights`` (file or shard index) into ``{name: tensor}`` for exactly ``expected``.
 
     See :func:`match_layout` (``renames``, ``ignored``, ``tied``; ``model`` names the layout in the
     error) and :func:`read_tensors` (``dtype``, per-key ``overrides``, ``device``). An absent tied key
-    shares its source's tensor.
+    shares its source's tensor. Keys ``unread`` matches (``search``) are checked like every other one
+    but their data is not read (the result leaves them out).
     """
     weights = Path(weights)
     tied = dict(tied or {})
@@ -353,8 +355,10 @@ def load_checkpoint(
         ignored=ignored,
         tied=tied,
     )
+    if unread is not None:
+        plan = {k: e for k, e in plan.items() if not unread.search(k)}
     state = read_tensors(plan, dtype, overrides, device)
     for name, source in tied.items():
-        if name not in state:
+        if name not in state and source in state:
             state[name] = state[source]
     return state

@@ -1,7 +1,7 @@
 """Random DeepSeek-OCR checkpoints in the ORIGINAL layout (config.json + safetensors + tokenizer.json).
 
-The key list is written from SPEC §3 (independently of the model code), so loading one of these
-checkpoints checks the model's module names against the original layout.
+The key list is written from the published checkpoint's layout (independently of the model code), so
+loading one of these checkpoints checks the model's module names against the original layout.
 
 Tiny tokenizer id mapping (byte-level BPE):
     0 ``<｜begin▁of▁sentence｜>`` (BOS), 1 ``<｜end▁of▁sentence｜>`` (EOS), 2 ``<｜▁pad▁｜>`` (PAD),
@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import json
 import math
-import struct
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from . import common
+from .common import key_generator, write_checkpoint
+
+#: the original checkpoint's single weights file
+WEIGHTS_NAME = "model-00001-of-000001.safetensors"
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 SPECIAL_TOKENS = [
@@ -30,7 +34,7 @@ SPECIAL_TOKENS = [
 ]  # fmt: skip
 _MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("e", "r"), ("i", "n")]
 
-#: The official sizes (SPEC §2), in the original config.json format.
+#: The official sizes, in the original config.json format.
 FULL_LANGUAGE: dict[str, Any] = {
     "bos_token_id": 0,
     "eos_token_id": 1,
@@ -93,7 +97,7 @@ TINY_CLIP: dict[str, Any] = {"heads": 4, "image_size": 224, "layers": 2, "patch_
 
 
 def make_config(language: dict[str, Any], sam: dict[str, Any], clip: dict[str, Any]) -> dict[str, Any]:
-    """config.json in the original format: nested language_config + flat top-level copy (SPEC §2)."""
+    """config.json in the original format: nested language_config + flat top-level copy (as the published file has them)."""
     lang = {"architectures": ["DeepseekV2ForCausalLM"], **language, "torch_dtype": "bfloat16"}
     return {
         "_name_or_path": "deepseek-ai/DeepSeek-OCR",
@@ -123,7 +127,7 @@ def make_config(language: dict[str, Any], sam: dict[str, Any], clip: dict[str, A
 
 
 def original_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Every original key with its shape (SPEC §3), for the sizes in ``config``."""
+    """Every original key with its shape (the published layout), for the sizes in ``config``."""
     lc = config["language_config"]
     h = lc["hidden_size"]
     out = language_shapes(lc)
@@ -251,32 +255,6 @@ def random_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator) -> tor
     return torch.randn(shape, generator=gen) * fan_in**-0.5
 
 
-def write_safetensors(
-    path: Path,
-    shapes: dict[str, tuple[int, ...]],
-    make: Callable[[str, tuple[int, ...]], torch.Tensor],
-    dtype: torch.dtype = torch.bfloat16,
-) -> None:
-    """Stream a safetensors file tensor by tensor (never holds more than one tensor in memory)."""
-    names = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for k in sorted(shapes):
-        n = math.prod(shapes[k]) * itemsize
-        header[k] = {"dtype": names[dtype], "shape": list(shapes[k]), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for k in sorted(shapes):
-            t = make(k, shapes[k]).to(dtype).contiguous()
-            assert tuple(t.shape) == shapes[k], k
-            f.write(t.view(torch.uint8).numpy().tobytes())
-
-
 def build_tokenizer(path: Path) -> Tokenizer:
     """Byte-level BPE with the DeepSeek-OCR special tokens (ids in the module docstring)."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -285,21 +263,13 @@ def build_tokenizer(path: Path) -> Tokenizer:
         vocab[ch] = len(vocab)
     for a, b in _MERGES:
         vocab[a + b] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(_MERGES)))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in (BOS, EOS, PAD, *SPECIAL_TOKENS)]
+    return common.build_tokenizer(
+        models.BPE(vocab=vocab, merges=list(_MERGES)),
+        (BOS, EOS, PAD, *SPECIAL_TOKENS),
+        pre_tokenizer=pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        decoder=decoders.ByteLevel(),
+        path=path,
     )
-    tok.save(str(path))
-    return tok
-
-
-def _write_side_files(directory: Path, config: dict[str, Any]) -> None:
-    (directory / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    gen = {"_from_model_config": True, "bos_token_id": 0, "eos_token_id": 1, "transformers_version": "4.46.3"}
-    (directory / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
-    build_tokenizer(directory / "tokenizer.json")
 
 
 def build_checkpoint(
@@ -309,33 +279,35 @@ def build_checkpoint(
     seed: int = 0,
     shards: int = 1,
     dtype: torch.dtype = torch.bfloat16,
+    shapes: Callable[[dict[str, Any]], dict[str, tuple[int, ...]]] | None = None,
+    random: Callable[[str, tuple[int, ...], torch.Generator], torch.Tensor] | None = None,
+    generation_config: bool = True,
 ) -> Path:
-    """Write config.json, generation_config.json, tokenizer.json and random weights (one file named as
-    the original ``model-00001-of-000001.safetensors``, or ``shards`` files plus an index)."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    _write_side_files(d, config)
-    shapes = original_shapes(config)
+    """Write config.json, generation_config.json (unless ``generation_config`` is False), tokenizer.json
+    and random weights (one file named as the original ``model-00001-of-000001.safetensors``, or
+    ``shards`` files plus an index). ``shapes`` (default :func:`original_shapes`) and ``random`` (default
+    :func:`random_tensor`) let DeepSeek-OCR 2 reuse all of it with its own layout."""
+    layout = (shapes or original_shapes)(config)
+    rand = random or random_tensor
+
+    def side_files(d: Path) -> None:
+        (d / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        if generation_config:
+            gen = {
+                "_from_model_config": True,
+                "bos_token_id": 0,
+                "eos_token_id": 1,
+                "transformers_version": "4.46.3",
+            }
+            (d / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
+        build_tokenizer(d / "tokenizer.json")
 
     def make(k: str, shape: tuple[int, ...]) -> torch.Tensor:
-        # one generator per key: values do not depend on the file layout or write order
-        return random_tensor(
-            k, shape, torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(k.encode()))
-        )
+        return rand(k, shape, key_generator(seed, k))  # values do not depend on the file layout
 
-    if shards <= 1:
-        write_safetensors(d / "model-00001-of-000001.safetensors", shapes, make, dtype)
-        return d
-    keys = sorted(shapes)
-    weight_map = {}
-    for i in range(shards):
-        part = keys[i::shards]
-        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        write_safetensors(d / name, {k: shapes[k] for k in part}, make, dtype)
-        weight_map.update(dict.fromkeys(part, name))
-    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
-    (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-    return d
+    return write_checkpoint(
+        directory, layout, make, dtype, side_files, weights_name=WEIGHTS_NAME, shards=shards
+    )
 
 
 def tiny_config(**language_overrides: Any) -> dict[str, Any]:

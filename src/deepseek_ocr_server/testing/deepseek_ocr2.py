@@ -14,49 +14,32 @@ The tiny tokenizer is v1's (same special tokens; ids differ from the real tokeni
 
 from __future__ import annotations
 
-import json
-import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import deepseek_ocr as v1
 from .deepseek_ocr import (
     FULL_LANGUAGE,
+    FULL_SAM,
     TINY_LANGUAGE,
-    build_tokenizer,
+    TINY_SAM,
     language_shapes,
     random_tensor,
     sam_shapes,
-    write_safetensors,
 )
+from .deepseek_ocr import WEIGHTS_NAME as WEIGHTS_NAME  # the same file name as v1's
 
-WEIGHTS_NAME = "model-00001-of-000001.safetensors"
-
-#: The official vision sizes as the original config.json states them (``downsample_channels`` [512, 1024]
-#: is stale there: the checkpoint's ``net_3`` has 896 output channels).
-FULL_SAM: dict[str, Any] = {
-    "downsample_channels": [512, 1024],
-    "global_attn_indexes": [2, 5, 8, 11],
-    "heads": 12,
-    "layers": 12,
-    "width": 768,
-}
+# The official vision sizes are v1's as the original config.json states them (its ``downsample_channels``
+# [512, 1024] is stale there: the checkpoint's ``net_3`` has 896 output channels).
 FULL_ENCODER: dict[str, Any] = {"dim": 896}
 #: what the reference hard-codes for the encoder (the original file only has ``dim``)
 ENCODER_DEFAULTS: dict[str, Any] = {
     "layers": 24, "heads": 14, "kv_heads": 2, "intermediate_size": 4864, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
 }  # fmt: skip
 
-#: Tiny vision towers at the real image geometry (patch 16, 1024/768-px views, 64-px tokens).
-TINY_SAM: dict[str, Any] = {
-    "downsample_channels": [32, 48],
-    "global_attn_indexes": [1, 3],
-    "heads": 2,
-    "layers": 4,
-    "width": 32,
-    "out_chans": 16,  # not in the original file (reference: 256); read by our config
-}
+#: Tiny encoder (with v1's tiny SAM) at the real image geometry (patch 16, 1024/768-px views, 64-px tokens).
 TINY_ENCODER: dict[str, Any] = {"dim": 48, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate_size": 80}
 
 
@@ -137,18 +120,17 @@ def _random(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Ten
 def build_checkpoint(
     directory: str | Path, config: dict[str, Any], *, seed: int = 0, dtype: torch.dtype = torch.bfloat16
 ) -> Path:
-    """Write config.json, tokenizer.json and random weights (one file, named as the original's)."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    build_tokenizer(d / "tokenizer.json")
-
-    def make(k: str, shape: tuple[int, ...]) -> torch.Tensor:
-        # one generator per key: values do not depend on the write order
-        return _random(k, shape, torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(k.encode())))
-
-    write_safetensors(d / WEIGHTS_NAME, original_shapes(config), make, dtype)
-    return d
+    """Write config.json, tokenizer.json and random weights (one file, named as the original's): v1's
+    builder with this family's layout, and no generation_config.json (as the released repo)."""
+    return v1.build_checkpoint(
+        directory,
+        config,
+        seed=seed,
+        dtype=dtype,
+        shapes=original_shapes,
+        random=_random,
+        generation_config=False,
+    )
 
 
 def tiny_config(**language_overrides: Any) -> dict[str, Any]:

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from .common import build_tokenizer as assemble_tokenizer
+from .common import is_complete, random_checkpoint, tiny_layout
 
 #: GLM-OCR's added tokens, in id order (the real ids are 59246...59281).
 SPECIAL_TOKENS = [
@@ -116,11 +118,12 @@ def build_tokenizer() -> Tokenizer:
     """One token per printable ASCII character (and newline), then the 36 added tokens in order."""
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
     vocab = {"<unk>": 0} | {c: i + 1 for i, c in enumerate(chars)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    return tok
+    return assemble_tokenizer(
+        models.WordLevel(vocab=vocab, unk_token="<unk>"),
+        SPECIAL_TOKENS,
+        pre_tokenizer=pre_tokenizers.Split(Regex("."), behavior="isolated"),
+        decoder=decoders.Fuse(),
+    )
 
 
 def make_config(tok: Tokenizer, text: dict[str, Any], vision: dict[str, Any], dtype: str) -> dict[str, Any]:
@@ -317,18 +320,18 @@ def build_tiny_checkpoint(
 ) -> Path:
     """Tiny random checkpoint (78 float32 tensors, a full MTP layer included). ``omit``/``extra``/
     ``reshape`` corrupt it on purpose (loading-error tests)."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
     cfg = make_config(tok, TINY_TEXT, TINY_VISION, "float32")
-    gen = torch.Generator().manual_seed(seed)
-    shapes = checkpoint_shapes(cfg)
-    shapes.update(reshape or {})
-    shapes.update(extra or {})
-    tensors = {k: random_tensor(k, shp, gen, 1.5).contiguous() for k, shp in shapes.items() if k not in omit}
-    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
-    _write_side_files(d, tok, cfg)
-    return d
+    shapes = tiny_layout(checkpoint_shapes(cfg), omit, extra, reshape)
+    return random_checkpoint(
+        directory,
+        shapes,
+        random_tensor,
+        lambda d: _write_side_files(d, tok, cfg),
+        seed=seed,
+        scale=1.5,
+        dtype=torch.float32,
+    )
 
 
 def full_config() -> dict[str, Any]:
@@ -339,19 +342,16 @@ def full_config() -> dict[str, Any]:
 def build_full_checkpoint(directory: str | Path, seed: int = 0) -> Path:
     """Real-size random checkpoint (526 bf16 tensors; ~2.65 GB). Skips work when the directory already
     holds a complete one."""
-    d = Path(directory)
-    if (d / "model.safetensors").is_file() and (d / "config.json").is_file():
-        return d
-    d.mkdir(parents=True, exist_ok=True)
+    if is_complete(directory):
+        return Path(directory)
     tok = build_tokenizer()
     cfg = make_config(tok, FULL_TEXT, FULL_VISION, "bfloat16")
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {
-        k: random_tensor(k, shp, gen, 0.6).to(torch.bfloat16).contiguous()
-        for k, shp in checkpoint_shapes(cfg).items()
-    }
-    tmp = d / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    _write_side_files(d, tok, cfg)
-    tmp.rename(d / "model.safetensors")
-    return d
+    return random_checkpoint(
+        directory,
+        checkpoint_shapes(cfg),
+        random_tensor,
+        lambda d: _write_side_files(d, tok, cfg),
+        seed=seed,
+        scale=0.6,
+        dtype=torch.bfloat16,
+    )

@@ -1,4 +1,4 @@
-"""Random-weight PaddleOCR-VL checkpoints in the ORIGINAL layout (SPEC §13.1).
+"""Random-weight PaddleOCR-VL checkpoints in the ORIGINAL layout (the published checkpoint's key names and shapes).
 
 ``build_tiny_checkpoint`` writes a few-hundred-KB model that transformers'
 ``PaddleOCRVLForConditionalGeneration`` and our implementation both load (parity tests);
@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+from tokenizers import Tokenizer, decoders, models, normalizers
+
+from .common import build_tokenizer as assemble_tokenizer
+from .common import is_complete, random_checkpoint, tiny_layout
 
 SPECIAL_TOKENS = [
     "<unk>",
@@ -27,7 +29,7 @@ SPECIAL_TOKENS = [
     "<|VIDEO_PLACEHOLDER|>",
 ]
 
-#: The chat template written into test checkpoints ("variant B" of SPEC §7.2).
+#: The chat template written into test checkpoints ("variant B", the later checkpoint revisions' template).
 CHAT_TEMPLATE_B = """{%- if not add_generation_prompt is defined -%}
     {%- set add_generation_prompt = true -%}
 {%- endif -%}
@@ -112,13 +114,12 @@ def build_tokenizer() -> Tokenizer:
         vocab.setdefault(p, len(vocab))
     for a, b in merges_txt:
         vocab.setdefault(a + b, len(vocab))
-    tok = Tokenizer(
-        models.BPE(vocab=vocab, merges=merges_txt, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    return assemble_tokenizer(
+        models.BPE(vocab=vocab, merges=merges_txt, unk_token="<unk>", byte_fallback=True, fuse_unk=True),
+        SPECIAL_TOKENS,
+        normalizer=normalizers.Replace(" ", "▁"),
+        decoder=decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]),
     )
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    return tok
 
 
 def _config(tok: Tokenizer, text: dict[str, Any], vision: dict[str, Any], dtype: str) -> dict[str, Any]:
@@ -304,36 +305,33 @@ def build_tiny_checkpoint(
 ) -> Path:
     """Tiny random checkpoint (76 tensors, float32). ``omit``/``extra``/``reshape`` corrupt it on purpose
     (loading-error tests)."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
     cfg = _config(tok, TINY_TEXT, TINY_VISION, "float32")
-    gen = torch.Generator().manual_seed(seed)
-    shapes = checkpoint_shapes(cfg)
-    shapes.update(reshape or {})
-    shapes.update(extra or {})
-    tensors = {k: random_tensor(k, shp, gen, 1.5).contiguous() for k, shp in shapes.items() if k not in omit}
-    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
-    _write_side_files(d, tok, cfg, TINY_PIXELS)
-    return d
+    shapes = tiny_layout(checkpoint_shapes(cfg), omit, extra, reshape)
+    return random_checkpoint(
+        directory,
+        shapes,
+        random_tensor,
+        lambda d: _write_side_files(d, tok, cfg, TINY_PIXELS),
+        seed=seed,
+        scale=1.5,
+        dtype=torch.float32,
+    )
 
 
 def build_full_checkpoint(directory: str | Path, seed: int = 0) -> Path:
     """Real-size random checkpoint (620 bf16 tensors, all original keys; ~1.9 GB). Skips work when the
     directory already holds a complete one."""
-    d = Path(directory)
-    if (d / "model.safetensors").is_file() and (d / "config.json").is_file():
-        return d
-    d.mkdir(parents=True, exist_ok=True)
+    if is_complete(directory):
+        return Path(directory)
     tok = build_tokenizer()
     cfg = _config(tok, FULL_TEXT, FULL_VISION, "bfloat16")
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {
-        k: random_tensor(k, shp, gen, 0.6).to(torch.bfloat16).contiguous()
-        for k, shp in checkpoint_shapes(cfg).items()
-    }
-    tmp = d / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    _write_side_files(d, tok, cfg, FULL_PIXELS)
-    tmp.rename(d / "model.safetensors")
-    return d
+    return random_checkpoint(
+        directory,
+        checkpoint_shapes(cfg),
+        random_tensor,
+        lambda d: _write_side_files(d, tok, cfg, FULL_PIXELS),
+        seed=seed,
+        scale=0.6,
+        dtype=torch.bfloat16,
+    )

@@ -1,1 +1,1 @@
-"""DeepSeek-OCR (v1): SAM ViT-B + CLIP-L vision, DeepSeek-V2 MoE decoder (see SPEC in ../shared)."""
+"""DeepSeek-OCR (v1): SAM ViT-B + CLIP-L vision, DeepSeek-V2 MoE decoder."""

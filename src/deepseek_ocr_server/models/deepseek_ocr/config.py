@@ -1,4 +1,4 @@
-"""DeepSeek-OCR configuration, parsed from the checkpoint's ORIGINAL ``config.json`` (SPEC §2).
+"""DeepSeek-OCR configuration, parsed from the checkpoint's ORIGINAL ``config.json`` (the language model's fields nested under ``language_config`` and copied flat at the top level).
 
 Keys read
 ---------
@@ -15,7 +15,7 @@ Vision (``vision_config.width``; the reference hard-codes these values, which ag
 ``clip-l-14-224.{width, layers, heads, patch_size, image_size}``. Keys the original file does NOT have
 but a (tiny test) config may set: ``sam_vit_b.{image_size (1024), patch_size (16), window_size (14),
 out_chans (256), mlp_dim (4*width)}`` and ``clip-l-14-224.mlp_dim (4*width)``. ``mlp_ratio`` at the
-``vision_config`` level (3.7362) is NOT used by the reference (SPEC §2) and is ignored here.
+``vision_config`` level (3.7362) is NOT used by the reference and is ignored here.
 
 Projector: ``projector_config.{projector_type ("linear" only), input_dim, n_embed}``.
 """
@@ -29,7 +29,7 @@ from typing import Any
 
 from ..base import ModelLoadError
 
-# DeepseekV2Config defaults used when a key is absent (SPEC §2, HF-CFGPY).
+# DeepseekV2Config defaults used when a key is absent (the values of transformers' configuration class).
 _LM_DEFAULTS: dict[str, Any] = {
     "vocab_size": 102400,
     "hidden_size": 4096,
@@ -188,10 +188,10 @@ class DeepseekOcrConfig:
         if s.downsample_channels[1] != c.width:
             raise ModelLoadError(
                 f"SAM output channels {s.downsample_channels[1]} must equal the CLIP width {c.width} "
-                "(the SAM map is CLIP's patch embedding, SPEC §6.2)"
+                "(the SAM map is CLIP's patch embedding)"
             )
         if self.projector_input_dim != c.width + s.downsample_channels[1]:
-            raise ModelLoadError("projector input_dim must equal CLIP width + SAM channels (SPEC §6.3)")
+            raise ModelLoadError("projector input_dim must equal CLIP width + SAM channels (the projector reads both, concatenated)")
         if self.projector_n_embed != self.language.hidden_size:
             raise ModelLoadError("projector n_embed must equal the language hidden_size")
         if s.width % s.heads or c.width % c.heads:

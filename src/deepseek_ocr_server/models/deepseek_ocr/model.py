@@ -4,7 +4,7 @@ Module tree == original key names::
 
     model.embed_tokens / model.layers.{L}.* / model.norm      (language.DeepseekV2Decoder)
     model.sam_model.*  model.vision_model.*  model.projector.layers.*   (vision)
-    model.image_newline  model.view_seperator                 (sic, SPEC §3.2)
+    model.image_newline  model.view_seperator                 (sic: the checkpoint's spelling)
     lm_head.weight                                            (untied)
 """
 
@@ -30,17 +30,20 @@ from ..base import (
     SequenceCache,
     check_load_options,
 )
-from ..layers import PackedNet, prepare_for_inference, storage_dtypes, weight_bytes
+from ..common.cache import KVCache
+from ..common.loading import load_net, load_tokenizer, stop_token_ids
+from ..common.model import StackModel
+from ..common.rope import Rope
+from ..layers import PackedNet, weight_bytes
 from ..precision import Precision
 from ..registry import family
-from ..weights import load_checkpoint
 from . import processor
 from .config import DeepseekOcrConfig
-from .language import DeepseekV2Decoder, KVCache, Rope
+from .language import DeepseekV2Decoder
 from .options import VisionSettings
 from .vision import ClipVisionModel, Projector, SamEncoder, arrange_image_embeddings, encode_views
 
-#: Keys a re-saved checkpoint may carry that the model does not use (SPEC §3.4).
+#: Keys a re-saved checkpoint may carry that the model does not use (CLIP's position-id buffer).
 IGNORED_KEYS = (re.compile(r"^model\.vision_model\.embeddings\.position_ids$"),)
 
 
@@ -59,14 +62,15 @@ class DeepseekOcrInner(DeepseekV2Decoder):
 class DeepseekOcrForCausalLM(nn.Module):
     def __init__(self, cfg: DeepseekOcrConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.model = DeepseekOcrInner(cfg)
         self.lm_head = nn.Linear(cfg.language.hidden_size, cfg.language.vocab_size, bias=False)
 
     def encode_image(
         self, image: processor.ImageInput, dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
-        """Pixels -> (N, hidden) image embeddings in splice order (SPEC §6)."""
+        """Pixels -> (N, hidden) image embeddings in splice order (tiles mosaic with a newline embedding
+        after each row, then the global view likewise, then the view separator)."""
         m = self.model
         g = encode_views(
             m.sam_model, m.vision_model, m.projector, image.global_view.to(device=device, dtype=dtype)
@@ -82,7 +86,7 @@ class DeepseekOcrForCausalLM(nn.Module):
 # ---------------------------------------------------------------------------------- the protocol
 
 
-class DeepseekOcrModel(PackedNet, OcrModel):
+class DeepseekOcrModel(StackModel, PackedNet, OcrModel):
     """The engine protocol over a DeepSeek-V2 decoder with image embeddings spliced into the prompt.
 
     DeepSeek-OCR 2 (``deepseek_ocr2.model``) reuses all of it; a family differs in the class
@@ -99,7 +103,7 @@ class DeepseekOcrModel(PackedNet, OcrModel):
 
     def __init__(
         self,
-        cfg: Any,
+        config: Any,
         net: Any,
         tokenizer: Tokenizer,
         device: torch.device,
@@ -107,24 +111,14 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         eos_token_ids: frozenset[int],
         image_token_id: int,
     ) -> None:
-        self.cfg = cfg
-        self.net = net
-        self.tokenizer = tokenizer
-        self.device = device
-        self.precision = precision
-        self.dtype = precision.compute_dtype  # the language model's activations
-        self.vision_dtype = precision.vision_dtype
-        self.eos_token_ids = eos_token_ids
-        self.bos_token_id = cfg.language.bos_token_id
+        lc = config.language
+        self.bind(config, net, tokenizer, eos_token_ids, device, precision, lc.max_position_embeddings)
+        self.bos_token_id = lc.bos_token_id
         self.image_token_id = image_token_id
-        self.max_context = cfg.language.max_position_embeddings
         #: Wall times of the last prefill: "vision_s" (image encoders) and "prefill_s" (decoder).
         self.last_timings: dict[str, float] = {}
-        #: KV cache dtype (the precision plan): float32 on CPU (exact for the values written; fast decode
-        #: attention, see ``language.Attention.forward_decode``), the model dtype elsewhere
-        self.cache_dtype = precision.kv_dtype
         self._account_weights()
-        self.rope = Rope(cfg.language.head_dim, cfg.language.rope_theta, self.max_context, self.dtype, device)
+        self.rope = Rope(lc.head_dim, lc.rope_theta, self.max_context, self.dtype, device)
 
     # ---------------------------------------------------------------- load
     @classmethod
@@ -137,41 +131,26 @@ class DeepseekOcrModel(PackedNet, OcrModel):
     ) -> DeepseekOcrModel:
         dev = torch.device(device)
         precision = check_load_options(cls.kind, dtype, quantize, dev)
-        cfg = cls.config_class.from_file(files.config)
-        if not files.tokenizer.is_file():
-            raise ModelLoadError(f"tokenizer file not found: {files.tokenizer}")
-        try:
-            tokenizer = Tokenizer.from_file(str(files.tokenizer))
-        except Exception as exc:
-            raise ModelLoadError(f"cannot load tokenizer {files.tokenizer}: {exc}") from exc
+        config = cls.config_class.from_file(files.config)
+        tokenizer = load_tokenizer(files.tokenizer)
         image_id = tokenizer.token_to_id(cls.image_placeholder)
         if image_id is None:
             raise ModelLoadError(f"tokenizer has no {cls.image_placeholder!r} token")
-        vocab = cfg.language.vocab_size
-        if image_id >= vocab or cfg.language.bos_token_id >= vocab:
+        vocab = config.language.vocab_size
+        if image_id >= vocab or config.language.bos_token_id >= vocab:
             raise ModelLoadError("image/BOS token id outside the embedding table")
-        eos = set(cfg.language.eos_token_id)
-        gen = files.read_json("generation_config.json")
-        if gen and gen.get("eos_token_id") is not None:
-            e = gen["eos_token_id"]
-            eos = set(e) if isinstance(e, list) else {int(e)}
-
-        # Build on the meta device; every tensor is then read once into its own storage (weights.py).
-        with torch.device("meta"):
-            net = cls.net_class(cfg)
-        expected = {k: tuple(p.shape) for k, p in net.named_parameters()}
-        is_vision = family(cls.kind).is_vision  # the vision side: its spec's quantize_skip
-        stored, overrides = storage_dtypes(net, precision, is_vision)  # each tensor in its phase's dtype
-        state = load_checkpoint(
-            files.weights, expected, stored, model=cls.display_name, ignored=cls.ignored_keys,
-            overrides=overrides, device=dev,
+        eos = stop_token_ids(config.language.eos_token_id, files)
+        net = load_net(
+            lambda: cls.net_class(config),
+            files,
+            precision,
+            quantize,
+            dev,
+            model=cls.display_name,
+            ignored=cls.ignored_keys,
+            is_vision=family(cls.kind).is_vision,  # the vision side: its spec's quantize_skip
         )
-        net.load_state_dict(state, strict=True, assign=True)
-        del state  # the net holds the only reference: a replaced layer's weight is freed at once
-        net.eval().requires_grad_(False)
-        # int8 (decoder linears + lm_head) when asked; widening layers of the plan; oneDNN packing
-        prepare_for_inference(net, precision, quantize, is_vision)
-        return cls(cfg, net, tokenizer, dev, precision, frozenset(int(x) for x in eos), int(image_id))
+        return cls(config, net, tokenizer, dev, precision, eos, int(image_id))
 
     def _account_weights(self) -> None:
         """Bytes a decode step reads: every decoder linear and lm_head once, plus one routed expert's
@@ -204,7 +183,7 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         n_markers = text.count(marker)
         if n_markers > len(images):
             raise InputError(f"prompt has {n_markers} {marker} markers but {len(images)} image(s) were given")
-        # "plain" template: the content is stripped (HF format_messages), no role tags (SPEC §7.1).
+        # "plain" template: the content is stripped (HF format_messages), no role tags.
         text = text.strip()
         if n_markers < len(images):
             text = f"{marker}\n" * (len(images) - n_markers) + text
@@ -243,53 +222,37 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         """One image -> its views and image-token count (``OSError``/``ValueError`` for a bad image)."""
         return processor.preprocess(image, settings.base_size, settings.image_size, settings.crop_mode)
 
-    # ------------------------------------------------------------- prefill
-    @torch.inference_mode()
+    # ------------------------------------------------------------- prefill / decode (common.model)
     def embed_prompt(self, prepared: Prepared) -> torch.Tensor:
-        """Token embeddings with the image rows overwritten by the vision output (SPEC §8.1)."""
+        """Token embeddings with the image rows overwritten by the vision output (in placeholder order)."""
         ids = torch.tensor(prepared.input_ids, dtype=torch.long, device=self.device)
         h = self.net.model.embed_tokens(ids)
         images: list[processor.ImageInput] = prepared.inputs.get("images", [])
         if images:
             t0 = time.perf_counter()
-            emb = torch.cat([self.net.encode_image(img, self.vision_dtype, self.device) for img in images], dim=0)
+            emb = torch.cat(
+                [self.net.encode_image(img, self.vision_dtype, self.device) for img in images], dim=0
+            )
             self.last_timings["vision_s"] = time.perf_counter() - t0
-            mask = ids == self.image_token_id
-            if int(mask.sum()) != emb.shape[0]:
-                raise InputError(f"{int(mask.sum())} image placeholders but {emb.shape[0]} image embeddings")
-            h[mask] = emb.to(h.dtype)
+            self.splice_images(ids, h, self.image_token_id, emb)
         return h
 
-    @torch.inference_mode()
-    def prefill(self, prepared: Prepared, max_new_tokens: int) -> tuple[torch.Tensor, SequenceCache]:
-        n = prepared.num_prompt_tokens
-        if n >= self.max_context:
-            raise InputError(f"prompt is {n} tokens; the model's context is {self.max_context} positions")
-        capacity = min(self.max_context, n + max(1, max_new_tokens))
-        cache = self.net.model.new_cache(capacity, self.cache_dtype, self.device)
-        self.last_timings = {"vision_s": 0.0}
-        h = self.embed_prompt(prepared)
-        t0 = time.perf_counter()
-        out = self.net.model.prefill(h, cache, self.rope)
-        logits = self.net.lm_head(out[-1:]).to(torch.float32)[0]
-        self.last_timings["prefill_s"] = time.perf_counter() - t0
-        return logits, cache
+    def prompt_rope(self, prepared: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rope(torch.arange(prepared.num_prompt_tokens, device=self.device))
 
-    # -------------------------------------------------------------- decode
-    @torch.inference_mode()
-    def decode(self, tokens: list[int], caches: list[SequenceCache]) -> torch.Tensor:
-        if len(tokens) != len(caches):
-            raise ValueError("decode needs one token per cache")
-        kv: list[KVCache] = []
-        for c in caches:
-            if not isinstance(c, KVCache):
-                raise TypeError("decode got a cache that does not belong to deepseek-ocr")
-            kv.append(c)
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        h = self.net.model.embed_tokens(ids)
-        out = self.net.model.decode(h, kv, self.rope)
-        self.last_decode_weight_bytes = self._dense_bytes + self._expert_bytes * sum(m.last_experts for m in self._moe)
-        return self.net.lm_head(out).to(torch.float32)
+    def step_rope(self, caches: list[KVCache]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rope(torch.tensor([c.length for c in caches], device=self.device))
+
+    def step_weight_bytes(self) -> int:
+        return self._dense_bytes + self._expert_bytes * sum(m.last_experts for m in self._moe)
+
+    def prefill(self, prepared: Prepared, max_new_tokens: int) -> tuple[torch.Tensor, SequenceCache]:
+        """``StackModel.prefill``, timed: ``last_timings`` has "vision_s" and "prefill_s" (the rest)."""
+        self.last_timings = {"vision_s": 0.0}
+        t0 = time.perf_counter()
+        out = super().prefill(prepared, max_new_tokens)
+        self.last_timings["prefill_s"] = time.perf_counter() - t0 - self.last_timings["vision_s"]
+        return out
 
     # ------------------------------------------------------------- helpers
     def info(self) -> dict[str, Any]:

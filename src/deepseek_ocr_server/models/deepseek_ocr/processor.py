@@ -1,4 +1,4 @@
-"""DeepSeek-OCR image preprocessing and prompt construction (SPEC §5, §6.4, §7).
+"""DeepSeek-OCR image preprocessing and prompt construction (global view letter-boxed, optional local tiles, image-token layout, the plain prompt).
 
 Follows the HF remote-code path (``infer()``): tile candidates 2..9, the literal 640 threshold, the
 "plain" template with ``.strip()``, BOS + pieces + N image tokens, no EOS.
@@ -12,19 +12,19 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-#: Both sides <= this -> no local tiles, whatever the mode parameters (SPEC §5.3 step 1, pitfall 16).
+#: Both sides <= this -> no local tiles, whatever the mode parameters (the first step of the reference's tile choice).
 TILE_THRESHOLD = 640
-#: HF ``dynamic_preprocess`` defaults (SPEC §5.3; vLLM uses 2..6).
+#: HF ``dynamic_preprocess`` defaults (vLLM uses 2..6).
 MIN_CROPS = 2
 MAX_CROPS = 9
-#: Letter-box fill: int(0.5 * 255) (SPEC §5.2, pitfall 15).
+#: Letter-box fill: int(0.5 * 255) = 127 (not 128, not black: the reference's mean colour truncated).
 FILL = (127, 127, 127)
 #: Image side = this * tokens per side (patch 16, then two stride-2 convs).
 PIXELS_PER_TOKEN = 64
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """EXIF transpose, then RGB as the reference does (alpha dropped, not composited; SPEC §5.4).
+    """EXIF transpose, then RGB as the reference does (alpha dropped, not composited).
 
     16-bit / 32-bit integer and float greyscale images are scaled to 8 bits first (Pillow's
     ``convert('RGB')`` would clip them to 255 instead).
@@ -46,8 +46,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def pad_to_square(image: Image.Image, size: int) -> Image.Image:
     """``ImageOps.pad(image, (size, size), color=FILL)`` with Pillow's defaults (BICUBIC, centred).
 
-    Same arithmetic as Pillow's ``contain`` + ``pad`` (SPEC §5.2), except that a side is clamped to
-    >= 1 px (SPEC §5.4) where Pillow would fail or return an empty image.
+    Same arithmetic as Pillow's ``contain`` + ``pad`` (what the reference calls), except that a side is clamped to
+    >= 1 px where Pillow would fail or return an empty image.
     """
     w, h = image.size
     if w == h:
@@ -66,7 +66,7 @@ def pad_to_square(image: Image.Image, size: int) -> Image.Image:
 
 def candidate_grids(min_num: int = MIN_CROPS, max_num: int = MAX_CROPS) -> list[tuple[int, int]]:
     """Tile grids (columns, rows) in the reference's order: a Python set sorted by the product
-    (stable sort, ties in set iteration order; SPEC §5.3)."""
+    (stable sort, ties in set iteration order, as the reference's set + sort gives them)."""
     ratios = {
         (i, j)
         for n in range(min_num, max_num + 1)
@@ -79,7 +79,7 @@ def candidate_grids(min_num: int = MIN_CROPS, max_num: int = MAX_CROPS) -> list[
 
 def choose_grid(width: int, height: int, tile: int = 640, max_num: int = MAX_CROPS) -> tuple[int, int]:
     """``find_closest_aspect_ratio`` of the reference: strict improvement, or an exact tie that is
-    taken only when ``W*H > 0.5 * tile^2 * i * j`` (SPEC §5.3 step 2)."""
+    taken only when ``W*H > 0.5 * tile^2 * i * j`` (the reference's tie-break towards more tiles)."""
     aspect = width / height
     best_diff = float("inf")
     best = (1, 1)
@@ -102,7 +102,8 @@ def tile_grid(width: int, height: int, tile: int = 640) -> tuple[int, int]:
 
 
 def num_image_tokens(grid: tuple[int, int], global_size: int, tile_size: int) -> int:
-    """N = q_b(q_b+1) + 1 + [tiled](nh*q)(nw*q+1) (SPEC §6.4, §14)."""
+    """N = q_b(q_b+1) + 1 + [tiled](nh*q)(nw*q+1): each view's rows of q tokens plus one newline token
+    per row, and one view separator."""
     qb = global_size // PIXELS_PER_TOKEN
     n = qb * (qb + 1) + 1
     nw, nh = grid
@@ -114,7 +115,7 @@ def num_image_tokens(grid: tuple[int, int], global_size: int, tile_size: int) ->
 
 def normalize(image: Image.Image) -> torch.Tensor:
     """uint8 RGB -> (x/255 - 0.5)/0.5, CHW float32, rounded through bf16 as the reference's cast
-    (SPEC §5.1; done in every dtype so that f32 runs see the reference's values)."""
+    (the reference rounds its pixels to bf16; done in every dtype so that f32 runs see its values)."""
     arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
     x = arr.permute(2, 0, 1).to(torch.float32).div_(255.0)
     x = (x - 0.5) / 0.5
@@ -132,7 +133,7 @@ class ImageInput:
 
 
 def preprocess(image: Image.Image, base_size: int, image_size: int, crop_mode: bool) -> ImageInput:
-    """Global view + tiles per SPEC §5.2 / §5.3 (HF path)."""
+    """Global view (letter-boxed) + tiles (the chosen grid, each tile stretched), as the HF path does."""
     image = to_rgb(image)
     w, h = image.size
     if crop_mode:
@@ -153,7 +154,7 @@ def preprocess(image: Image.Image, base_size: int, image_size: int, crop_mode: b
         grid = (1, 1)
         tiles = None
         # HF non-crop branch: stretch for image_size <= 640, letter-box otherwise; the global view
-        # has image_size (base_size is not used in this branch of the HF path, SPEC §5.2).
+        # has image_size (base_size is not used in this branch of the HF path).
         if image_size <= TILE_THRESHOLD:
             global_view = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
         else:

@@ -1,4 +1,4 @@
-"""DeepEncoder: SAM ViT-B + CLIP-L fed with SAM features + linear projector (SPEC §6).
+"""DeepEncoder: SAM ViT-B + CLIP-L fed with SAM features + linear projector.
 
 Module and parameter names mirror the original checkpoint (``model.sam_model.*``,
 ``model.vision_model.*``, ``model.projector.layers.*``) so loading is a strict 1:1 map.
@@ -22,7 +22,7 @@ _SCORE_TILE_ELEMS = 1 << 21
 
 
 def _interp_abs_pos_2d(table: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize a (1, C, g, g) table to size x size: bicubic, antialias, float32, cast back (SPEC §6.1/6.2)."""
+    """Resize a (1, C, g, g) table to size x size: bicubic, antialias, float32, cast back (as the reference resizes its tables)."""
     return F.interpolate(
         table.to(torch.float32), size=(size, size), mode="bicubic", align_corners=False, antialias=True
     ).to(table.dtype)
@@ -41,7 +41,7 @@ class PatchEmbed(nn.Module):
 
 
 class SamAttention(nn.Module):
-    """Multi-head attention with decomposed relative position bias (SPEC §6.1 step 3)."""
+    """Multi-head attention with decomposed relative position bias (a height and a width table, added to the scores)."""
 
     def __init__(self, cfg: SamConfig, rel_size: int) -> None:
         super().__init__()
@@ -86,7 +86,7 @@ class SamAttention(nn.Module):
         for s in range(0, b * self.heads, step):
             qs = q[s : s + step]
             qr = qs.reshape(-1, h, w, self.head_dim)
-            # bias uses the UNSCALED q and is added to q.k^T/sqrt(hd) (SPEC pitfall 9)
+            # bias uses the UNSCALED q and is added to q.k^T/sqrt(hd)
             rel_h = torch.einsum("bhwc,hkc->bhwk", qr, rh)
             rel_w = torch.einsum("bhwc,wkc->bhwk", qr, rw)
             bias = (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(-1, n, n)
@@ -152,11 +152,11 @@ class SamMlp(nn.Module):
         self.lin2 = nn.Linear(cfg.mlp_dim, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(F.gelu(self.lin1(x)))  # exact (erf) GELU in SAM (pitfall 6)
+        return self.lin2(F.gelu(self.lin1(x)))  # exact (erf) GELU in SAM (CLIP uses quick_gelu: the other way round is wrong)
 
 
 def window_partition(x: torch.Tensor, ws: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Zero-pad bottom/right to a multiple of ws, split into row-major ws x ws windows (no mask, pitfall 8)."""
+    """Zero-pad bottom/right to a multiple of ws, split into row-major ws x ws windows (the padded tokens are not masked: the reference does not mask them)."""
     b, h, w, c = x.shape
     ph, pw = (ws - h % ws) % ws, (ws - w % ws) % ws
     if ph or pw:
@@ -263,7 +263,7 @@ class ClipEmbeddings(nn.Module):
     def __init__(self, cfg: ClipConfig) -> None:
         super().__init__()
         self.class_embedding = nn.Parameter(torch.empty(cfg.width))
-        # present in the checkpoint but never applied: the SAM map replaces it (SPEC §6.2, pitfall 5)
+        # present in the checkpoint but never applied: the SAM map replaces CLIP's own patch convolution
         self.patch_embedding = nn.Conv2d(
             3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False
         )
@@ -314,7 +314,7 @@ class ClipMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)
-        return self.fc2(x * torch.sigmoid(1.702 * x))  # quick_gelu in CLIP (pitfall 6)
+        return self.fc2(x * torch.sigmoid(1.702 * x))  # quick_gelu in CLIP (SAM uses the exact GELU)
 
 
 class ClipLayer(nn.Module):
@@ -370,7 +370,7 @@ def encode_views(
     """(B, 3, s, s) -> (B, m, m, n_embed): SAM -> CLIP(SAM map) -> [CLIP (no CLS) | SAM] -> projector."""
     feats = sam(pixels)  # (B, C, m, m)
     b, _, m, _ = feats.shape
-    clip_out = clip(feats)[:, 1:]  # drop CLS (pitfall 4)
+    clip_out = clip(feats)[:, 1:]  # drop CLS (the projector reads patch positions only)
     fused = torch.cat([clip_out, feats.flatten(2).transpose(1, 2)], dim=-1)  # CLIP first, SAM second
     return projector(fused).reshape(b, m, m, -1)
 
@@ -382,7 +382,7 @@ def arrange_image_embeddings(
     image_newline: torch.Tensor,
     view_seperator: torch.Tensor,
 ) -> torch.Tensor:
-    """[local mosaic rows + newline] + [global rows + newline] + [view_seperator] (SPEC §6.4).
+    """[local mosaic rows + newline] + [global rows + newline] + [view_seperator].
 
     ``global_feats``: (qb, qb, D); ``tile_feats``: (nw*nh, q, q, D) row-major tiles or None.
     """

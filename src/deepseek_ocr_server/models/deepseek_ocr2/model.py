@@ -48,7 +48,7 @@ class DeepseekOcr2Inner(DeepseekV2Decoder):
 class DeepseekOcr2ForCausalLM(nn.Module):
     def __init__(self, cfg: DeepseekOcr2Config) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.model = DeepseekOcr2Inner(cfg)
         self.lm_head = nn.Linear(cfg.language.hidden_size, cfg.language.vocab_size, bias=False)
 
@@ -74,7 +74,7 @@ class DeepseekOcr2Model(DeepseekOcrModel):
     ignored_keys: ClassVar[tuple[re.Pattern[str], ...]] = ()
 
     def check_vision_settings(self, settings: VisionSettings) -> None:
-        sides = self.cfg.view_tokens()
+        sides = self.config.view_tokens()
         # without crop mode only the image_size view exists (base_size is not used)
         for name in ("base_size", "image_size") if settings.crop_mode else ("image_size",):
             v = getattr(settings, name)
@@ -86,5 +86,5 @@ class DeepseekOcr2Model(DeepseekOcrModel):
 
     def preprocess_image(self, image: Image.Image, settings: VisionSettings) -> ImageInput:
         return processor.preprocess(
-            image, settings.base_size, settings.image_size, settings.crop_mode, self.cfg.view_tokens()
+            image, settings.base_size, settings.image_size, settings.crop_mode, self.config.view_tokens()
         )

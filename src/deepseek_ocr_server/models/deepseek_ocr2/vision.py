@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import progress
-from ..deepseek_ocr.language import Mlp, RMSNorm, Rope, rotate_half
+from ..common.blocks import GatedMLP, RMSNorm
+from ..common.rope import Rope, rotate_half
 from .config import QUERY_TABLES, EncoderConfig
 
 
@@ -52,7 +53,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         self.self_attn = EncoderAttention(cfg)
-        self.mlp = Mlp(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import progress
+from ..common.blocks import GatedMLP, RMSNorm
 from ..paddleocr_vl.attention import apply_rotary, tiled_attention
-from ..paddleocr_vl.language import RMSNorm
 from .config import VisionConfig
 
 
@@ -93,28 +93,17 @@ class VisionBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class PatchMerger(nn.Module):
-    """``merger``: Linear -> LayerNorm -> GELU (erf) -> SwiGLU, no biases but the LayerNorm's."""
-
-    #: gate and up run as one fused layer once packed (``layers.fuse_linears``)
-    FUSED = {"gate_up": ("gate_proj", "up_proj")}
+class PatchMerger(GatedMLP):
+    """``merger``: Linear -> LayerNorm -> GELU (erf) -> SwiGLU (gate/up fused at load), no biases but
+    the LayerNorm's."""
 
     def __init__(self, dim: int, context: int) -> None:
-        super().__init__()
+        super().__init__(dim, context)
         self.proj = nn.Linear(dim, dim, bias=False)
         self.post_projection_norm = nn.LayerNorm(dim, eps=1e-5)
-        self.gate_proj = nn.Linear(dim, context, bias=False)
-        self.up_proj = nn.Linear(dim, context, bias=False)
-        self.down_proj = nn.Linear(context, dim, bias=False)
-        self.gate_up: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.post_projection_norm(self.proj(x)))
-        if self.gate_up is not None:
-            gate, up = self.gate_up(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return super().forward(F.gelu(self.post_projection_norm(self.proj(x))))
 
 
 def window_positions(grids: list[tuple[int, int, int]], merge: int) -> tuple[torch.Tensor, torch.Tensor]:

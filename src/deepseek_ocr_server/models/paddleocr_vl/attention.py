@@ -1,4 +1,5 @@
-"""Attention kernels shared by the vision encoder and the decoder.
+"""The prefill/vision attention kernel shared by the vision encoder and the decoder (the decode step's
+attention is the toolkit's: ``common.cache.decode_attention``).
 
 On CPU, ``tiled_attention`` computes softmax(q k^T * scale) v in query tiles with batched GEMMs
 (scores in the activation dtype, softmax in float32), so long image sequences run at matmul speed with
@@ -10,6 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..common.rope import half_split_rotary as apply_rotary
+
+__all__ = ["TILE_ELEMENTS", "apply_rotary", "tiled_attention"]
 
 #: Score elements per GEMM tile (~4M: 8 MB in bf16, stays cache-friendly between the two GEMMs).
 TILE_ELEMENTS = 1 << 22
@@ -71,22 +76,3 @@ def tiled_attention(
                 torch.mm(probs, v[h, :lim], out=o)
                 out[h, :, s0:s1] = o.view(g, t, d)
     return out
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split ("neox") rotary: ``x*[cos,cos] + rotate_half(x)*[sin,sin]`` with ``cos``/``sin`` given for
-    the first half only (both halves of the angle vector are the same), i.e.
-    ``[x1*cos - x2*sin, x2*cos + x1*sin]``."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """One query position over a cache: q [Hkv, G, d], k/v [Hkv, L, d] -> [Hkv, G, d].
-
-    Plain matmul-softmax-matmul (fast at query length 1, unlike SDPA on CPU). ``scale=None``: ``q`` is
-    already scaled (a batched decode step scales every row's query at once)."""
-    scores = torch.bmm(q if scale is None else q * scale, k.transpose(1, 2)).float()
-    p = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.bmm(p, v)

@@ -1,4 +1,4 @@
-"""Configuration parsed from the checkpoint's original ``config.json`` (flat layout, SPEC §3).
+"""Configuration parsed from the checkpoint's original ``config.json`` (flat layout: text fields at the top level, the vision tower under ``vision_config``).
 
 The original file keeps the language-model fields at the top level and the vision fields in
 ``vision_config``. A transformers-5 style file (``text_config`` nested) is accepted as well: its
@@ -33,7 +33,7 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6
     spatial_merge_size: int = 2
     hidden_act: str = "gelu_pytorch_tanh"
-    #: Not in the config: base of the vision 2-D rotary embedding (SPEC §3).
+    #: Not in the config: base of the vision 2-D rotary embedding (the reference hard-codes it).
     rope_theta: float = 10000.0
 
     @property

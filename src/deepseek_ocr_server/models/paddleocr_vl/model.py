@@ -18,28 +18,29 @@ from ..base import (
     OcrModel,
     Prepared,
     RequestOptions,
-    SequenceCache,
     check_load_options,
-    progress,
 )
-from ..layers import PackedNet, prepare_for_inference, storage_dtypes, weight_bytes
+from ..common.cache import KVCache
+from ..common.loading import chat_template, load_net, load_tokenizer, stop_token_ids
+from ..common.model import StackModel
+from ..common.rope import MultimodalRope
+from ..layers import PackedNet, weight_bytes
 from ..precision import Precision
 from ..registry import family
-from ..weights import load_checkpoint
 from .config import PaddleOcrVlConfig
-from .language import ErnieModel, KVCache
+from .language import ErnieModel
 from .processor import (
     FALLBACK_CHAT_TEMPLATE,
     IMAGE_PLACEHOLDER,
     ImageProcessorConfig,
-    ProcessedImage,
     mrope_positions,
     preprocess_image,
     render_prompt,
 )
 from .vision import Projector, VisualModel
 
-#: Present in the original checkpoint but unused at inference (SPEC §10, pitfall 18).
+#: Present in the original checkpoint but unused at inference: the packed-sequence position table (the
+#: vision tower interpolates the learned 2-D table instead) and the SigLIP pooling head.
 UNUSED_KEY_PATTERNS = (
     re.compile(r"^visual\.vision_model\.embeddings\.packing_position_embedding\.weight$"),
     re.compile(r"^visual\.vision_model\.head\."),
@@ -50,8 +51,6 @@ _RENAMES = (
     (re.compile(r"^model\.projector\."), "mlp_AR."),
     (re.compile(r"^model\.language_model\."), "model."),
 )
-#: Prompt tokens reserved for the KV cache beyond the prompt at prefill (it grows when needed).
-_INITIAL_DECODE_RESERVE = 1024
 
 
 class PaddleOcrVlNet(nn.Module):
@@ -120,11 +119,76 @@ def continue_mrope_answer(model: Any, prepared: Prepared, partial: str) -> Prepa
     positions, delta = mrope_positions(
         expanded, grids, model.config.image_token_id, model.config.vision.spatial_merge_size
     )
-    return Prepared(input_ids=expanded, inputs={**prepared.inputs, "positions": positions, "rope_delta": delta})
+    return Prepared(
+        input_ids=expanded, inputs={**prepared.inputs, "positions": positions, "rope_delta": delta}
+    )
 
 
-class PaddleOcrVlModel(PackedNet, OcrModel):
+class MultimodalRopeModel(StackModel):
+    """:class:`~..common.model.StackModel` for a family whose prompts :func:`mrope_prepared` builds
+    (PaddleOCR-VL, GLM-OCR): image features spliced at the image tokens, 3-axis rotary positions for
+    the prompt, ``length + rope_delta`` on every axis for a decode step."""
+
+    config: Any
+    rope: MultimodalRope
+    tokenizer: Any
+    image_config: Any
+    #: the image token of the rendered prompt (named in the error for a text that holds it)
+    image_token: ClassVar[str]
+
+    def render(self, text: str, num_images: int, system: str | None = None) -> str:
+        """The prompt string, one image token per image, before each is expanded to its image's tokens."""
+        raise NotImplementedError
+
+    def preprocess_image(self, image: Image.Image) -> Any:
+        """One image -> its patches and grid (``pixel_values``, ``grid_thw``, ``num_tokens``)."""
+        raise NotImplementedError
+
+    def preprocess_images(self, text: str, images: list[Image.Image]) -> list[Any]:
+        """Each image resized within the checkpoint's pixel budget and cut into patches (a family may
+        make it depend on the prompt: PaddleOCR-VL 1.5's spotting)."""
+        return [self.preprocess_image(img) for img in images]
+
+    def encode_images(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepare(
+        self,
+        text: str,
+        images: list[Image.Image],
+        settings: RequestOptions | None = None,
+        system: str | None = None,
+    ) -> Prepared:
+        processed = self.preprocess_images(text, images)
+        prompt = self.render(text, len(images), system)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        return mrope_prepared(self, ids, processed, self.image_token)
+
+    def continue_answer(self, prepared: Prepared, partial: str) -> Prepared:
+        return continue_mrope_answer(self, prepared, partial)
+
+    def embed_prompt(self, prepared: Prepared) -> torch.Tensor:
+        ids = torch.tensor(prepared.input_ids, dtype=torch.long, device=self.device)
+        h = self.stack.embed_tokens(ids)
+        grids = prepared.inputs.get("grids") or []
+        if grids:
+            feats = prepared.inputs.get("image_features")  # precomputed by encode_images (benchmarks)
+            if feats is None:
+                feats = self.encode_images(prepared.inputs["pixel_values"], grids)
+            self.splice_images(ids, h, self.config.image_token_id, feats)
+        return h
+
+    def prompt_rope(self, prepared: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rope(prepared.inputs["positions"].to(self.device), self.dtype)
+
+    def step_rope(self, caches: list[KVCache]) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.tensor([c.length + c.rope_delta for c in caches], dtype=torch.long, device=self.device)
+        return self.rope(pos[None].expand(3, -1), self.dtype)
+
+
+class PaddleOcrVlModel(MultimodalRopeModel, PackedNet, OcrModel):
     kind: ClassVar[str] = "paddleocr-vl"
+    image_token: ClassVar[str] = IMAGE_PLACEHOLDER
     #: ``load`` takes a per-phase precision plan (``models/precision.py``)
     precision_plans: ClassVar[bool] = True
     #: the image preprocessing of a checkpoint whose ``preprocessor_config.json`` does not say
@@ -142,24 +206,19 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
         device: torch.device,
         precision: Precision,
     ) -> None:
-        self.config = config
-        self.net = net
-        self.tokenizer = tokenizer
+        self.bind(config, net, tokenizer, eos_token_ids, device, precision, config.max_position_embeddings)
         self.image_config = image_config
         self.chat_template = chat_template
         self.special_tokens = special_tokens
-        self.eos_token_ids = eos_token_ids
-        self.device = device
-        self.precision = precision
-        self.dtype = precision.compute_dtype  # the language model's activations
-        self.vision_dtype = precision.vision_dtype
-        self.max_context = config.max_position_embeddings
-        self.cache_dtype = precision.kv_dtype
+        self.rope = MultimodalRope(config.head_dim, config.rope_theta, config.mrope_section, device)
         self._account_weights()
 
     def _account_weights(self) -> None:
         """Every decode step reads the decoder linears and lm_head once (``last_decode_weight_bytes``)."""
         self.decode_weight_bytes = weight_bytes(self.net.model.layers) + weight_bytes(self.net.lm_head)
+
+    def step_weight_bytes(self) -> int:
+        return self.decode_weight_bytes
 
     # ------------------------------------------------------------------------------------ loading
 
@@ -174,57 +233,24 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
         dev = torch.device(device)
         precision = check_load_options(cls.kind, dtype, quantize, dev)
         config = PaddleOcrVlConfig.from_file(files.config)
-        with torch.device("meta"):
-            net = PaddleOcrVlNet(config)
-        expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-        is_vision = family(cls.kind).is_vision  # the vision side: its spec's quantize_skip
-        stored, overrides = storage_dtypes(net, precision, is_vision)  # each tensor in its phase's dtype
-        state = load_checkpoint(
-            files.weights,
-            expected,
-            stored,
-            overrides=overrides,
+        net = load_net(
+            lambda: PaddleOcrVlNet(config),
+            files,
+            precision,
+            quantize,
+            dev,
             model="PaddleOCR-VL",
+            is_vision=family(cls.kind).is_vision,  # the vision side: its spec's quantize_skip
             renames=_RENAMES,
             ignored=UNUSED_KEY_PATTERNS,
             tied={"lm_head.weight": "model.embed_tokens.weight"},
-            device=dev,
         )
-        net.load_state_dict(state, strict=True, assign=True)
-        # non-persistent buffers were created on "meta": rebuild them
-        lm = net.model
-        d = config.head_dim
-        lm.inv_freq = 1.0 / (
-            config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=dev) / d)
-        )
-        t, h, _ = config.mrope_section
-        axis = torch.full((d // 2,), 2, dtype=torch.long, device=dev)
-        axis[:t] = 0
-        axis[t : t + h] = 1
-        lm.rope_axis = axis
-        del state  # the net holds the only reference: a replaced layer's weight is freed at once
-        net.eval().requires_grad_(False)
-        # int8 (decoder linears + lm_head) when asked; widening layers of the plan; oneDNN packing
-        prepare_for_inference(net, precision, quantize, is_vision)
-
-        try:
-            tokenizer = Tokenizer.from_file(str(files.tokenizer))
-        except Exception as e:  # noqa: BLE001
-            raise ModelLoadError(f"cannot load tokenizer {files.tokenizer}: {e}") from e
+        tokenizer = load_tokenizer(files.tokenizer)
         image_config = ImageProcessorConfig.from_dict(files.read_json("preprocessor_config.json"), cls.image_defaults)
-        template_path = files.extra("chat_template.jinja")
-        chat_template = template_path.read_text(encoding="utf-8") if template_path else None
+        template = chat_template(files)
         tok_cfg = files.read_json("tokenizer_config.json")
-        if chat_template is None and tok_cfg and isinstance(tok_cfg.get("chat_template"), str):
-            chat_template = tok_cfg["chat_template"]
         special = {k: v for k in ("cls_token", "eos_token") if (v := _special_token(tok_cfg, k))}
-        eos = {config.eos_token_id}
-        gen = files.read_json("generation_config.json") or {}
-        g_eos = gen.get("eos_token_id")
-        if isinstance(g_eos, int):
-            eos.add(g_eos)
-        elif isinstance(g_eos, list):
-            eos.update(int(x) for x in g_eos)
+        eos = stop_token_ids([config.eos_token_id], files)
         for tok_name in ("<|IMAGE_PLACEHOLDER|>",):
             if tokenizer.token_to_id(tok_name) not in (None, config.image_token_id):
                 raise ModelLoadError(f"tokenizer id of {tok_name} differs from config image_token_id")
@@ -233,14 +259,17 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
             net,
             tokenizer,
             image_config,
-            chat_template or FALLBACK_CHAT_TEMPLATE,
+            template or FALLBACK_CHAT_TEMPLATE,
             special,
-            frozenset(eos),
+            eos,
             dev,
             precision,
         )
 
     # ------------------------------------------------------------------------------------ prompt
+
+    def preprocess_image(self, image: Image.Image) -> Any:
+        return preprocess_image(image, self.image_config)
 
     def render(self, text: str, num_images: int, system: str | None = None) -> str:
         """The prompt string before placeholder expansion (``<image>`` markers removed)."""
@@ -252,25 +281,6 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
             self.special_tokens,
         )
 
-    def prepare(
-        self,
-        text: str,
-        images: list[Image.Image],
-        settings: RequestOptions | None = None,
-        system: str | None = None,
-    ) -> Prepared:
-        processed = self.preprocess_images(text, images)
-        prompt = self.render(text, len(images), system)
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
-        return mrope_prepared(self, ids, processed, IMAGE_PLACEHOLDER)
-
-    def preprocess_images(self, text: str, images: list[Image.Image]) -> list[ProcessedImage]:
-        """Each image resized within the checkpoint's pixel budget and cut into patches."""
-        return [preprocess_image(img, self.image_config) for img in images]
-
-    def continue_answer(self, prepared: Prepared, partial: str) -> Prepared:
-        return continue_mrope_answer(self, prepared, partial)
-
     # ------------------------------------------------------------------------------------ forward
 
     @torch.inference_mode()
@@ -279,64 +289,3 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
         pv = pixel_values.to(self.device, self.vision_dtype)
         feats = self.net.visual.vision_model(pv, grids)
         return self.net.mlp_AR(feats, grids)
-
-    @torch.inference_mode()
-    def prefill(self, prepared: Prepared, max_new_tokens: int) -> tuple[torch.Tensor, SequenceCache]:
-        cfg = self.config
-        n = len(prepared.input_ids)
-        if n == 0:
-            raise InputError("empty prompt")
-        if n >= self.max_context:
-            raise InputError(f"prompt of {n} tokens exceeds the context of {self.max_context}")
-        ids = torch.tensor(prepared.input_ids, dtype=torch.long, device=self.device)
-        lm = self.net.model
-        x = lm.embed_tokens(ids)
-        grids = prepared.inputs.get("grids") or []
-        if grids:
-            feats = prepared.inputs.get("image_features")  # precomputed by encode_images (benchmarks)
-            if feats is None:
-                feats = self.encode_images(prepared.inputs["pixel_values"], grids)
-            mask = ids == cfg.image_token_id
-            if int(mask.sum()) != feats.shape[0]:
-                raise InputError(f"{int(mask.sum())} image tokens but {feats.shape[0]} image features")
-            x[mask] = feats.to(x.dtype)
-        positions = prepared.inputs["positions"].to(self.device)
-        cos, sin = lm.rope(positions, self.dtype)
-        capacity = min(self.max_context, n + max(1, min(max_new_tokens, _INITIAL_DECODE_RESERVE)))
-        cache = KVCache(
-            cfg.num_hidden_layers,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            capacity,
-            int(prepared.inputs["rope_delta"]),
-            self.cache_dtype,
-            self.device,
-        )
-        for i, layer in enumerate(lm.layers):
-            x = layer.prefill(x, cos, sin, cache, i)
-            progress()
-        cache.advance(n)
-        h = lm.norm(x[-1:])
-        return self.net.lm_head(h).float()[0], cache
-
-    @torch.inference_mode()
-    def decode(self, tokens: list[int], caches: list[SequenceCache]) -> torch.Tensor:
-        if len(tokens) != len(caches):
-            raise ValueError("one token per cache")
-        kv: list[KVCache] = []
-        for c in caches:
-            if not isinstance(c, KVCache):
-                raise TypeError("not a PaddleOCR-VL cache")
-            c.reserve(c.length + 1)
-            kv.append(c)
-        lm = self.net.model
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        x = lm.embed_tokens(ids)  # [B, C]
-        pos = torch.tensor([c.length + c.rope_delta for c in kv], dtype=torch.long, device=self.device)
-        cos, sin = lm.rope(pos[None].expand(3, -1), self.dtype)
-        for i, layer in enumerate(lm.layers):
-            x = layer.decode(x, cos, sin, kv, i)
-        for c in kv:
-            c.advance()
-        self.last_decode_weight_bytes = self.decode_weight_bytes
-        return self.net.lm_head(lm.norm(x)).float()

@@ -1,4 +1,4 @@
-"""Image preprocessing and prompt construction for PaddleOCR-VL (SPEC §4 and §7).
+"""Image preprocessing and prompt construction for PaddleOCR-VL (smart resize to multiples of the patch grid, chat template rendering).
 
 Images: RGB (alpha composited on white) -> smart resize to multiples of 28 within the checkpoint's pixel
 budget -> PIL bicubic -> (x/255 - 0.5)/0.5 -> 14x14 patches in raster order, grid (1, gh, gw).
@@ -33,7 +33,7 @@ IMAGE_PLACEHOLDER = "<|IMAGE_PLACEHOLDER|>"
 IMAGE_START = "<|IMAGE_START|>"
 IMAGE_END = "<|IMAGE_END|>"
 
-#: Built-in chat template used when the checkpoint ships none ("variant B" of SPEC §7.2:
+#: Built-in chat template used when the checkpoint ships none ("variant B", the template of the later checkpoint revisions:
 #: ``"Assistant:\n"`` and the image markup written out in the template).
 FALLBACK_CHAT_TEMPLATE = (
     "{%- if not add_generation_prompt is defined -%}{%- set add_generation_prompt = true -%}{%- endif -%}\n"
@@ -67,7 +67,7 @@ FALLBACK_CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class ImageProcessorConfig:
-    """Values of ``preprocessor_config.json`` (defaults: PaddleOCR-VL v1.0, SPEC §4)."""
+    """Values of ``preprocessor_config.json`` (defaults: PaddleOCR-VL v1.0's file)."""
 
     min_pixels: int = 147384
     max_pixels: int = 2822400
@@ -104,7 +104,7 @@ class ImageProcessorConfig:
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Target (height, width): multiples of ``factor`` with min_pixels <= h*w <= max_pixels (SPEC §4.2)."""
+    """Target (height, width): multiples of ``factor`` with min_pixels <= h*w <= max_pixels (the reference's smart resize)."""
     if height < factor:
         width = round(width * factor / height)
         height = factor
@@ -210,7 +210,7 @@ def render_prompt(
     template: str, text: str, num_images: int, system: str | None, special: dict[str, str] | None = None
 ) -> str:
     """Render the chat template with ``add_generation_prompt`` on. ``special`` may bind ``cls_token`` /
-    ``eos_token``; an ``image_token`` variable is deliberately never passed (SPEC §7.2)."""
+    ``eos_token``; an ``image_token`` variable is deliberately never passed (the reference's processor does not pass one either)."""
     tmpl = _template_env().from_string(template)
     variables = {k: v for k, v in (special or {}).items() if k in ("cls_token", "eos_token")}
     return tmpl.render(
@@ -221,7 +221,7 @@ def render_prompt(
 def mrope_positions(
     input_ids: list[int], grids: list[tuple[int, int, int]], image_token_id: int, merge: int
 ) -> tuple[torch.Tensor, int]:
-    """3-axis (t, h, w) positions of a prompt and its ``rope_delta`` (SPEC §8.2).
+    """3-axis (t, h, w) positions of a prompt and its ``rope_delta``: text tokens count up on all three axes, an image's tokens take (t, row, column) of its merged grid offset by the text before it.
 
     Text tokens get (cur, cur, cur); an image run of merged grid (t, h', w') gets (cur, cur+r, cur+c) and
     then advances cur by max(h', w'). ``rope_delta = max position + 1 - len(input_ids)``.

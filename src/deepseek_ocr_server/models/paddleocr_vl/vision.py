@@ -1,4 +1,4 @@
-"""NaViT-style SigLIP vision encoder (``visual.vision_model.*``) and the ``mlp_AR`` projector (SPEC §5, §6).
+"""NaViT-style SigLIP vision encoder (``visual.vision_model.*``) and the ``mlp_AR`` projector (2x2 patch merge, then two linear layers).
 
 All patches of all images of a request form one sequence; attention is block-diagonal per image.
 On CPU, attention is computed in query tiles with plain GEMMs (``attention.tiled_attention``) so it runs
