@@ -15,8 +15,9 @@ Admission and model choice (the rules the README documents):
   the free ones (beyond: :class:`Overloaded`, HTTP 429 with ``Retry-After``; ``max_queued = 0``: no
   queue, a request is accepted only when a slot is free); a request that waits longer than
   ``queue_timeout_s`` for its prefill to start gets :class:`QueueTimeout`.
-- One admission (prepare + vision + prefill) at a time. During it, the models call
-  ``models.base.progress()`` between layers; once the running streams have waited ``prefill_slice_s``
+- One admission (prepare + vision + prefill) at a time. The worker hands ``model.prefill`` a
+  ``between_layers`` callback that the model calls after every layer (the protocol's rule,
+  ``models/base.py``); once the running streams have waited ``prefill_slice_s``
   since their last token, the worker runs one decode step for them right there. So a running stream
   waits at most ``prefill_slice_s`` plus one layer of the prefill (plus one preprocessing) between two
   of its tokens, however long the page and however many requests arrive; the admitted request's own
@@ -52,7 +53,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..models.base import InputError, OcrModel, Prepared, progress_hook
+from ..models.base import InputError, OcrModel, Prepared
 from . import metrics
 from .errors import BadRequest, EngineError, ModelUnavailable, Overloaded, QueueTimeout
 from .sequence import Sequence
@@ -69,7 +70,7 @@ def _drop_images(req: OcrRequest) -> None:
 
 
 class _PrefillCancelled(Exception):
-    """Raised from the progress hook to unwind the prefill of a request whose client went away."""
+    """Raised from the ``between_layers`` callback to unwind the prefill of a request whose client went away."""
 
 
 _ids = itertools.count(1)
@@ -590,8 +591,7 @@ class Scheduler:
             seq = Sequence(model, prepared, req.sampling, min(req.max_new_tokens, room), req.stop)
             if job.cancelled:
                 raise _PrefillCancelled
-            with progress_hook(self._decode_during_prefill):
-                logits, seq.cache = model.prefill(prepared, seq.max_new_tokens)
+            logits, seq.cache = model.prefill(prepared, seq.max_new_tokens, self._decode_during_prefill)
         except _PrefillCancelled:
             if seq is not None:
                 seq.release()
@@ -645,7 +645,7 @@ class Scheduler:
                 self._step()
 
     def _decode_during_prefill(self) -> None:
-        """``progress()`` hook of an admission: stop at once when the admitted request was cancelled;
+        """The ``between_layers`` callback of an admission's prefill: stop at once when the admitted request was cancelled;
         else one decode step for the running streams once they have waited ``prefill_slice_s`` since
         their last one."""
         job = self._admitting_job

@@ -4,6 +4,8 @@ A model family lives in ``models/<kind>/`` and exposes one class implementing :c
 The engine never looks inside a model: it calls ``prepare`` (CPU preprocessing, tokenisation),
 ``prefill`` (vision + prompt, returns the logits of the last prompt position and an opaque per-sequence
 cache) and ``decode`` (one new token for each of several sequences, possibly of different lengths).
+A prefill calls the ``between_layers`` callback it is given after every layer: that is where the engine
+interleaves decode steps of the running sequences (the rules are in :meth:`OcrModel.prefill`).
 Generation loops, sampling and text streaming are shared code (``engine/``, ``sampling.py``,
 ``textstream.py``) so that both families behave identically.
 """
@@ -12,9 +14,7 @@ from __future__ import annotations
 
 import abc
 import json
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -132,31 +132,12 @@ class SequenceCache(abc.ABC):
         """Drop the buffers early (the engine calls this when a sequence leaves)."""
 
 
-_progress = threading.local()
+#: What ``prefill`` calls between layers (see :meth:`OcrModel.prefill` for the rules).
+BetweenLayers = Callable[[], None]
 
 
-def progress() -> None:
-    """Called by the models between layers of vision and prefill (a few dozen times per page): lets the
-    engine run a decode step of the other sequences in the middle of a long prefill
-    (:func:`progress_hook`). Does nothing outside such a hook, or while the hook itself runs."""
-    fn = getattr(_progress, "fn", None)
-    if fn is not None:
-        _progress.fn = None  # not re-entered by what the hook runs
-        try:
-            fn()
-        finally:
-            _progress.fn = fn
-
-
-@contextmanager
-def progress_hook(fn: Callable[[], None]) -> Iterator[None]:
-    """Call ``fn`` at every :func:`progress` of this thread while the block runs."""
-    old = getattr(_progress, "fn", None)
-    _progress.fn = fn
-    try:
-        yield
-    finally:
-        _progress.fn = old
+def no_pause() -> None:
+    """The default ``between_layers``: a prefill that nobody interleaves."""
 
 
 class OcrModel(abc.ABC):
@@ -219,9 +200,27 @@ class OcrModel(abc.ABC):
         return out
 
     @abc.abstractmethod
-    def prefill(self, prepared: Prepared, max_new_tokens: int) -> tuple[torch.Tensor, SequenceCache]:
+    def prefill(
+        self, prepared: Prepared, max_new_tokens: int, between_layers: BetweenLayers = no_pause
+    ) -> tuple[torch.Tensor, SequenceCache]:
         """Run vision + the whole prompt. Returns float32 logits ``[vocab]`` of the last position and
-        the sequence's cache, sized for ``max_new_tokens`` more tokens."""
+        the sequence's cache, sized for ``max_new_tokens`` more tokens.
+
+        ``between_layers()`` is how a long prefill shares the CPU with the sequences already decoding:
+        the model calls it after every layer of its vision encoder(s) and of its language model (a few
+        dozen times per page; never inside a layer). The engine uses it to run decode steps of the
+        other sequences in the middle of the prefill, so a family that does not call it loses the
+        engine's latency bound (``tests/test_model_protocol.py`` checks every registered family).
+        The re-entrancy rule:
+
+        - the callback may call :meth:`decode` on this same model for OTHER sequences' caches (the
+          cache being prefilled is not handed out before ``prefill`` returns), so nothing the prefill
+          keeps between two layers may live in model-wide state that ``decode`` touches;
+        - it never calls ``prefill`` (one prefill at a time per model), and ``decode`` takes no
+          callback, so the callback is never re-entered;
+        - it may raise (the engine does, to drop a cancelled request): the exception leaves
+          ``prefill`` unchanged and the half-built cache is garbage.
+        """
 
     @abc.abstractmethod
     def decode(self, tokens: list[int], caches: list[SequenceCache]) -> torch.Tensor:

@@ -16,8 +16,8 @@ Used by the engine and API tests (and by anyone who needs a model that loads in 
   after ``release``; ``live_caches`` counts caches not yet released.
 - ``step_delay`` / ``prefill_delay`` (seconds) slow the model down; ``on_decode`` / ``on_prefill`` /
   ``on_layer`` / ``on_prepare`` callbacks let tests block or observe the worker deterministically. ``prefill_layers`` > 0 makes a
-  prefill call ``models.base.progress()`` that many times, as the real models do between layers (the
-  delay split among them); ``decodes_during_prefill`` counts decode calls made in the middle of one.
+  prefill call its ``between_layers`` callback that many times, as the real models do between layers
+  (the delay split among them); ``decodes_during_prefill`` counts decode calls made in the middle of one.
 """
 
 from __future__ import annotations
@@ -34,7 +34,16 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from ..models.base import InputError, ModelFiles, OcrModel, Prepared, SequenceCache, VisionSettings, progress
+from ..models.base import (
+    BetweenLayers,
+    InputError,
+    ModelFiles,
+    OcrModel,
+    Prepared,
+    SequenceCache,
+    VisionSettings,
+    no_pause,
+)
 
 BOS = "<|bos|>"
 EOS = "<|eos|>"
@@ -215,7 +224,9 @@ class FakeOcrModel(OcrModel):
         """Number of letters the greedy answer has before its EOS."""
         return self.min_answer + self.prompt_key(prepared) % max(1, self.answer_span)
 
-    def prefill(self, prepared: Prepared, max_new_tokens: int) -> tuple[torch.Tensor, FakeCache]:
+    def prefill(
+        self, prepared: Prepared, max_new_tokens: int, between_layers: BetweenLayers = no_pause
+    ) -> tuple[torch.Tensor, FakeCache]:
         if self.on_prefill is not None:
             self.on_prefill(self, prepared)
         self.in_prefill = True
@@ -225,7 +236,7 @@ class FakeOcrModel(OcrModel):
                 self.layers_run += 1
                 if self.on_layer is not None:
                     self.on_layer(self, layer)
-                progress()
+                between_layers()
             if self.prefill_delay and not self.prefill_layers:
                 time.sleep(self.prefill_delay)
         finally:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import SequenceCache, progress
+from ..base import BetweenLayers, SequenceCache, no_pause
 from .config import LanguageConfig
 
 
@@ -286,7 +286,9 @@ class DeepseekV2Decoder(nn.Module):
         c = self.cfg
         return KVCache(c.num_hidden_layers, c.num_attention_heads, c.head_dim, capacity, dtype, device)
 
-    def prefill(self, h: torch.Tensor, cache: KVCache, rope: Rope) -> torch.Tensor:
+    def prefill(
+        self, h: torch.Tensor, cache: KVCache, rope: Rope, between_layers: BetweenLayers = no_pause
+    ) -> torch.Tensor:
         """h: (T, H) input embeddings; fills the cache from its current length; returns final-normed (T, H)."""
         t = h.shape[0]
         start = cache.length
@@ -298,7 +300,7 @@ class DeepseekV2Decoder(nn.Module):
             a = layer.self_attn.forward_prefill(layer.input_layernorm(h), cos, sin, cache.k[i], cache.v[i], start)
             h = h + a
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-            progress()
+            between_layers()
         cache.advance(t)
         return self.norm(h)
 

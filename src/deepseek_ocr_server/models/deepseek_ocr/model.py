@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from ..base import (
+    BetweenLayers,
     InputError,
     ModelFiles,
     ModelLoadError,
@@ -28,6 +29,7 @@ from ..base import (
     SequenceCache,
     VisionSettings,
     check_load_options,
+    no_pause,
 )
 from ..layers import PackedNet, prepare_for_inference, storage_dtypes, weight_bytes
 from ..precision import Precision
@@ -62,17 +64,21 @@ class DeepseekOcrForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.language.hidden_size, cfg.language.vocab_size, bias=False)
 
     def encode_image(
-        self, image: processor.ImageInput, dtype: torch.dtype, device: torch.device
+        self,
+        image: processor.ImageInput,
+        dtype: torch.dtype,
+        device: torch.device,
+        between_layers: BetweenLayers = no_pause,
     ) -> torch.Tensor:
         """Pixels -> (N, hidden) image embeddings in splice order (SPEC §6)."""
         m = self.model
         g = encode_views(
-            m.sam_model, m.vision_model, m.projector, image.global_view.to(device=device, dtype=dtype)
+            m.sam_model, m.vision_model, m.projector, image.global_view.to(device=device, dtype=dtype), between_layers
         )
         tiles = None
         if image.tiles is not None:
             tiles = encode_views(
-                m.sam_model, m.vision_model, m.projector, image.tiles.to(device=device, dtype=dtype)
+                m.sam_model, m.vision_model, m.projector, image.tiles.to(device=device, dtype=dtype), between_layers
             )
         return arrange_image_embeddings(g[0], tiles, image.grid, m.image_newline, m.view_seperator)
 
@@ -240,14 +246,14 @@ class DeepseekOcrModel(PackedNet, OcrModel):
 
     # ------------------------------------------------------------- prefill
     @torch.inference_mode()
-    def embed_prompt(self, prepared: Prepared) -> torch.Tensor:
+    def embed_prompt(self, prepared: Prepared, between_layers: BetweenLayers = no_pause) -> torch.Tensor:
         """Token embeddings with the image rows overwritten by the vision output (SPEC §8.1)."""
         ids = torch.tensor(prepared.input_ids, dtype=torch.long, device=self.device)
         h = self.net.model.embed_tokens(ids)
         images: list[processor.ImageInput] = prepared.inputs.get("images", [])
         if images:
             t0 = time.perf_counter()
-            emb = torch.cat([self.net.encode_image(img, self.vision_dtype, self.device) for img in images], dim=0)
+            emb = torch.cat([self.net.encode_image(img, self.vision_dtype, self.device, between_layers) for img in images], dim=0)
             self.last_timings["vision_s"] = time.perf_counter() - t0
             mask = ids == self.image_token_id
             if int(mask.sum()) != emb.shape[0]:
@@ -256,16 +262,18 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         return h
 
     @torch.inference_mode()
-    def prefill(self, prepared: Prepared, max_new_tokens: int) -> tuple[torch.Tensor, SequenceCache]:
+    def prefill(
+        self, prepared: Prepared, max_new_tokens: int, between_layers: BetweenLayers = no_pause
+    ) -> tuple[torch.Tensor, SequenceCache]:
         n = prepared.num_prompt_tokens
         if n >= self.max_context:
             raise InputError(f"prompt is {n} tokens; the model's context is {self.max_context} positions")
         capacity = min(self.max_context, n + max(1, max_new_tokens))
         cache = self.net.model.new_cache(capacity, self.cache_dtype, self.device)
         self.last_timings = {"vision_s": 0.0}
-        h = self.embed_prompt(prepared)
+        h = self.embed_prompt(prepared, between_layers)
         t0 = time.perf_counter()
-        out = self.net.model.prefill(h, cache, self.rope)
+        out = self.net.model.prefill(h, cache, self.rope, between_layers)
         logits = self.net.lm_head(out[-1:]).to(torch.float32)[0]
         self.last_timings["prefill_s"] = time.perf_counter() - t0
         return logits, cache

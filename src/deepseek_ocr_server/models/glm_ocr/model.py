@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from ..base import (
+    BetweenLayers,
     InputError,
     ModelFiles,
     ModelLoadError,
@@ -20,7 +21,7 @@ from ..base import (
     SequenceCache,
     VisionSettings,
     check_load_options,
-    progress,
+    no_pause,
 )
 from ..layers import PackedNet, prepare_for_inference, storage_dtypes, weight_bytes
 from ..paddleocr_vl.model import continue_mrope_answer, mrope_prepared
@@ -211,12 +212,19 @@ class GlmOcrModel(PackedNet, OcrModel):
     # ------------------------------------------------------------------------------------ forward
 
     @torch.inference_mode()
-    def encode_images(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+    def encode_images(
+        self,
+        pixel_values: torch.Tensor,
+        grids: list[tuple[int, int, int]],
+        between_layers: BetweenLayers = no_pause,
+    ) -> torch.Tensor:
         """Vision tower + merger: ``[sum(t*gh*gw/4), hidden]`` in the vision dtype."""
-        return self.net.model.visual(pixel_values.to(self.device, self.vision_dtype), grids)
+        return self.net.model.visual(pixel_values.to(self.device, self.vision_dtype), grids, between_layers)
 
     @torch.inference_mode()
-    def prefill(self, prepared: Prepared, max_new_tokens: int) -> tuple[torch.Tensor, SequenceCache]:
+    def prefill(
+        self, prepared: Prepared, max_new_tokens: int, between_layers: BetweenLayers = no_pause
+    ) -> tuple[torch.Tensor, SequenceCache]:
         cfg = self.config
         n = len(prepared.input_ids)
         if n == 0:
@@ -230,7 +238,7 @@ class GlmOcrModel(PackedNet, OcrModel):
         if grids:
             feats = prepared.inputs.get("image_features")  # precomputed by encode_images (benchmarks)
             if feats is None:
-                feats = self.encode_images(prepared.inputs["pixel_values"], grids)
+                feats = self.encode_images(prepared.inputs["pixel_values"], grids, between_layers)
             mask = ids == cfg.image_token_id
             if int(mask.sum()) != feats.shape[0]:
                 raise InputError(f"{int(mask.sum())} image tokens but {feats.shape[0]} image features")
@@ -248,7 +256,7 @@ class GlmOcrModel(PackedNet, OcrModel):
         )
         for i, layer in enumerate(lm.decoder_layers):
             x = layer.prefill(x, cos, sin, cache, i)
-            progress()
+            between_layers()
         cache.advance(n)
         return self.net.lm_head(lm.norm(x[-1:])).float()[0], cache
 

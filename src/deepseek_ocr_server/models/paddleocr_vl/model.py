@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from ..base import (
+    BetweenLayers,
     InputError,
     ModelFiles,
     ModelLoadError,
@@ -20,7 +21,7 @@ from ..base import (
     SequenceCache,
     VisionSettings,
     check_load_options,
-    progress,
+    no_pause,
 )
 from ..layers import PackedNet, prepare_for_inference, storage_dtypes, weight_bytes
 from ..precision import Precision
@@ -266,14 +267,21 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
     # ------------------------------------------------------------------------------------ forward
 
     @torch.inference_mode()
-    def encode_images(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+    def encode_images(
+        self,
+        pixel_values: torch.Tensor,
+        grids: list[tuple[int, int, int]],
+        between_layers: BetweenLayers = no_pause,
+    ) -> torch.Tensor:
         """Vision encoder + projector: ``[sum(t*gh*gw/4), hidden]`` in the model dtype."""
         pv = pixel_values.to(self.device, self.vision_dtype)
-        feats = self.net.visual.vision_model(pv, grids)
+        feats = self.net.visual.vision_model(pv, grids, between_layers)
         return self.net.mlp_AR(feats, grids)
 
     @torch.inference_mode()
-    def prefill(self, prepared: Prepared, max_new_tokens: int) -> tuple[torch.Tensor, SequenceCache]:
+    def prefill(
+        self, prepared: Prepared, max_new_tokens: int, between_layers: BetweenLayers = no_pause
+    ) -> tuple[torch.Tensor, SequenceCache]:
         cfg = self.config
         n = len(prepared.input_ids)
         if n == 0:
@@ -287,7 +295,7 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
         if grids:
             feats = prepared.inputs.get("image_features")  # precomputed by encode_images (benchmarks)
             if feats is None:
-                feats = self.encode_images(prepared.inputs["pixel_values"], grids)
+                feats = self.encode_images(prepared.inputs["pixel_values"], grids, between_layers)
             mask = ids == cfg.image_token_id
             if int(mask.sum()) != feats.shape[0]:
                 raise InputError(f"{int(mask.sum())} image tokens but {feats.shape[0]} image features")
@@ -306,7 +314,7 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
         )
         for i, layer in enumerate(lm.layers):
             x = layer.prefill(x, cos, sin, cache, i)
-            progress()
+            between_layers()
         cache.advance(n)
         h = lm.norm(x[-1:])
         return self.net.lm_head(h).float()[0], cache
