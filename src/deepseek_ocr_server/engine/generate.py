@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..models.base import InputError, OcrModel, Prepared
+from ..models.base import OcrModel, Prepared, generation_budget
 from ..sampling import SamplingParams
 from .sequence import FinishReason, Sequence
 
@@ -35,12 +35,7 @@ def _result(seq: Sequence) -> GenerationResult:
 
 
 def _fit(model: OcrModel, prepared: Prepared, max_new_tokens: int) -> int:
-    """The budget capped by the context left after the prompt (the cap ends with finish 'length')."""
-    left = model.max_context - prepared.num_prompt_tokens
-    if left < 1:
-        raise InputError(f"prompt of {prepared.num_prompt_tokens} tokens leaves no room in the "
-                         f"{model.max_context}-token context")
-    return max(1, min(max_new_tokens, left))
+    return generation_budget(prepared.num_prompt_tokens, max_new_tokens, model.max_context)
 
 
 def generate_stream(

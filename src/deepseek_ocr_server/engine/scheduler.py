@@ -53,7 +53,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..models.base import InputError, OcrModel, Prepared
+from ..models.base import InputError, OcrModel, Prepared, generation_budget
 from . import metrics
 from .errors import BadRequest, EngineError, ModelUnavailable, Overloaded, QueueTimeout, public_load_error
 from .residency import DownloadReport, Residency
@@ -578,12 +578,8 @@ class Scheduler:
         self._interleaved_s = 0.0
         try:
             prepared = self._prepare_while_serving(job, model)
-            room = model.max_context - prepared.num_prompt_tokens
-            if room < 1:
-                raise InputError(
-                    f"the prompt is {prepared.num_prompt_tokens} tokens; the model's context is {model.max_context}"
-                )
-            seq = Sequence(model, prepared, req.sampling, min(req.max_new_tokens, room), req.stop)
+            budget = generation_budget(prepared.num_prompt_tokens, req.max_new_tokens, model.max_context)
+            seq = Sequence(model, prepared, req.sampling, budget, req.stop)
             if job.cancelled:
                 raise _PrefillCancelled
             logits, seq.cache = model.prefill(prepared, seq.max_new_tokens, self._decode_during_prefill)

@@ -36,6 +36,20 @@ class InputError(ValueError):
     """
 
 
+def check_prompt_fits(num_prompt_tokens: int, max_context: int) -> None:
+    """The one context-fit rule: a prompt must leave room for at least one generated token in the
+    model's context, else :class:`InputError` (a 400)."""
+    if num_prompt_tokens >= max_context:
+        raise InputError(f"the prompt is {num_prompt_tokens} tokens; the model's context is {max_context}")
+
+
+def generation_budget(num_prompt_tokens: int, max_new_tokens: int, max_context: int) -> int:
+    """``max_new_tokens`` capped by the context left after the prompt (an answer that reaches the cap
+    ends with finish reason ``length``); :class:`InputError` when the prompt leaves no room."""
+    check_prompt_fits(num_prompt_tokens, max_context)
+    return max(1, min(max_new_tokens, max_context - num_prompt_tokens))
+
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_QUANTIZE = (None, "int8")
 
@@ -195,8 +209,7 @@ class OcrModel(abc.ABC):
         multimodal positions computed in ``prepare`` overrides it."""
         ids = self.tokenizer.encode(partial, add_special_tokens=False).ids if partial else []
         out = Prepared([*prepared.input_ids, *ids], dict(prepared.inputs))
-        if out.num_prompt_tokens >= self.max_context:
-            raise InputError(f"prompt is {out.num_prompt_tokens} tokens; the model's context is {self.max_context}")
+        check_prompt_fits(out.num_prompt_tokens, self.max_context)
         return out
 
     @abc.abstractmethod

@@ -42,6 +42,7 @@ from ..models.base import (
     Prepared,
     SequenceCache,
     VisionSettings,
+    check_prompt_fits,
     no_pause,
 )
 
@@ -207,8 +208,7 @@ class FakeOcrModel(OcrModel):
         ids = [BOS_ID]
         for tid in self.tokenizer.encode(full, add_special_tokens=False).ids:
             ids.extend([IMAGE_ID] * self.image_tokens if tid == IMAGE_ID else [tid])
-        if len(ids) >= self.max_context:
-            raise InputError(f"prompt is {len(ids)} tokens; this model's context is {self.max_context}")
+        check_prompt_fits(len(ids), self.max_context)
         keys = [self._image_key(im) for im in images]
         return Prepared(ids, {"image_keys": keys})
 

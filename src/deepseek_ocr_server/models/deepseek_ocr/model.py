@@ -29,6 +29,7 @@ from ..base import (
     SequenceCache,
     VisionSettings,
     check_load_options,
+    check_prompt_fits,
     no_pause,
 )
 from ..layers import PackedNet, prepare_for_inference, storage_dtypes, weight_bytes
@@ -227,10 +228,7 @@ class DeepseekOcrModel(PackedNet, OcrModel):
                 ids.extend(self.tokenizer.encode(piece, add_special_tokens=False).ids)
             if i < len(pieces) - 1:
                 ids.extend([self.image_token_id] * pre[i].num_tokens)
-        if len(ids) >= self.max_context:
-            raise InputError(
-                f"prompt is {len(ids)} tokens; the model's context is {self.max_context} positions"
-            )
+        check_prompt_fits(len(ids), self.max_context)
         return Prepared(input_ids=ids, inputs={"images": pre})
 
     def check_vision_settings(self, settings: VisionSettings) -> None:
@@ -266,8 +264,7 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         self, prepared: Prepared, max_new_tokens: int, between_layers: BetweenLayers = no_pause
     ) -> tuple[torch.Tensor, SequenceCache]:
         n = prepared.num_prompt_tokens
-        if n >= self.max_context:
-            raise InputError(f"prompt is {n} tokens; the model's context is {self.max_context} positions")
+        check_prompt_fits(n, self.max_context)
         capacity = min(self.max_context, n + max(1, max_new_tokens))
         cache = self.net.model.new_cache(capacity, self.cache_dtype, self.device)
         self.last_timings = {"vision_s": 0.0}

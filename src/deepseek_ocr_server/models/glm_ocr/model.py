@@ -21,6 +21,7 @@ from ..base import (
     SequenceCache,
     VisionSettings,
     check_load_options,
+    check_prompt_fits,
     no_pause,
 )
 from ..layers import PackedNet, prepare_for_inference, storage_dtypes, weight_bytes
@@ -229,8 +230,7 @@ class GlmOcrModel(PackedNet, OcrModel):
         n = len(prepared.input_ids)
         if n == 0:
             raise InputError("empty prompt")
-        if n >= self.max_context:
-            raise InputError(f"prompt of {n} tokens exceeds the context of {self.max_context}")
+        check_prompt_fits(n, self.max_context)
         ids = torch.tensor(prepared.input_ids, dtype=torch.long, device=self.device)
         lm = self.net.model.language_model
         x = lm.embed_tokens(ids)

@@ -21,6 +21,7 @@ from ..base import (
     SequenceCache,
     VisionSettings,
     check_load_options,
+    check_prompt_fits,
     no_pause,
 )
 from ..layers import PackedNet, prepare_for_inference, storage_dtypes, weight_bytes
@@ -98,8 +99,7 @@ def mrope_prepared(model: Any, ids: list[int], processed: list[Any], placeholder
         expanded.extend([image_id] * img.num_tokens)
         prev = i + 1
     expanded.extend(ids[prev:])
-    if len(expanded) >= model.max_context:
-        raise InputError(f"prompt of {len(expanded)} tokens exceeds the context of {model.max_context}")
+    check_prompt_fits(len(expanded), model.max_context)
     grids = [img.grid_thw for img in processed]
     positions, delta = mrope_positions(expanded, grids, image_id, model.config.vision.spatial_merge_size)
     inputs: dict[str, Any] = {"grids": grids, "positions": positions, "rope_delta": delta}
@@ -114,8 +114,7 @@ def continue_mrope_answer(model: Any, prepared: Prepared, partial: str) -> Prepa
     from the ids, so that they cover it too."""
     ids = model.tokenizer.encode(partial, add_special_tokens=False).ids if partial else []
     expanded = [*prepared.input_ids, *ids]
-    if len(expanded) >= model.max_context:
-        raise InputError(f"prompt of {len(expanded)} tokens exceeds the context of {model.max_context}")
+    check_prompt_fits(len(expanded), model.max_context)
     grids = prepared.inputs["grids"]
     positions, delta = mrope_positions(
         expanded, grids, model.config.image_token_id, model.config.vision.spatial_merge_size
@@ -286,8 +285,7 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
         n = len(prepared.input_ids)
         if n == 0:
             raise InputError("empty prompt")
-        if n >= self.max_context:
-            raise InputError(f"prompt of {n} tokens exceeds the context of {self.max_context}")
+        check_prompt_fits(n, self.max_context)
         ids = torch.tensor(prepared.input_ids, dtype=torch.long, device=self.device)
         lm = self.net.model
         x = lm.embed_tokens(ids)
