@@ -783,14 +783,6 @@ def _check_flag(key: str, value: Any) -> Any:
         raise ConfigError(f"--{key.replace('_', '-')}: {exc}") from None
 
 
-def builtin_settings(config_path: Path | None = None, cache_dir: Path | None = None) -> Settings:
-    """Settings with only built-in values (no file read); handy for tests and tools."""
-    return Settings(
-        config_path=config_path or default_config_path(),
-        cache_dir=cache_dir or default_cache_dir(),
-    )
-
-
 __all__ = [
     "API_KEY_ENV",
     "BUILTIN_MODELS",
@@ -805,7 +797,6 @@ __all__ = [
     "RayDeploymentSettings",
     "ServerSettings",
     "Settings",
-    "builtin_settings",
     "default_cache_dir",
     "default_config_path",
     "default_dtype",

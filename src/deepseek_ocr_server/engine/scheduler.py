@@ -669,8 +669,6 @@ class Scheduler:
         label = str(len(batch))
         metrics.DECODE_SECONDS.labels(batch=label).inc(time.perf_counter() - t0)
         metrics.DECODE_STEPS.labels(batch=label).inc()
-        if read := model.last_decode_weight_bytes:
-            metrics.DECODE_WEIGHT_BYTES.labels(batch=label).inc(read)
         for row, run in zip(logits, batch, strict=True):
             self._accept(run, row, first=False)
         self._sweep()

@@ -171,10 +171,6 @@ class OcrModel(abc.ABC):
     precision_plans: ClassVar[bool] = False
     #: Longest prompt + generation the model supports (positions).
     max_context: int
-    #: Bytes of weights the last ``decode`` call read (dense layers once per step; MoE layers: the
-    #: experts some row selected); 0 when the model does not say. The engine exports it
-    #: (``ocr_decode_weight_bytes_total``) so benchmarks can put a step next to the memory bandwidth.
-    last_decode_weight_bytes: int = 0
 
     @classmethod
     @abc.abstractmethod

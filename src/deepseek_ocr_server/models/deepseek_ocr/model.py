@@ -11,7 +11,6 @@ Module tree == original key names::
 from __future__ import annotations
 
 import re
-import time
 from typing import Any, ClassVar
 
 import torch
@@ -32,7 +31,7 @@ from ..base import (
     check_prompt_fits,
     no_pause,
 )
-from ..layers import PackedNet, prepare_for_inference, storage_dtypes, weight_bytes
+from ..layers import PackedNet, prepare_for_inference, storage_dtypes
 from ..precision import Precision
 from ..quant import is_vision
 from ..weights import load_checkpoint
@@ -123,12 +122,9 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         self.bos_token_id = cfg.language.bos_token_id
         self.image_token_id = image_token_id
         self.max_context = cfg.language.max_position_embeddings
-        #: Wall times of the last prefill: "vision_s" (image encoders) and "prefill_s" (decoder).
-        self.last_timings: dict[str, float] = {}
         #: KV cache dtype (the precision plan): float32 on CPU (exact for the values written; fast decode
         #: attention, see ``language.Attention.forward_decode``), the model dtype elsewhere
         self.cache_dtype = precision.kv_dtype
-        self._account_weights()
         self.rope = Rope(cfg.language.head_dim, cfg.language.rope_theta, self.max_context, self.dtype, device)
 
     # ---------------------------------------------------------------- load
@@ -176,17 +172,6 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         # int8 (decoder linears + lm_head) when asked; widening layers of the plan; oneDNN packing
         prepare_for_inference(net, precision, quantize, is_vision)
         return cls(cfg, net, tokenizer, dev, precision, frozenset(int(x) for x in eos), int(image_id))
-
-    def _account_weights(self) -> None:
-        """Bytes a decode step reads: every decoder linear and lm_head once, plus one routed expert's
-        weights per expert some row selected (``last_decode_weight_bytes``)."""
-        layers = self.net.model.layers
-        self._moe = [layer.mlp for layer in layers if hasattr(layer.mlp, "experts")]
-        routed = sum(weight_bytes(e) for moe in self._moe for e in moe.experts)
-        n_experts = sum(len(moe.experts) for moe in self._moe)
-        self._expert_bytes = routed // n_experts if n_experts else 0
-        routers = sum(moe.gate.weight.numel() * moe.gate.weight.element_size() for moe in self._moe)
-        self._dense_bytes = weight_bytes(layers) - routed + routers + weight_bytes(self.net.lm_head)
 
     # ------------------------------------------------------------- prepare
     def prepare(
@@ -250,9 +235,9 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         h = self.net.model.embed_tokens(ids)
         images: list[processor.ImageInput] = prepared.inputs.get("images", [])
         if images:
-            t0 = time.perf_counter()
-            emb = torch.cat([self.net.encode_image(img, self.vision_dtype, self.device, between_layers) for img in images], dim=0)
-            self.last_timings["vision_s"] = time.perf_counter() - t0
+            emb = torch.cat(
+                [self.net.encode_image(img, self.vision_dtype, self.device, between_layers) for img in images], dim=0
+            )
             mask = ids == self.image_token_id
             if int(mask.sum()) != emb.shape[0]:
                 raise InputError(f"{int(mask.sum())} image placeholders but {emb.shape[0]} image embeddings")
@@ -267,12 +252,9 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         check_prompt_fits(n, self.max_context)
         capacity = min(self.max_context, n + max(1, max_new_tokens))
         cache = self.net.model.new_cache(capacity, self.cache_dtype, self.device)
-        self.last_timings = {"vision_s": 0.0}
         h = self.embed_prompt(prepared, between_layers)
-        t0 = time.perf_counter()
         out = self.net.model.prefill(h, cache, self.rope, between_layers)
         logits = self.net.lm_head(out[-1:]).to(torch.float32)[0]
-        self.last_timings["prefill_s"] = time.perf_counter() - t0
         return logits, cache
 
     # -------------------------------------------------------------- decode
@@ -288,7 +270,6 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         h = self.net.model.embed_tokens(ids)
         out = self.net.model.decode(h, kv, self.rope)
-        self.last_decode_weight_bytes = self._dense_bytes + self._expert_bytes * sum(m.last_experts for m in self._moe)
         return self.net.lm_head(out).to(torch.float32)
 
     # ------------------------------------------------------------- helpers

@@ -24,7 +24,7 @@ from ..base import (
     check_prompt_fits,
     no_pause,
 )
-from ..layers import PackedNet, prepare_for_inference, storage_dtypes, weight_bytes
+from ..layers import PackedNet, prepare_for_inference, storage_dtypes
 from ..paddleocr_vl.model import continue_mrope_answer, mrope_prepared
 from ..precision import Precision
 from ..quant import is_vision
@@ -98,12 +98,6 @@ class GlmOcrModel(PackedNet, OcrModel):
         self.vision_dtype = precision.vision_dtype
         self.max_context = config.max_position_embeddings
         self.cache_dtype = precision.kv_dtype
-        self._account_weights()
-
-    def _account_weights(self) -> None:
-        """Every decode step reads the decoder linears and lm_head once (``last_decode_weight_bytes``)."""
-        lm = self.net.model.language_model
-        self.decode_weight_bytes = sum(weight_bytes(m) for m in (*lm.decoder_layers, self.net.lm_head))
 
     # ------------------------------------------------------------------------------------ loading
 
@@ -236,9 +230,7 @@ class GlmOcrModel(PackedNet, OcrModel):
         x = lm.embed_tokens(ids)
         grids = prepared.inputs.get("grids") or []
         if grids:
-            feats = prepared.inputs.get("image_features")  # precomputed by encode_images (benchmarks)
-            if feats is None:
-                feats = self.encode_images(prepared.inputs["pixel_values"], grids, between_layers)
+            feats = self.encode_images(prepared.inputs["pixel_values"], grids, between_layers)
             mask = ids == cfg.image_token_id
             if int(mask.sum()) != feats.shape[0]:
                 raise InputError(f"{int(mask.sum())} image tokens but {feats.shape[0]} image features")
@@ -278,5 +270,4 @@ class GlmOcrModel(PackedNet, OcrModel):
             x = layer.decode(x, cos, sin, kv, i)
         for c in kv:
             c.advance()
-        self.last_decode_weight_bytes = self.decode_weight_bytes
         return self.net.lm_head(lm.norm(x)).float()
