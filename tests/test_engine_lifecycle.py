@@ -257,3 +257,31 @@ def test_health_shows_download_progress() -> None:
 
         run(main())
     run(mgr.shutdown())
+
+
+def test_no_prepare_thread_outlives_its_admission() -> None:
+    """A thread that ran torch ops keeps an OpenMP thread team alive as long as it lives, and a second
+    live team slows every later decode step on a small machine. So with nothing running, prepare runs on
+    the worker thread itself, and with streams running its helper thread ends with the admission."""
+    seen: dict[str, str] = {}
+
+    def on_prepare(model: FakeOcrModel, text: str) -> None:
+        seen[text] = threading.current_thread().name
+
+    model = FakeOcrModel(name="a", min_answer=30, answer_span=1, on_prepare=on_prepare)
+    mgr = manager_for({"a": model}, max_running=2, prefill_slice_s=0.0)
+
+    async def main() -> None:
+        running = mgr.submit(req("first"))  # nothing running: prepared on the worker thread
+        first = await running.__anext__()
+        _, fin = await collect(mgr.submit(req("second")))  # "first" is decoding: a helper thread
+        assert fin.finish_reason == "stop"
+        await collect(running, first.text)
+
+    run(main())
+    assert seen["second"].startswith("ocr-prepare") and not seen["first"].startswith("ocr-prepare")
+    for t in threading.enumerate():
+        if t.name.startswith("ocr-prepare"):
+            t.join(10)
+            assert not t.is_alive(), "a prepare helper thread outlived its admission"
+    run(mgr.shutdown())

@@ -93,6 +93,15 @@ def test_sigterm_drains_then_ends_streams_with_an_error(server) -> None:  # noqa
     # slowloris: headers never completed -> closed by the server (the recv returns, it does not time out)
     slow = _partial_request(base, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
     assert _read_all(slow) == b""
+    # the same on a keep-alive connection: one complete request and its answer, then a next request
+    # whose headers never complete (its first bytes cancel uvicorn's own keep-alive timeout)
+    kept = _partial_request(base, b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = b""
+    while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+        answer += kept.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200")
+    kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+    assert _read_all(kept) == b""
     # a body that never comes -> 408
     lazy = _partial_request(
         base,

@@ -188,31 +188,46 @@ def run(settings: Settings) -> int:
 
 
 def guarded_protocol(header_timeout_s: float, max_connections: int) -> type:
-    """uvicorn's HTTP protocol with two guards it lacks: a connection that has not completed its first
-    request's headers within ``header_timeout_s`` is closed (slowloris), and a connection beyond
-    ``max_connections`` open ones is closed at once."""
+    """uvicorn's HTTP protocol with two guards it lacks: a connection that has not completed a request's
+    headers within ``header_timeout_s`` (of opening, or of the previous response on a keep-alive
+    connection) is closed (slowloris), and a connection beyond ``max_connections`` open ones is closed
+    at once. uvicorn's own keep-alive timeout does not cover the second case: any byte received
+    cancels it, so a client dripping one header byte at a time would hold the connection forever."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
     except ImportError:  # httptools not installed
         from uvicorn.protocols.http.h11_impl import H11Protocol as Base  # type: ignore[assignment]
 
     class Guarded(Base):  # type: ignore[misc, valid-type]
+        _headers_timer: asyncio.TimerHandle | None = None
+
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             if len(self.connections) > max_connections:
                 log.warning("connection cap (%d) reached: closing a new connection", max_connections)
                 transport.close()
                 return
-            self._headers_timer = self.loop.call_later(header_timeout_s, self._no_headers)
+            self._arm_headers_timer()
 
-        def _no_headers(self) -> None:
-            if self.cycle is None and not self.transport.is_closing():
+        def _arm_headers_timer(self) -> None:
+            if self._headers_timer is not None:
+                self._headers_timer.cancel()
+            # the request cycle current when armed: a new request's completed headers replace it
+            self._headers_timer = self.loop.call_later(header_timeout_s, self._no_headers, self.cycle)
+
+        def _no_headers(self, armed_cycle: object) -> None:
+            self._headers_timer = None
+            if self.cycle is armed_cycle and not self.transport.is_closing():
                 self.transport.close()
 
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_headers_timer()  # the next request on this connection gets the same limit
+
         def connection_lost(self, exc: Exception | None) -> None:
-            timer = getattr(self, "_headers_timer", None)
-            if timer is not None:
-                timer.cancel()
+            if self._headers_timer is not None:
+                self._headers_timer.cancel()
             super().connection_lost(exc)
 
     return Guarded

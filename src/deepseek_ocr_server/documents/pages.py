@@ -20,6 +20,7 @@ from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from ..config import PDF_DPI_RANGE as DPI_RANGE
 from ..config import ServerSettings
+from ..imaging import normalise
 
 #: the official DeepSeek-OCR PDF script renders at 144 DPI; the config (``[server] pdf_dpi``, ``max_pages``,
 #: ``max_image_pixels``) and a request can change these
@@ -97,8 +98,6 @@ def _check_count(selected: int, max_pages: int) -> None:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    from ..api.images import normalise  # the one image normalisation (EXIF, modes, transparency)
-
     out = normalise(img)
     out.load()
     return out
