@@ -35,9 +35,15 @@ Admission and model choice (the rules the README documents):
   are admitted in page order and share the running slots fairly: when a slot frees, the waiting request
   whose group has the fewest sequences running is admitted first (ties: arrival order), so a single
   image that arrives after a 100-page document gets the next free slot instead of waiting for every page.
-- A model that fails to load fails the requests waiting for it with :class:`ModelUnavailable` (503, the
-  reason included); new requests for it get the same 503 at once for ``failed_retry_s`` seconds, after
-  which a request tries to load it again.
+- Before a swap the new model's files are resolved (maybe downloaded, progress in ``/health``) in a
+  thread of its own while the resident model keeps serving; a failed resolve unloads nothing.
+- A model that fails to resolve or load fails the requests waiting for it with :class:`ModelUnavailable`
+  (503); new requests for it get the same 503 at once for ``failed_retry_s`` seconds, after which a
+  request tries again. When the load itself failed after the old model was dropped, the old model is
+  loaded again at once, so the failure costs its own entry only.
+- Which model is resident, its load state and the failures are recorded in :attr:`Scheduler.residency`
+  (``engine/residency.py``), the one place ``status()`` reads. The worker's plan is a typed action:
+  :class:`Admit` (prepare + prefill one request) or :class:`Swap` (load another model).
 """
 
 from __future__ import annotations
