@@ -200,7 +200,10 @@ def test_a_failed_load_over_http_keeps_serving(api_server) -> None:
     content = [{"type": "image_url", "image_url": {"url": data_url(png_bytes())}}]
     chat = {"messages": [{"role": "user", "content": content}], "max_tokens": 4}
     with httpx.Client(timeout=60) as http:
-        assert http.post(api_server.v1 + "/chat/completions", json={**chat, "model": "fake-a"}).status_code == 200
+        assert (
+            http.post(api_server.v1 + "/chat/completions", json={**chat, "model": "fake-a"}).status_code
+            == 200
+        )
         r = http.post(api_server.v1 + "/chat/completions", json={**chat, "model": "fake-broken"})
         assert r.status_code == 503
         for _ in range(600):  # the resident model is being loaded again (never "failed")
@@ -211,7 +214,10 @@ def test_a_failed_load_over_http_keeps_serving(api_server) -> None:
             time.sleep(0.05)
         assert health["model"] == "fake-a" and health["state"] == "ready" and health["ready"], health
         assert "fake-broken" in health["failed"] and health["error"] is None
-        assert http.post(api_server.v1 + "/chat/completions", json={**chat, "model": "fake-a"}).status_code == 200
+        assert (
+            http.post(api_server.v1 + "/chat/completions", json={**chat, "model": "fake-a"}).status_code
+            == 200
+        )
 
 
 def test_health_shows_download_progress() -> None:
@@ -241,7 +247,9 @@ def test_health_shows_download_progress() -> None:
             first = asyncio.ensure_future(stream.__anext__())
             assert await asyncio.to_thread(halfway.wait, 30)
             body = await asyncio.to_thread(lambda: client.get("/health").json())
-            assert body["state"] == "loading" and body["model"] == "big" and body["resolving"] == ["big"], body
+            assert body["state"] == "loading" and body["model"] == "big" and body["resolving"] == ["big"], (
+                body
+            )
             assert body["downloads"]["big"] == {
                 "bytes_done": 520,
                 "bytes_total": 1120,

@@ -179,7 +179,12 @@ class Residency:
                 self._resolved.add(model_id)
             else:
                 self._record_failure_locked(model_id, *failure)
-            if self._model is None and self._state == "loading" and self._model_id == model_id and not failure:
+            if (
+                self._model is None
+                and self._state == "loading"
+                and self._model_id == model_id
+                and not failure
+            ):
                 self._state = "idle"  # files ready; the load comes next
 
     # --- loading --------------------------------------------------------------------------------
@@ -210,7 +215,12 @@ class Residency:
             seconds = time.perf_counter() - t0
             with self._lock:
                 self._model = model
-                self._model_id, self._state, self._error, self._load_seconds = model_id, "ready", None, seconds
+                self._model_id, self._state, self._error, self._load_seconds = (
+                    model_id,
+                    "ready",
+                    None,
+                    seconds,
+                )
                 self._loaded_at = time.monotonic()
                 self._failures.pop(model_id, None)
             metrics.MODEL_LOAD_SECONDS.labels(model=model_id).observe(seconds)

@@ -74,7 +74,9 @@ def _linear_bytes(m: nn.Module) -> int:
     return w.numel() * w.element_size() if w is not None and w.dim() == 2 else 0
 
 
-def decode_weight_bytes(model: OcrModel, tokens: list[int], caches: list[SequenceCache]) -> tuple[torch.Tensor, int]:
+def decode_weight_bytes(
+    model: OcrModel, tokens: list[int], caches: list[SequenceCache]
+) -> tuple[torch.Tensor, int]:
     """``model.decode(tokens, caches)`` and the weight bytes that call read (see the module docstring)."""
     ran: dict[int, int] = {}
     handles = []
