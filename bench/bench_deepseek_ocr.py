@@ -83,8 +83,9 @@ def document_image(w: int = 1000, h: int = 1400):
 
 
 def child(args: argparse.Namespace) -> None:
-    from deepseek_ocr_server.models.base import ModelFiles, VisionSettings
+    from deepseek_ocr_server.models.base import ModelFiles
     from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
+    from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
     from deepseek_ocr_server.testing.probes import timed_prefill
 
     torch.manual_seed(0)

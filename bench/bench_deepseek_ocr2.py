@@ -90,7 +90,8 @@ def _cpu() -> dict:
 def run_ours(ckpt: Path, dtype_name: str, new_tokens: int) -> dict:
     import torch
 
-    from deepseek_ocr_server.models.base import ModelFiles, VisionSettings
+    from deepseek_ocr_server.models.base import ModelFiles
+    from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
     from deepseek_ocr_server.models.deepseek_ocr2.model import DeepseekOcr2Model
     from deepseek_ocr_server.testing.probes import decode_weight_bytes, timed_prefill
 

@@ -137,10 +137,10 @@ def main() -> None:
         cfg = tmp / "config.toml"
         write_config(cfg, args.model, args.ckpt, 16, 64)
         # cluster mode deploys every configured model: the other built-in ones are scaled to zero
-        from deepseek_ocr_server.config import BUILTIN_MODELS
+        from deepseek_ocr_server.config import builtin_models
 
         with cfg.open("a", encoding="utf-8") as f:
-            for other in BUILTIN_MODELS:
+            for other in builtin_models():
                 if other != args.model:
                     f.write(f"[models.entries.{other}.ray]\nmin_replicas = 0\n")
         for mode in args.modes.split(","):

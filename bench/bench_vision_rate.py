@@ -48,7 +48,8 @@ def main() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from deepseek_ocr_server.models import load_model
-    from deepseek_ocr_server.models.base import ModelFiles, VisionSettings
+    from deepseek_ocr_server.models.base import ModelFiles
+    from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
 
     torch.set_num_threads(args.threads)
     ckpt = args.ckpt or Path(CKPTS[args.model])

@@ -326,14 +326,12 @@ async def run_level_in_process(args: argparse.Namespace, manager, n: int) -> dic
     from PIL import Image
 
     from deepseek_ocr_server.engine.types import Finished, OcrRequest, TextDelta
-    from deepseek_ocr_server.models.base import VisionSettings
-
     def make(i: int) -> OcrRequest:
         url = image_data_url(i, args.image_px)
         img = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
         text = "<image>\nFree OCR." if args.model == "deepseek-ocr" else "OCR:"
-        vis = VisionSettings(base_size=args.base_size, image_size=args.base_size, crop_mode=False)
-        return OcrRequest(model_id=args.model, text=text, images=[img], vision=vis, max_new_tokens=args.max_tokens)
+        vis = {"base_size": args.base_size, "image_size": args.base_size, "crop_mode": False}
+        return OcrRequest(model_id=args.model, text=text, images=[img], options=vis, max_new_tokens=args.max_tokens)
 
     async def one(r: OcrRequest) -> StreamResult:
         res = StreamResult(time.monotonic())
@@ -389,8 +387,10 @@ def int8_check(args: argparse.Namespace, bound: dict, steps: int = 64) -> None:
 
     from deepseek_ocr_server.engine.generate import generate
     from deepseek_ocr_server.models import load_model
-    from deepseek_ocr_server.models.base import ModelFiles, VisionSettings
-    from deepseek_ocr_server.models.quant import int8_weight_bytes, quantize_linears_int8, skip_vision
+    from deepseek_ocr_server.models.base import ModelFiles
+    from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
+    from deepseek_ocr_server.models.quant import int8_weight_bytes, quantize_linears_int8
+    from deepseek_ocr_server.models.registry import family
     from deepseek_ocr_server.sampling import SamplingParams
 
     torch.set_num_threads(args.threads)
@@ -432,7 +432,7 @@ def int8_check(args: argparse.Namespace, bound: dict, steps: int = 64) -> None:
     with torch.inference_mode():
         ref = generate(model, prepared, greedy, steps).token_ids
         base_rates = {b: decode_rate(b) for b in (1, 8)}
-        n = quantize_linears_int8(model.net, skip=skip_vision)
+        n = quantize_linears_int8(model.net, skip=lambda name, _: family(args.model).is_vision(name))
         label = "int8"
         q = generate(model, prepared, greedy, steps).token_ids
         q_rates = {b: decode_rate(b) for b in (1, 8)}

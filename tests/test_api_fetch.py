@@ -10,7 +10,7 @@ import pytest
 
 from deepseek_ocr_server.api import images
 from deepseek_ocr_server.api.errors import ApiError
-from deepseek_ocr_server.api.options import ApiOptions
+from deepseek_ocr_server.config import ServerSettings
 
 
 @pytest.fixture()
@@ -31,7 +31,8 @@ def only_127_0_0_1_public(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _fetch(url: str, **kw: object) -> bytes:
-    return asyncio.run(images.fetch_url(url, ApiOptions(**kw), "p"))
+    redirects = kw.pop("max_redirects", images.MAX_REDIRECTS)
+    return asyncio.run(images.fetch_url(url, ServerSettings(**kw), "p", max_redirects=redirects))  # type: ignore[arg-type]
 
 
 def test_guard_checks_dns_and_redirects(only_127_0_0_1_public: None, image_server) -> None:  # noqa: ANN001
@@ -55,5 +56,5 @@ def test_fetch_limits(image_server) -> None:  # noqa: ANN001
         _fetch(image_server.url("/redirect"), allow_private_image_urls=True, max_redirects=0)
     assert e.value.code == "image_fetch_failed"
     with pytest.raises(ApiError) as e:
-        _fetch(image_server.url("/page.png"), allow_private_image_urls=True, max_image_bytes=10)
+        _fetch(image_server.url("/page.png"), allow_private_image_urls=True, image_fetch_max_bytes=10)
     assert e.value.code == "image_too_large"

@@ -11,7 +11,7 @@ from fixtures.server import REAL_VISION, RunningServer, data_url, load_real, png
 from PIL import Image
 
 from deepseek_ocr_server.engine.generate import generate
-from deepseek_ocr_server.models.base import VisionSettings
+from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
 from deepseek_ocr_server.sampling import SamplingParams
 
 PNG = png_bytes((30, 60, 90), (40, 28))

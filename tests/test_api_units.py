@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import ipaddress
-from types import SimpleNamespace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +14,11 @@ from PIL import Image
 from deepseek_ocr_server.api.errors import ApiError
 from deepseek_ocr_server.api.images import decode_data_url, decode_image, ip_is_public, normalise
 from deepseek_ocr_server.api.messages import collapse_chat, collapse_responses
-from deepseek_ocr_server.api.options import ApiOptions
 from deepseek_ocr_server.api.resolve import resolve, stop_list
 from deepseek_ocr_server.api.schemas import ChatCompletionRequest, ChatMessage, ResponsesInputMessage
+from deepseek_ocr_server.config import ModelEntry, ServerSettings, Settings, builtin_settings
 
-OPTS = ApiOptions()
+OPTS = ServerSettings()
 
 
 def _png(img: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:
@@ -78,9 +78,9 @@ def test_exif_rotation_applied() -> None:
 def test_pixel_cap_and_non_image() -> None:
     data = _png(Image.new("L", (100, 100)))
     with pytest.raises(ApiError) as e:
-        decode_image(data, ApiOptions(max_image_pixels=9999))
+        decode_image(data, ServerSettings(max_image_pixels=9999))
     assert e.value.status == 400 and e.value.code == "image_too_large"
-    assert decode_image(data, ApiOptions(max_image_pixels=10000)).size == (100, 100)
+    assert decode_image(data, ServerSettings(max_image_pixels=10000)).size == (100, 100)
     with pytest.raises(ApiError) as e:
         decode_image(b"hello world", OPTS)
     assert e.value.code == "invalid_image"
@@ -103,7 +103,7 @@ def test_data_urls() -> None:
             decode_data_url(bad, OPTS)
         assert e.value.code == code, bad
     with pytest.raises(ApiError) as e:
-        decode_data_url(f"data:image/png;base64,{b64}", ApiOptions(max_image_bytes=10))
+        decode_data_url(f"data:image/png;base64,{b64}", ServerSettings(image_fetch_max_bytes=10))
     assert e.value.code == "image_too_large"
 
 
@@ -190,33 +190,32 @@ def _body(**kw: object) -> ChatCompletionRequest:
     return ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], **kw)
 
 
-class _Defaults(SimpleNamespace):
-    pass
-
-
-SETTINGS = SimpleNamespace(
-    inference_for=lambda mid: _Defaults(
-        do_sample=False, temperature=0.0, top_p=0.9, top_k=None, repetition_penalty=1.1,
-        no_repeat_ngram_size=35 if mid == "a" else 20, seed=None, base_size=640, image_size=512,
-        crop_mode=False, max_new_tokens=77,
-    ),
+SETTINGS = Settings(
+    config_path=Path("config.toml"),
+    cache_dir=Path("cache"),
+    models={
+        "a": ModelEntry(id="a", kind="fake", overrides=dict(
+            top_p=0.9, repetition_penalty=1.1, no_repeat_ngram_size=35, base_size=640, image_size=512,
+            crop_mode=False, max_new_tokens=77,
+        )),
+    },
 )
 
 
 def test_resolve_precedence_body_over_settings_over_builtin() -> None:
     sp, vs, budget = resolve(_body(), "a", SETTINGS, None, budget_param="max_tokens")
     assert (sp.top_p, sp.repetition_penalty, sp.no_repeat_ngram_size, budget) == (0.9, 1.1, 35, 77)
-    assert (vs.base_size, vs.image_size, vs.crop_mode) == (640, 512, False)
+    assert vs == {"base_size": 640, "image_size": 512, "crop_mode": False}  # the options the family reads
     sp, vs, budget = resolve(
         _body(top_p=0.5, no_repeat_ngram_size=0, base_size=1024, crop_mode=True), "a", SETTINGS, 9,
         budget_param="max_tokens",
     )
-    assert (sp.top_p, sp.no_repeat_ngram_size, vs.base_size, vs.crop_mode, budget) == (0.5, 0, 1024, True, 9)
+    assert (sp.top_p, sp.no_repeat_ngram_size, vs["base_size"], vs["crop_mode"], budget) == (0.5, 0, 1024, True, 9)
     # the request did not change the defaults for the next one
     assert resolve(_body(), "a", SETTINGS, None, budget_param="max_tokens")[2] == 77
     # no settings at all: built-in defaults
-    sp, vs, budget = resolve(_body(), "a", None, None, budget_param="max_tokens")
-    assert (sp.do_sample, sp.no_repeat_ngram_size, vs.base_size, budget) == (False, 20, 1024, 512)
+    sp, vs, budget = resolve(_body(), "a", builtin_settings(), None, budget_param="max_tokens")
+    assert (sp.do_sample, sp.no_repeat_ngram_size, vs, budget) == (False, 20, {}, 512)
 
 
 def test_resolve_temperature_turns_sampling_on() -> None:

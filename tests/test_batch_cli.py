@@ -324,10 +324,11 @@ def test_real_checkpoints_folder(
     """The tiny real checkpoints of both families: each page's raw text equals the same page run alone."""
     import torch
 
-    from deepseek_ocr_server.config import DEFAULT_PROMPTS
     from deepseek_ocr_server.engine.generate import generate
     from deepseek_ocr_server.models import load_model
-    from deepseek_ocr_server.models.base import ModelFiles, VisionSettings
+    from deepseek_ocr_server.models.base import ModelFiles
+    from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
+    from deepseek_ocr_server.models.registry import family
     from deepseek_ocr_server.sampling import SamplingParams
 
     files = ModelFiles.from_dir(request.getfixturevalue(fixture))
@@ -349,7 +350,7 @@ def test_real_checkpoints_folder(
     assert code == 1 and "broken.pdf" in err, err
     model = load_model(kind, files, device="cpu", dtype=torch.float32)
     vision = VisionSettings(base_size=512, image_size=512, crop_mode=False)
-    prompt = DEFAULT_PROMPTS[kind]
+    prompt = family(kind).default_prompt
     for rel, source in (("a", "a.png"), ("doc", "doc.pdf"), ("sub/b", "sub/b.jpg")):
         want = [
             generate(

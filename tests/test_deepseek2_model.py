@@ -20,7 +20,8 @@ from deepseek_ocr_server import config as cfg
 from deepseek_ocr_server.config import InferenceDefaults, ModelEntry, ServerSettings, Settings
 from deepseek_ocr_server.engine.generate import generate
 from deepseek_ocr_server.models import load_model, model_class
-from deepseek_ocr_server.models.base import InputError, ModelFiles, ModelLoadError, VisionSettings
+from deepseek_ocr_server.models.base import InputError, ModelFiles, ModelLoadError
+from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
 from deepseek_ocr_server.models.deepseek_ocr2.config import DeepseekOcr2Config
 from deepseek_ocr_server.models.deepseek_ocr2.model import DeepseekOcr2ForCausalLM, DeepseekOcr2Model
 from deepseek_ocr_server.models.deepseek_ocr2.vision import hybrid_mask
@@ -99,7 +100,7 @@ def test_strict_loading_names_every_problem(deepseek2_ckpt: Path, tmp_path: Path
 
 def test_registered_with_its_own_defaults(tmp_path: Path):
     assert model_class("deepseek-ocr-2") is DeepseekOcr2Model
-    entry = cfg.BUILTIN_MODELS["deepseek-ocr-2"]
+    entry = cfg.builtin_models()["deepseek-ocr-2"]
     assert (entry.kind, entry.repo) == ("deepseek-ocr-2", "deepseek-ai/DeepSeek-OCR-2")
     for path in (tmp_path / "empty.toml", tmp_path / "new" / "config.toml"):  # no file / the written default
         if path.name == "empty.toml":

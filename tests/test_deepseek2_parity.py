@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from deepseek_ocr_server.models.base import VisionSettings
+from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
 from deepseek_ocr_server.models.deepseek_ocr.processor import normalize
 
 transformers = pytest.importorskip("transformers")

@@ -11,8 +11,9 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
 from deepseek_ocr_server.engine.generate import generate, generate_stream
-from deepseek_ocr_server.models.base import ModelFiles, Prepared, VisionSettings
+from deepseek_ocr_server.models.base import ModelFiles, Prepared
 from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
+from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
 from deepseek_ocr_server.sampling import SamplingParams
 from deepseek_ocr_server.testing.generation import generate_batch
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from deepseek_ocr_server.models.base import InputError, VisionSettings
+from deepseek_ocr_server.models.base import InputError
 from deepseek_ocr_server.models.deepseek_ocr import processor as P
+from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
 from deepseek_ocr_server.models.deepseek_ocr.vision import arrange_image_embeddings
 
 # SPEC §5.3: candidate order produced by the reference's set + stable sort on CPython 3.11

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from deepseek_ocr_server.models.base import VisionSettings
 from deepseek_ocr_server.models.deepseek_ocr.config import DeepseekOcrConfig
+from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
 from deepseek_ocr_server.models.deepseek_ocr.vision import ClipEmbeddings, SamEncoder
 from deepseek_ocr_server.testing.deepseek_ocr import tiny_config
 

@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from deepseek_ocr_server.documents import Block, StreamCleaner, draw_layout, for_kind, layout_png
-from deepseek_ocr_server.documents.postprocess import GROUNDING, OTSL, PLAIN, register
+from deepseek_ocr_server.documents.postprocess import GROUNDING, OTSL, PLAIN, POSTPROCESSORS, register
 from deepseek_ocr_server.documents.postprocess.grounding import parse_boxes
 from deepseek_ocr_server.documents.postprocess.otsl import otsl_to_html
+from deepseek_ocr_server.models import registry
 
 W, H = 1000, 2000
 
@@ -148,8 +149,16 @@ def test_paddle_formulas_and_plain_text() -> None:
 def test_unknown_kinds_pass_text_through_and_families_can_share_a_processor() -> None:
     assert for_kind("fake") is PLAIN
     assert PLAIN.process(" a  b ", 1, 1).markdown == " a  b "
-    register("test-family-with-grounding", GROUNDING)
-    assert for_kind("test-family-with-grounding") is GROUNDING
+    registry.register(
+        registry.FamilySpec(kind="test-family-with-grounding", title="t", model="x:Y", postprocess="grounding")
+    )
+    try:
+        assert for_kind("test-family-with-grounding") is GROUNDING
+    finally:
+        registry.unregister("test-family-with-grounding")
+    register("test-format", PLAIN)  # a new output format, named by a spec's ``postprocess``
+    assert POSTPROCESSORS["test-format"] is PLAIN
+    del POSTPROCESSORS["test-format"]
 
 
 RECORDED = [

@@ -15,8 +15,10 @@ from deepseek_ocr_server.engine.generate import generate
 from deepseek_ocr_server.engine.manager import ModelManager
 from deepseek_ocr_server.engine.types import Finished, OcrRequest, TextDelta
 from deepseek_ocr_server.models import load_model
-from deepseek_ocr_server.models.base import ModelFiles, OcrModel, VisionSettings, no_pause
-from deepseek_ocr_server.models.quant import Int8Linear, skip_vision
+from deepseek_ocr_server.models.base import ModelFiles, OcrModel, no_pause
+from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
+from deepseek_ocr_server.models.quant import Int8Linear
+from deepseek_ocr_server.models.registry import family
 from deepseek_ocr_server.sampling import SamplingParams
 
 KINDS = {"deepseek-ocr": "deepseek_ckpt", "paddleocr-vl": "paddle_ckpt"}
@@ -177,7 +179,7 @@ def test_int8_loads_and_generates(request, kind):
     ref = load(path, kind)
     q = load(path, kind, quantize="int8")
     names = [name for name, m in q.net.named_modules() if isinstance(m, Int8Linear)]
-    assert names and not any(skip_vision(name, None) for name in names)  # vision untouched
+    assert names and not any(family(kind).is_vision(name) for name in names)  # vision untouched
     prepared = q.prepare("Free OCR.", [image(2)], VISION)
     tokens = greedy_ids(ref, prepared, 64)
     agreement = teacher_forced_agreement(ref, q, prepared, tokens)

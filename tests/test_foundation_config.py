@@ -55,16 +55,16 @@ def test_default_file_equals_builtin_defaults(tmp_path: Path) -> None:
         else:
             assert value == expected, key
     # unset = None, commented out; no_repeat_ngram_size, image_size and max_new_tokens are left to the
-    # per-kind built-in (KIND_DEFAULTS)
+    # per-family built-in (the families' specs)
     kind_keys = {"no_repeat_ngram_size", "image_size", "max_new_tokens"}
     assert set(builtin) - set(data["inference"]) == {"top_k", "seed", *kind_keys}
     assert data["server"] == {k: v for k, v in asdict(ServerSettings()).items() if k != "api_key"}
-    assert set(data["models"]["entries"]) == set(cfg.BUILTIN_MODELS)
+    assert set(data["models"]["entries"]) == set(cfg.builtin_models())
     # and parsing it gives the same Settings as no file at all
     a = load_settings({}, write(tmp_path / "full.toml", DEFAULT_CONFIG_TOML))
     b = load_settings({}, write(tmp_path / "empty.toml", ""))
     assert a.inference == b.inference and a.server == b.server and a.models == b.models
-    assert all(a.inference_for(m) == b.inference_for(m) for m in cfg.BUILTIN_MODELS)
+    assert all(a.inference_for(m) == b.inference_for(m) for m in cfg.builtin_models())
 
 
 def test_default_config_path_honours_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -110,7 +110,7 @@ crop_mode = false
 """,
     )
     s = load_settings({"model": "my-ft"}, path)
-    assert list(s.models) == [*cfg.BUILTIN_MODELS, "my-ft"]
+    assert list(s.models) == [*cfg.builtin_models(), "my-ft"]
     e = s.models["my-ft"]
     assert (e.kind, e.repo, e.revision, e.weights) == ("deepseek-ocr", "me/my-ft", "v2", weights)
     assert e.tokenizer == tmp_path / "ft" / "tokenizer.json"  # relative to the config file
@@ -227,7 +227,8 @@ def test_sampling_and_vision_views(tmp_path: Path) -> None:
     sp = inf.sampling()
     sp.validate()
     assert (sp.do_sample, sp.temperature, sp.seed, sp.no_repeat_ngram_size) == (True, 0.7, 3, 20)
-    assert inf.vision().crop_mode is False
+    assert inf.options("deepseek-ocr") == {"base_size": 1024, "image_size": 640, "crop_mode": False}
+    assert s.options_for("deepseek-ocr-2")["image_size"] == 768 and s.options_for("paddleocr-vl") == {}
 
 
 def replace_dtype(inf: InferenceDefaults, dtype: str) -> InferenceDefaults:
@@ -254,7 +255,7 @@ def replace_dtype(inf: InferenceDefaults, dtype: str) -> InferenceDefaults:
         ("[server]\nbogus = true\n", "server.bogus", "unknown key"),
         ("[extra]\na = 1\n", "extra", "unknown key"),
         ("[models]\nactive = 3\n", "models.active", "expected a model id string"),
-        ("[models.entries.deepseek-ocr]\nbase_size = 0\n", "models.entries.deepseek-ocr.base_size", "must be >= 16"),
+        ("[models.entries.deepseek-ocr]\nbase_size = 0\n", "models.entries.deepseek-ocr.base_size", "must be >= 64"),
         ("[models.entries.deepseek-ocr]\nweights = 5\n", "models.entries.deepseek-ocr.weights", "expected a path"),
         ("[models.entries.deepseek-ocr]\nwieghts = \"x\"\n", "models.entries.deepseek-ocr.wieghts", "unknown key"),
         ('[models.entries.deepseek-ocr]\nrepo = "noslash"\n', "models.entries.deepseek-ocr.repo", "owner/name"),

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from deepseek_ocr_server import server
-from deepseek_ocr_server.config import BUILTIN_MODELS, load_settings
+from deepseek_ocr_server.config import builtin_models, load_settings
 
 
 def free_port() -> int:
@@ -47,7 +47,7 @@ def test_loader_resolves_assets_and_passes_device_dtype_quantize(tmp_path: Path,
 def test_app_reports_a_failed_preload(tmp_path: Path) -> None:
     settings = load_settings({"cache_dir": tmp_path / "cache"}, tmp_path / "c.toml")
     app, manager = server.build_app(settings)
-    assert manager.model_ids() == list(BUILTIN_MODELS)
+    assert manager.model_ids() == list(builtin_models())
 
     async def go() -> dict:
         await manager.preload("deepseek-ocr")

@@ -15,7 +15,6 @@ from fixtures.server import RunningServer, data_url, png_bytes, serve
 from PIL import Image
 
 from deepseek_ocr_server.config import (
-    DEFAULT_PROMPTS,
     InferenceDefaults,
     ModelEntry,
     ServerSettings,
@@ -27,6 +26,7 @@ from deepseek_ocr_server.models.base import ModelFiles, Prepared
 from deepseek_ocr_server.models.glm_ocr.language import GlmKVCache
 from deepseek_ocr_server.models.glm_ocr.model import GlmOcrModel
 from deepseek_ocr_server.models.paddleocr_vl.processor import mrope_positions
+from deepseek_ocr_server.models.registry import family
 from deepseek_ocr_server.sampling import SamplingParams
 
 
@@ -90,7 +90,7 @@ def test_builtin_entry_and_kind_defaults(tmp_path: Path) -> None:
     inf = s.inference_for("glm-ocr")
     assert (inf.max_new_tokens, inf.no_repeat_ngram_size, inf.do_sample) == (8192, 0, False)
     assert s.inference_for("deepseek-ocr").max_new_tokens == 512
-    assert s.default_prompt("glm-ocr") == DEFAULT_PROMPTS["glm-ocr"] == "Text Recognition:"
+    assert s.default_prompt("glm-ocr") == family("glm-ocr").default_prompt == "Text Recognition:"
 
 
 # --- engine + API end to end -------------------------------------------------------------------------

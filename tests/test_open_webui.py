@@ -132,7 +132,8 @@ def test_continue_answer_equals_decoding_the_partial_answer(
     from fixtures.server import REAL_VISION
 
     from deepseek_ocr_server.models import load_model
-    from deepseek_ocr_server.models.base import ModelFiles, VisionSettings
+    from deepseek_ocr_server.models.base import ModelFiles
+    from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
 
     ckpt = {"deepseek-ocr": "deepseek_ckpt", "paddleocr-vl": "paddle_ckpt", "glm-ocr": "glm_ckpt"}[model_id]
     files = ModelFiles.from_dir(request.getfixturevalue(ckpt))

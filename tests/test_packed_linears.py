@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
-from deepseek_ocr_server.models.base import ModelFiles, OcrModel, Prepared, VisionSettings
+from deepseek_ocr_server.models.base import ModelFiles, OcrModel, Prepared
 from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
+from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
 from deepseek_ocr_server.models.layers import (
     PackedLinear,
     PackedRows,
@@ -227,11 +228,12 @@ def test_decode_weight_bytes_probe(deepseek_ckpt, paddle_ckpt):
 def test_int8_of_a_packed_model_quantizes_each_projection(deepseek_ckpt):
     """quantize_linears_int8 on an already packed and fused model (what serve_bench --int8-check does)
     undoes the fusion first: every original projection becomes its own int8 layer, nothing stale stays."""
-    from deepseek_ocr_server.models.quant import quantize_linears_int8, skip_vision
+    from deepseek_ocr_server.models.quant import quantize_linears_int8
+    from deepseek_ocr_server.models.registry import family
 
     m = DeepseekOcrModel.load(ModelFiles.from_dir(deepseek_ckpt), dtype=torch.bfloat16)
     ref = DeepseekOcrModel.load(ModelFiles.from_dir(deepseek_ckpt), dtype=torch.bfloat16, quantize="int8")
-    quantize_linears_int8(m.net, skip=skip_vision)
+    quantize_linears_int8(m.net, skip=lambda name, _: family("deepseek-ocr").is_vision(name))
     expert = m.net.model.layers[1].mlp.experts[0]
     assert expert.gate_up is None and isinstance(expert.gate_proj, Int8Linear)
     assert not any(isinstance(x, PackedRows) for x in m.net.modules())

@@ -17,8 +17,9 @@ from torch import nn
 
 from deepseek_ocr_server import cpu
 from deepseek_ocr_server.cpu import CPU_CLASSES, classify
-from deepseek_ocr_server.models.base import ModelFiles, ModelLoadError, VisionSettings
+from deepseek_ocr_server.models.base import ModelFiles, ModelLoadError
 from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
+from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
 from deepseek_ocr_server.models.glm_ocr.model import GlmOcrModel
 from deepseek_ocr_server.models.layers import (
     WideningEmbedding,
@@ -29,7 +30,7 @@ from deepseek_ocr_server.models.layers import (
 )
 from deepseek_ocr_server.models.paddleocr_vl.model import PaddleOcrVlModel
 from deepseek_ocr_server.models.precision import Precision, decide, slow_choice_warning
-from deepseek_ocr_server.models.quant import is_vision
+from deepseek_ocr_server.models.registry import family
 
 #: (arch, system, torch capability, flags) that each class is detected from
 FAKED = {
@@ -143,7 +144,7 @@ def test_storage_dtypes_one_dtype_per_phase(deepseek_ckpt) -> None:  # noqa: ANN
 
     with torch.device("meta"):
         net = DeepseekOcrForCausalLM(DeepseekOcrConfig.from_file(deepseek_ckpt / "config.json"))
-    default, overrides = storage_dtypes(net, plan, is_vision)
+    default, overrides = storage_dtypes(net, plan, family("deepseek-ocr").is_vision)
     assert default == torch.bfloat16
     assert "lm_head.weight" not in overrides and "model.embed_tokens.weight" not in overrides
     assert overrides["model.norm.weight"] == torch.float32
@@ -202,15 +203,16 @@ def test_each_plan_gives_the_float32_tokens(family: str, request: pytest.Fixture
     for plan in PLANS:
         m = cls.load(files, dtype=plan)
         assert m.precision == plan and m.dtype == plan.compute_dtype and m.cache_dtype == plan.kv_dtype
-        _check_storage(m.net, plan)
+        _check_storage(m.net, plan, m.kind)
         toks, _ = _run(m, 4)
         assert toks == ref_toks[:4], plan
         _, logits = _run(m, n, forced=ref_toks)
         assert (logits - ref_logits).abs().max() <= 0.05 * scale, plan
 
 
-def _check_storage(net: nn.Module, plan: Precision) -> None:
+def _check_storage(net: nn.Module, plan: Precision, kind: str) -> None:
     """Every language-model weight stored once in the plan's decode dtype, the vision side in its own."""
+    is_vision = family(kind).is_vision
     for name, p in net.named_parameters():
         if is_vision(name):
             assert p.dtype == plan.vision_dtype, name

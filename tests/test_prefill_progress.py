@@ -7,14 +7,12 @@
   the prefill gives the same logits, the other sequence the same tokens;
 - a callback that raises (a cancelled request) leaves the model as it was.
 
-A family is found through ``models.MODEL_KINDS``; its tiny checkpoint comes from
-``deepseek_ocr_server.testing.<package>.build_tiny_checkpoint`` (the package that holds the model class).
+Every family of the registry (``models/<family>/spec.py``) is checked, on the tiny checkpoint its spec
+builds (``FamilySpec.test_checkpoint``).
 """
 
 from __future__ import annotations
 
-import importlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,13 +21,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from deepseek_ocr_server.config import KIND_DEFAULTS
-from deepseek_ocr_server.models import MODEL_KINDS, load_model
-from deepseek_ocr_server.models.base import ModelFiles, OcrModel, VisionSettings
+from deepseek_ocr_server.models import load_model
+from deepseek_ocr_server.models.base import ModelFiles, OcrModel
+from deepseek_ocr_server.models.registry import families
 
 #: kinds without layers (the deterministic test model)
 LAYERLESS = {"fake"}
-KINDS = [k for k in MODEL_KINDS if k not in LAYERLESS]
+KINDS = [k for k, spec in families().items() if spec.test_checkpoint and k not in LAYERLESS]
 #: session fixtures that already hold a kind's tiny model in float32 (others are built here)
 SHARED = {
     "deepseek-ocr": "deepseek_model_f32",
@@ -43,27 +41,21 @@ def _img(seed: int, w: int = 150, h: int = 90) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
-def _build(kind: str, root: Path) -> OcrModel:
-    package = MODEL_KINDS[kind].partition(":")[0].split(".")[-2]  # deepseek_ocr_server.models.<package>.model
-    builder = importlib.import_module(f"deepseek_ocr_server.testing.{package}")
-    ckpt = builder.build_tiny_checkpoint(root)
-    return load_model(kind, ModelFiles.from_dir(ckpt), device="cpu", dtype=torch.float32)
-
-
 @pytest.fixture(params=KINDS)
-def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> OcrModel:
+def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[OcrModel, Any, Any]:
+    """(model, first prepared request, second prepared request) of one family."""
     kind = request.param
+    spec = families()[kind]
     if kind in SHARED:
-        return request.getfixturevalue(SHARED[kind])
-    return _build(kind, tmp_path_factory.mktemp(f"{kind}-tiny"))
-
-
-def _prompts(model: OcrModel) -> tuple[Any, Any]:
-    size = KIND_DEFAULTS.get(model.kind, {}).get("image_size", 512)  # one small view the family accepts
-    vision = VisionSettings(base_size=size, image_size=size, crop_mode=False)
-    first = model.prepare("Read the text.", [_img(1)], vision)
-    second = model.prepare("Read this one.", [_img(2, 120, 120)], vision)
-    return first, second
+        model = request.getfixturevalue(SHARED[kind])
+    else:
+        ckpt = spec.build_test_checkpoint(tmp_path_factory.mktemp(f"{kind}-tiny"))
+        model = load_model(kind, ModelFiles.from_dir(ckpt), device="cpu", dtype=torch.float32)
+    size = spec.defaults.get("image_size", 512)  # one small view the family accepts
+    options = {"base_size": size, "image_size": size, "crop_mode": False}
+    first = model.prepare("Read the text.", [_img(1)], options)
+    second = model.prepare("Read this one.", [_img(2, 120, 120)], options)
+    return model, first, second
 
 
 def _layer_stacks(model: OcrModel) -> list[tuple[str, nn.ModuleList]]:
@@ -85,8 +77,8 @@ def _layer_stacks(model: OcrModel) -> list[tuple[str, nn.ModuleList]]:
     return out
 
 
-def test_prefill_calls_back_at_every_layer_boundary(tiny: OcrModel) -> None:
-    model = tiny
+def test_prefill_calls_back_at_every_layer_boundary(tiny: tuple[OcrModel, Any, Any]) -> None:
+    model, _, second = tiny
     stacks = _layer_stacks(model)
     assert stacks, f"{model.kind}: no layer stacks found"
     events: list[
@@ -97,7 +89,6 @@ def test_prefill_calls_back_at_every_layer_boundary(tiny: OcrModel) -> None:
         for i, layer in enumerate(stack):
             for sub in layer.modules():
                 handles.append(sub.register_forward_pre_hook(lambda *_, key=(name, i): events.append(key)))
-    _, second = _prompts(model)
     try:
         _, cache = model.prefill(second, 2, lambda: events.append(None))
     finally:
@@ -139,9 +130,8 @@ class _Stop(Exception):
     pass
 
 
-def test_decode_inside_the_callback_changes_nothing(tiny: OcrModel) -> None:
-    model = tiny
-    first, second = _prompts(model)
+def test_decode_inside_the_callback_changes_nothing(tiny: tuple[OcrModel, Any, Any]) -> None:
+    model, first, second = tiny
     want_tokens = _greedy(model, first, 6)
     want_logits, c = model.prefill(second, 2)
     c.release()

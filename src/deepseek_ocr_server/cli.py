@@ -14,25 +14,20 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
+from . import settings as table
 from .config import (
+    DEFAULT_ACTIVE,
     DEFAULT_DTYPE_BY_DEVICE,
-    DEVICES,
-    DTYPES,
     ConfigError,
-    InferenceDefaults,
-    RayDeploymentSettings,
-    ServerSettings,
     Settings,
-    check_value,
     default_cache_dir,
     default_config_path,
     load_settings,
     parse_bool,
 )
+from .models import registry
 
 PROG = "deepseek-ocr-server"
-_INF = InferenceDefaults()
-_SRV = ServerSettings()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,7 +40,7 @@ def _typed(key: str, convert: Callable[[str], Any]) -> Callable[[str], Any]:
 
     def parse(text: str) -> Any:
         try:
-            return check_value(key, convert(text))
+            return table.check(key, convert(text))
         except ValueError as exc:
             msg = str(exc)
             if msg.startswith(("invalid literal", "could not convert")):
@@ -81,12 +76,42 @@ def _show(v: Any) -> str:
     return str(v)
 
 
+_CONVERT: dict[str, Callable[[str], Any]] = {
+    "int": int, "float": float, "bool": parse_bool, "choice": _str, "str": _str, "api_key": _str,
+}
+#: what "unset" means, for the help of settings whose default is None
+_UNSET = {
+    "dtype": "auto = by device: " + ", ".join(f"{d} -> {t}" for d, t in DEFAULT_DTYPE_BY_DEVICE.items()),
+    "api_key": "none, no authentication",
+    "max_replicas": "none = min-replicas",
+    "target_ongoing_requests": "none = --max-running",
+}
+
+
+def _default_text(s: table.Setting) -> str:
+    """``(default: 640; 768 for deepseek-ocr-2)``: the table's default and the families' own."""
+    text = _UNSET.get(s.name) or _show(s.default)
+    per = [f"{f.kind}: {_show(f.defaults[s.name])}" for f in registry.builtin_families() if s.name in f.defaults]
+    return f"(default: {text}" + (f"; {', '.join(per)}" if per else "") + ")"
+
+
+def _add_setting(g: Any, s: table.Setting) -> None:
+    convert = _CONVERT[s.kind]
+    if s.none_word and s.kind != "choice":  # "none" means unset ("" is refused for the API key)
+        convert = _optional(convert)
+    rng = s.range_text()
+    help_ = s.help + (f"; {rng}" if rng and rng not in s.help else "")
+    if s.request and s.group == "vision":  # a model family's option: say which families read it
+        help_ += f"; read by {', '.join(registry.readers(s.name))} only"
+    g.add_argument(s.flag_name, dest=s.dest, metavar=s.metavar_text, type=_typed(s.name, convert),
+                   help=f"{help_} {_default_text(s)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    dtype_defaults = ", ".join(f"{d} -> {t}" for d, t in DEFAULT_DTYPE_BY_DEVICE.items())
     p = _Parser(
         prog=PROG,
         description=(
-            "OpenAI-compatible OCR server for DeepSeek-OCR and PaddleOCR-VL. "
+            "OpenAI-compatible OCR server for " + ", ".join(f.title for f in registry.builtin_families()) + ". "
             "Precedence: flag > config.toml (per-model entry over [inference]) > built-in default; "
             "a request body overrides for one request."
         ),
@@ -100,9 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a = p.add_argument
     g = p.add_argument_group("model and assets")
+    builtin = ", ".join(f.kind for f in registry.builtin_families())
     g.add_argument("--model", metavar="ID", type=_str,
-                   help="model entry to preload: deepseek-ocr, paddleocr-vl, glm-ocr or a custom [models.entries.<id>] "
-                        "(default: [models].active, else deepseek-ocr)")
+                   help=f"model entry to preload: {builtin} or a custom [models.entries.<id>] "
+                        f"(default: [models].active, else {DEFAULT_ACTIVE})")
     g.add_argument("--config", metavar="PATH", type=_path,
                    help=f"config file to load, or to create with defaults if missing (default: {default_config_path()})")
     g.add_argument("--tokenizer", metavar="PATH", type=_path,
@@ -115,87 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", metavar="PATH", type=_path,
                    help=f"model cache root; files live in <cache-dir>/models/<id>/ (default: {default_cache_dir()})")
 
-    g = p.add_argument_group("device and precision")
-    g.add_argument("--device", metavar="{" + ",".join(DEVICES) + "}", type=_typed("device", _str),
-                   help=f"inference backend: cpu, cuda, or metal (Apple GPU via torch mps) (default: {_INF.device})")
-    g.add_argument("--dtype", metavar="{" + ",".join(DTYPES) + ",auto}", type=_typed("dtype", _str),
-                   help=f"weights/activations precision (default: auto = by device: {dtype_defaults})")
-    g.add_argument("--quantize", metavar="{none,int8}", type=_typed("quantize", _str),
-                   help="int8 weight-only quantisation of the linear layers: less memory, see README (default: none)")
+    groups: dict[str, Any] = {}
+    for s in table.SETTINGS_TABLE:
+        if s.flag_name and s.section != "ray":
+            if s.group not in groups:
+                groups[s.group] = p.add_argument_group(s.group)
+            _add_setting(groups[s.group], s)
 
-    g = p.add_argument_group("vision")
-    g.add_argument("--base-size", metavar="N", type=_typed("base_size", int),
-                   help=f"global view resolution (default: {_INF.base_size})")
-    g.add_argument("--image-size", metavar="N", type=_typed("image_size", int),
-                   help=f"local tile resolution in dynamic crop mode, DeepSeek-OCR only (default: {_INF.image_size}; "
-                        "768 for deepseek-ocr-2)")
-    g.add_argument("--crop-mode", metavar="BOOL", type=_typed("crop_mode", parse_bool),
-                   help="dynamic crop mode on/off, DeepSeek-OCR only; PaddleOCR-VL ignores it "
-                        f"(default: {_show(_INF.crop_mode)})")
-
-    g = p.add_argument_group("decoding (server defaults; a request body overrides them)")
-    g.add_argument("--max-new-tokens", metavar="N", type=_typed("max_new_tokens", int),
-                   help=f"default decoding budget; a request's max_tokens overrides it (default: {_INF.max_new_tokens}; "
-                        "glm-ocr: 8192)")
-    g.add_argument("--do-sample", metavar="BOOL", type=_typed("do_sample", parse_bool),
-                   help=f"sample instead of greedy decoding by default (default: {_show(_INF.do_sample)})")
-    g.add_argument("--temperature", metavar="T", type=_typed("temperature", float),
-                   help=f"sampling temperature; only used with --do-sample true and > 0 (default: {_INF.temperature})")
-    g.add_argument("--top-p", metavar="P", type=_typed("top_p", float),
-                   help=f"nucleus probability mass in (0, 1], sampling only (default: {_INF.top_p})")
-    g.add_argument("--top-k", metavar="K", type=_typed("top_k", _optional(int)),
-                   help="top-k cut, sampling only; 'none' disables (default: none)")
-    g.add_argument("--repetition-penalty", metavar="R", type=_typed("repetition_penalty", float),
-                   help=f"> 1 discourages repeats (default: {_INF.repetition_penalty})")
-    g.add_argument("--no-repeat-ngram-size", metavar="N", type=_typed("no_repeat_ngram_size", int),
-                   help=f"global no-repeat n-gram size; 0 disables (default: {_INF.no_repeat_ngram_size}; "
-                        "paddleocr-vl and glm-ocr: 0, as their references decode)")
-    g.add_argument("--seed", metavar="N", type=_typed("seed", _optional(int)),
-                   help="sampling RNG seed, for reproducible sampling (default: none)")
-
-    g = p.add_argument_group("HTTP server")
-    g.add_argument("--host", metavar="ADDR", type=_typed("host", _str),
-                   help=f"bind address (default: {_SRV.host})")
-    g.add_argument("--port", metavar="PORT", type=_typed("port", int),
-                   help=f"HTTP port (default: {_SRV.port})")
-    g.add_argument("--api-key", metavar="KEY", type=_typed("api_key", _str),  # "" is refused, not "no auth"
-                   help="require 'Authorization: Bearer KEY' on /v1/*; env DEEPSEEK_OCR_API_KEY, then [server] api_key "
-                        "(default: none, no authentication)")
-    g.add_argument("--allow-private-image-urls", metavar="BOOL",
-                   type=_typed("allow_private_image_urls", parse_bool),
-                   help="let image URLs point at loopback/private/link-local addresses "
-                        f"(default: {_show(_SRV.allow_private_image_urls)})")
-    g.add_argument("--max-running", metavar="N", type=_typed("max_running", int),
-                   help=f"sequences generated concurrently (batched decode) (default: {_SRV.max_running})")
-    g.add_argument("--max-queued", metavar="N", type=_typed("max_queued", int),
-                   help=f"requests waiting for a slot before new ones get 429 (default: {_SRV.max_queued})")
-    g.add_argument("--queue-timeout", metavar="SECONDS", type=_typed("queue_timeout_s", float),
-                   help=f"longest wait in the queue before a 503 (default: {_SRV.queue_timeout_s:g})")
-    g.add_argument("--prefill-slice", metavar="SECONDS", type=_typed("prefill_slice_s", float),
-                   help="during a prefill, running streams get a decode step at least this often "
-                        f"(0: at every layer; large: none until the prefill ends) (default: {_SRV.prefill_slice_s:g})")
-
-    g.add_argument("--shutdown-drain", metavar="SECONDS", type=_typed("shutdown_drain_s", float),
-                   help="on SIGTERM/Ctrl-C, running requests get this long to finish before they end with an "
-                        f"error (default: {_SRV.shutdown_drain_s:g})")
     g = p.add_argument_group("cluster mode (Ray Serve; needs the [ray] extra)")
     g.add_argument("--ray", metavar="ADDRESS", nargs="?", const="", type=_str,
                    help="serve on Ray Serve: one deployment per configured model, replicas spread over the cluster; "
                         "ADDRESS of a running cluster (auto, HOST:PORT, ray://HOST:10001), or none to use "
                         "RAY_ADDRESS or start a local one (default: off, single process)")
-    _RAY = RayDeploymentSettings()
-    g.add_argument("--ray-min-replicas", metavar="N", type=_typed("min_replicas", int),
-                   help=f"replicas per model kept up, for every model (default: {_RAY.min_replicas}; "
-                        "per model: [models.entries.<id>.ray])")
-    g.add_argument("--ray-max-replicas", metavar="N", type=_typed("max_replicas", _optional(int)),
-                   help="autoscale each model up to N replicas on ongoing requests (default: none = min-replicas)")
-    g.add_argument("--ray-num-cpus", metavar="X", type=_typed("num_cpus", float),
-                   help=f"CPUs (torch threads) per model replica (default: {_RAY.num_cpus:g})")
-    g.add_argument("--ray-num-gpus", metavar="X", type=_typed("num_gpus", float),
-                   help=f"GPUs per model replica, fractions allowed (default: {_RAY.num_gpus:g})")
-    g.add_argument("--ray-target-ongoing-requests", metavar="X",
-                   type=_typed("target_ongoing_requests", _optional(float)),
-                   help="autoscaling target of ongoing requests per replica (default: none = --max-running)")
+    for s in table.section("ray"):
+        _add_setting(g, s)
 
     g = p.add_argument_group("misc")
     g.add_argument("--log-level", metavar="LEVEL", type=str.upper,

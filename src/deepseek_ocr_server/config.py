@@ -2,7 +2,8 @@
 
 Layers, lowest first:
 
-1. built-in defaults (the dataclass defaults below, ``BUILTIN_MODELS``);
+1. built-in defaults (the settings table of ``settings.py``; the families' own defaults and built-in
+   entries from their specs, ``models/<family>/spec.py``);
 2. ``config.toml``: ``[inference]``, then the per-model values of ``[models.entries.<id>]``
    (per-model values win over ``[inference]``), ``[server]``, ``[models].active``;
 3. command-line flags, but only those the user actually passed (``cli_overrides``).
@@ -17,40 +18,34 @@ Everything else (api/, engine/, assets) reads the result through :class:`Setting
 from __future__ import annotations
 
 import difflib
-import math
+import json
 import os
+import re
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, make_dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import platformdirs
 
+from . import settings as settings_table
+from .models import registry
+from .settings import SETTINGS
+
 APP_NAME = "deepseek-ocr"
 API_KEY_ENV = "DEEPSEEK_OCR_API_KEY"
 
-DEVICES = ("cpu", "cuda", "metal")
-DTYPES = ("f32", "f16", "bf16")
-QUANTIZE = ("int8",)
 #: dtype used when none is configured; see :func:`default_dtype`. ``auto`` on CPU: each phase in the
 #: precision the processor runs fast (``models/precision.py``: bf16 with native bf16, else f32 compute
 #: over bf16-stored weights).
 DEFAULT_DTYPE_BY_DEVICE = {"cpu": "auto", "cuda": "bf16", "metal": "f16"}
+#: the model preloaded when neither the file nor ``--model`` names one
+DEFAULT_ACTIVE = "deepseek-ocr"
 
 
 def model_kinds() -> tuple[str, ...]:
-    """Kinds in the model registry (``models.MODEL_KINDS``), imported lazily."""
-    from .models import MODEL_KINDS
-
-    return tuple(MODEL_KINDS)
-
-#: Task prompt used when a request brings an image but no text, per model kind.
-DEFAULT_PROMPTS = {
-    "deepseek-ocr": "<image>\n<|grounding|>Convert the document to markdown.",
-    "deepseek-ocr-2": "<image>\n<|grounding|>Convert the document to markdown.",
-    "paddleocr-vl": "OCR:",
-    "glm-ocr": "Text Recognition:",
-}
+    """Kinds in the model registry (``models/<family>/spec.py``)."""
+    return registry.kinds()
 
 
 class ConfigError(Exception):
@@ -58,27 +53,11 @@ class ConfigError(Exception):
 
 
 # --------------------------------------------------------------------------------------------------
-# dataclasses
+# dataclasses: one field per setting of the table (``settings.py``), with its default
 # --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class InferenceDefaults:
-    """Server-side defaults of one model's inference. ``dtype=None`` means "the device's default"
-    (:func:`default_dtype`); :meth:`Settings.inference_for` always returns it resolved."""
-
-    device: str = "cpu"
-    dtype: str | None = None
-    base_size: int = 1024
-    image_size: int = 640
-    crop_mode: bool = True
-    max_new_tokens: int = 512
-    do_sample: bool = False
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 20
-    seed: int | None = None
-    quantize: str | None = None  # None or "int8"
+class _InferenceMethods:
+    device: str
+    dtype: str | None
 
     @property
     def effective_dtype(self) -> str:
@@ -103,13 +82,17 @@ class InferenceDefaults:
 
         return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(SamplingParams)})
 
-    def vision(self) -> Any:
-        """These defaults as :class:`~deepseek_ocr_server.models.base.VisionSettings`."""
-        from .models.base import VisionSettings
-
-        return VisionSettings(base_size=self.base_size, image_size=self.image_size, crop_mode=self.crop_mode)
+    def options(self, kind: str) -> dict[str, Any]:
+        """These defaults of the request options a family reads (its spec's ``options``)."""
+        return {name: getattr(self, name) for name in registry.family(kind).options}
 
 
+InferenceDefaults = make_dataclass(
+    "InferenceDefaults", settings_table.dataclass_fields("inference"), bases=(_InferenceMethods,), frozen=True
+)
+InferenceDefaults.__doc__ = """Server-side defaults of one model's inference: the ``[inference]`` settings of
+``settings.py``. ``dtype=None`` means "the device's default" (:func:`default_dtype`);
+:meth:`Settings.inference_for` always returns it resolved."""
 INFERENCE_KEYS: tuple[str, ...] = tuple(f.name for f in fields(InferenceDefaults))
 
 
@@ -135,74 +118,34 @@ class ModelEntry:
     ray: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class ServerSettings:
-    host: str = "0.0.0.0"
-    port: int = 8000
-    api_key: str | None = None
-    cors_origins: list[str] = field(default_factory=lambda: ["*"])
-    allow_private_image_urls: bool = False
-    max_body_bytes: int = 32 * 1024 * 1024
-    max_images_per_request: int = 8
-    max_image_pixels: int = 64_000_000
-    image_fetch_timeout_s: float = 10.0
-    image_fetch_max_bytes: int = 20 * 1024 * 1024
-    max_running: int = 8
-    max_queued: int = 32
-    queue_timeout_s: float = 300.0
-    prefill_slice_s: float = 0.25
-    max_prompt_chars: int = 32768
-    max_pixels_in_flight: int = 256_000_000
-    shutdown_drain_s: float = 30.0
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 60.0
-    max_connections: int = 1000
-    pdf_dpi: int = 144
-    max_pages: int = 100
-
-
+ServerSettings = make_dataclass("ServerSettings", settings_table.dataclass_fields("server"), frozen=True)
+ServerSettings.__doc__ = "The ``[server]`` settings of ``settings.py``: limits, auth, CORS, HTTP."
 SERVER_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerSettings))
 
 #: the resolutions a PDF page may be rendered at (config ``pdf_dpi`` and a request's ``dpi``)
-PDF_DPI_RANGE = (36, 600)
+PDF_DPI_RANGE = (int(SETTINGS["pdf_dpi"].lo or 0), int(SETTINGS["pdf_dpi"].hi or 0))
 
 
-@dataclass(frozen=True)
-class RayDeploymentSettings:
+class _RayDoc:
     """One model's Ray Serve deployment (cluster mode only): ``[models.entries.<id>.ray]``, the
     ``--ray-*`` flags over it. ``max_replicas`` None means ``min_replicas`` (a fixed replica count, no
     autoscaling); above it, Serve autoscales on ongoing requests per replica
     (``target_ongoing_requests``, None: the replica's ``max_running``). ``min_replicas = 0`` scales from
     zero (up to ``max_replicas``, at least 1). ``num_cpus`` is also the replica's torch thread count."""
 
-    min_replicas: int = 1
-    max_replicas: int | None = None
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    target_ongoing_requests: float | None = None
 
-
+RayDeploymentSettings = make_dataclass(
+    "RayDeploymentSettings", settings_table.dataclass_fields("ray"), bases=(_RayDoc,), frozen=True
+)
+RayDeploymentSettings.__doc__ = _RayDoc.__doc__
+for _cls in (InferenceDefaults, ServerSettings, RayDeploymentSettings):
+    _cls.__module__ = __name__  # pickling (Ray ships settings to replicas) finds them here
 RAY_KEYS: tuple[str, ...] = tuple(f.name for f in fields(RayDeploymentSettings))
 
-#: Built-in defaults that differ by model kind (the lowest layer: ``[inference]`` and everything above
-#: still override them). PaddleOCR-VL's reference decodes plain greedy with no n-gram ban (SPEC §9): a
-#: 20-gram ban would break long legitimate repeats (``<ecel>`` runs in tables, dot leaders).
-#: DeepSeek-OCR 2 cuts 768-px tiles (its encoder has learned queries for 768- and 1024-px views only).
-KIND_DEFAULTS: dict[str, dict[str, Any]] = {
-    "paddleocr-vl": {"no_repeat_ngram_size": 0},
-    "deepseek-ocr-2": {"image_size": 768},
-    # GLM-OCR's reference: greedy, no n-gram ban, up to 8192 new tokens (a dense page runs long)
-    "glm-ocr": {"no_repeat_ngram_size": 0, "max_new_tokens": 8192},
-}
 
-BUILTIN_MODELS: dict[str, ModelEntry] = {
-    "deepseek-ocr": ModelEntry(id="deepseek-ocr", kind="deepseek-ocr", repo="deepseek-ai/DeepSeek-OCR"),
-    "deepseek-ocr-2": ModelEntry(
-        id="deepseek-ocr-2", kind="deepseek-ocr-2", repo="deepseek-ai/DeepSeek-OCR-2"
-    ),
-    "paddleocr-vl": ModelEntry(id="paddleocr-vl", kind="paddleocr-vl", repo="PaddlePaddle/PaddleOCR-VL"),
-    "glm-ocr": ModelEntry(id="glm-ocr", kind="glm-ocr", repo="zai-org/GLM-OCR"),
-}
+def builtin_models() -> dict[str, ModelEntry]:
+    """The built-in model entries: one per registered family with a repo, id = kind."""
+    return {f.kind: ModelEntry(id=f.kind, kind=f.kind, repo=f.repo) for f in registry.builtin_families()}
 
 
 @dataclass(frozen=True)
@@ -215,8 +158,8 @@ class Settings:
 
     config_path: Path
     cache_dir: Path
-    active: str = "deepseek-ocr"
-    models: dict[str, ModelEntry] = field(default_factory=lambda: dict(BUILTIN_MODELS))
+    active: str = DEFAULT_ACTIVE
+    models: dict[str, ModelEntry] = field(default_factory=builtin_models)
     inference: InferenceDefaults = field(default_factory=InferenceDefaults)
     server: ServerSettings = field(default_factory=ServerSettings)
     cli_inference: dict[str, Any] = field(default_factory=dict)
@@ -234,11 +177,15 @@ class Settings:
     def inference_for(self, model_id: str) -> InferenceDefaults:
         """CLI flag > per-model entry value > ``[inference]`` > built-in; ``dtype`` resolved."""
         entry = self.entry(model_id)
-        merged = replace(self.inference, **KIND_DEFAULTS.get(entry.kind, {}))
+        merged = replace(self.inference, **registry.family(entry.kind).defaults)
         merged = replace(merged, **self.file_inference)
         merged = replace(merged, **entry.overrides)
         merged = replace(merged, **self.cli_inference)
         return replace(merged, dtype=merged.effective_dtype)
+
+    def options_for(self, model_id: str) -> dict[str, Any]:
+        """The model's request options (its family's ``options``) at their configured values."""
+        return self.inference_for(model_id).options(self.entry(model_id).kind)
 
     def ray_for(self, model_id: str) -> RayDeploymentSettings:
         """Cluster mode: ``--ray-*`` flag > ``[models.entries.<id>.ray]`` > built-in; checked as a whole."""
@@ -252,7 +199,7 @@ class Settings:
 
     def default_prompt(self, model_id: str) -> str:
         e = self.entry(model_id)
-        return e.prompt if e.prompt is not None else DEFAULT_PROMPTS.get(e.kind, "")
+        return e.prompt if e.prompt is not None else registry.family(e.kind).default_prompt
 
     def model_dir(self, model_id: str) -> Path:
         """``<cache>/models/<id>``: where the model's files live once resolved."""
@@ -302,164 +249,22 @@ def parse_bool(text: str) -> bool:
 
 
 def check_value(key: str, value: Any) -> Any:
-    """Validate (and normalise) one inference/server value. Raises ValueError with the problem."""
-    spec = _SPECS[key]
-    return spec(value)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _int(lo: int | None = None, hi: int | None = None, optional: bool = False):
-    def check(v: Any) -> int | None:
-        if v is None and optional:
-            return None
-        if not _is_int(v):
-            raise ValueError(f"expected an integer, got {_show(v)}")
-        if lo is not None and v < lo:
-            raise ValueError(f"must be >= {lo}, got {v}")
-        if hi is not None and v > hi:
-            raise ValueError(f"must be <= {hi}, got {v}")
-        return v
-
-    return check
-
-
-def _float(lo: float | None = None, hi: float | None = None, lo_open: bool = False, optional: bool = False):
-    def check(v: Any) -> float | None:
-        if v is None and optional:
-            return None
-        if not (_is_int(v) or isinstance(v, float)):
-            raise ValueError(f"expected a number, got {_show(v)}")
-        f = float(v)
-        if not math.isfinite(f):
-            raise ValueError(f"must be a finite number, got {v}")
-        if lo is not None and (f <= lo if lo_open else f < lo):
-            raise ValueError(f"must be {'>' if lo_open else '>='} {lo}, got {v}")
-        if hi is not None and f > hi:
-            raise ValueError(f"must be <= {hi}, got {v}")
-        return f
-
-    return check
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError(f"expected true or false, got {_show(v)}")
-    return v
-
-
-def _choice(options: tuple[str, ...], none_words: tuple[str, ...] = ()):
-    def check(v: Any) -> str | None:
-        if v is None and none_words:
-            return None
-        if not isinstance(v, str):
-            raise ValueError(f"expected a string, one of {', '.join(options)}, got {_show(v)}")
-        low = v.strip().lower()
-        if low in none_words:
-            return None
-        if low not in options:
-            allowed = ", ".join((*options, *none_words[:1]))
-            raise ValueError(f"must be one of {allowed}, got {v!r}")
-        return low
-
-    return check
-
-
-def _str(optional: bool = False, nonempty: bool = True):
-    def check(v: Any) -> str | None:
-        if v is None and optional:
-            return None
-        if not isinstance(v, str):
-            raise ValueError(f"expected a string, got {_show(v)}")
-        if optional and v == "":
-            return None
-        if nonempty and not v.strip():
-            raise ValueError("must not be empty")
-        return v
-
-    return check
+    """Validate (and normalise) one inference/server/ray value (``settings``). Raises ValueError."""
+    return settings_table.check(key, value)
 
 
 def _api_key(v: Any) -> str | None:
-    """An API key is absent (no authentication) or a non-blank string: an empty value would silently
-    turn authentication off."""
-    if v is None:
-        return None
-    if not isinstance(v, str):
-        raise ValueError(f"expected a string, got {_show(v)}")
-    if not v.strip():
-        raise ValueError("must not be empty (leave it out to run without authentication)")
-    if v != v.strip():
-        raise ValueError("must not start or end with whitespace")
-    return v
-
-
-def _str_list(v: Any) -> list[str]:
-    if isinstance(v, str):
-        v = [s.strip() for s in v.split(",") if s.strip()]
-    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-        raise ValueError(f"expected a list of strings, got {_show(v)}")
-    return list(v)
+    return SETTINGS["api_key"].check(v)
 
 
 def _show(v: Any) -> str:
     return f"{type(v).__name__} {v!r}"
 
 
-_SPECS: dict[str, Any] = {
-    # inference
-    "device": _choice(DEVICES),
-    "dtype": _choice(DTYPES, none_words=("auto",)),
-    "base_size": _int(16, 8192),
-    "image_size": _int(16, 8192),
-    "crop_mode": _bool,
-    "max_new_tokens": _int(1, 1_000_000),
-    "do_sample": _bool,
-    "temperature": _float(0.0),
-    "top_p": _float(0.0, 1.0, lo_open=True),
-    "top_k": _int(1, optional=True),
-    "repetition_penalty": _float(0.0, lo_open=True),
-    "no_repeat_ngram_size": _int(0),
-    "seed": _int(0, 2**63 - 1, optional=True),
-    "quantize": _choice(QUANTIZE, none_words=("none",)),
-    # server
-    "host": _str(),
-    "port": _int(1, 65535),
-    "api_key": _api_key,
-    "cors_origins": _str_list,
-    "allow_private_image_urls": _bool,
-    "max_body_bytes": _int(1024),
-    "max_images_per_request": _int(1),
-    "max_image_pixels": _int(1),
-    "image_fetch_timeout_s": _float(0.0, lo_open=True),
-    "image_fetch_max_bytes": _int(1),
-    "max_running": _int(1),
-    "max_queued": _int(0),
-    "queue_timeout_s": _float(0.0, lo_open=True),
-    "prefill_slice_s": _float(0.0),
-    "max_prompt_chars": _int(1, 10_000_000),
-    "max_pixels_in_flight": _int(1),
-    "shutdown_drain_s": _float(0.0),
-    "header_timeout_s": _float(0.0, lo_open=True),
-    "body_timeout_s": _float(0.0, lo_open=True),
-    "max_connections": _int(1),
-    "pdf_dpi": _int(*PDF_DPI_RANGE),
-    "max_pages": _int(1, 10_000),
-    # ray (cluster mode, per model)
-    "min_replicas": _int(0, 10_000),
-    "max_replicas": _int(1, 10_000, optional=True),
-    "num_cpus": _float(0.0),
-    "num_gpus": _float(0.0),
-    "target_ongoing_requests": _float(0.0, lo_open=True, optional=True),
-}
-assert set(_SPECS) == set(INFERENCE_KEYS) | set(SERVER_KEYS) | set(RAY_KEYS)
-
 # --------------------------------------------------------------------------------------------------
 # the default file
 # --------------------------------------------------------------------------------------------------
-DEFAULT_CONFIG_TOML = """\
+_CONFIG_HEAD = """\
 # deepseek-ocr-server configuration.
 # Precedence: command-line flag > this file (a model entry's values over [inference]) > built-in default.
 # A request body (max_tokens, temperature, ...) overrides for that request only.
@@ -467,91 +272,74 @@ DEFAULT_CONFIG_TOML = """\
 
 [models]
 # Model preloaded at start (--model overrides). Requests pick any entry by its id ("model" field).
-active = "deepseek-ocr"
+active = "{active}"
 # Where downloaded models live: <cache_dir>/models/<id>/ (default: the platform cache dir).
 # cache_dir = "/srv/deepseek-ocr-cache"
+"""
 
-[models.entries.deepseek-ocr]
-kind = "deepseek-ocr"
-repo = "deepseek-ai/DeepSeek-OCR"
-revision = "main"
-# Optional explicit files (else: <cache_dir>/models/deepseek-ocr/, else download from the repo):
-# config = "/path/to/config.json"
-# tokenizer = "/path/to/tokenizer.json"
-# weights = "/path/to/model.safetensors"
-# Default task prompt when a request has an image but no text:
-# prompt = "<image>\\n<|grounding|>Convert the document to markdown."
-# Per-model inference defaults (any key of [inference]) go here, e.g.:
-# base_size = 1024
-# image_size = 640
-# crop_mode = true
-
-[models.entries.deepseek-ocr-2]
-kind = "deepseek-ocr-2"
-repo = "deepseek-ai/DeepSeek-OCR-2"
-revision = "main"
-# prompt = "<image>\\n<|grounding|>Convert the document to markdown."
-# base_size = 1024          # 1024 or 768 (the encoder's two view sizes)
-# image_size = 768          # 768 or 1024
-
-[models.entries.paddleocr-vl]
-kind = "paddleocr-vl"
-repo = "PaddlePaddle/PaddleOCR-VL"
-revision = "main"
-# prompt = "OCR:"
-
-[models.entries.glm-ocr]
-kind = "glm-ocr"
-repo = "zai-org/GLM-OCR"
-revision = "main"
-# prompt = "Text Recognition:"   # or "Formula Recognition:", "Table Recognition:"
-
+_CUSTOM_ENTRY = """\
 # A custom entry (a fine-tune of a supported kind) looks like this:
 # [models.entries.my-finetune]
 # kind = "deepseek-ocr"
 # repo = "me/my-deepseek-ocr-finetune"
 # weights = "/data/my-finetune/model.safetensors"
-
-[inference]
-device = "cpu"              # cpu | cuda | metal
-dtype = "auto"              # auto | f32 | f16 | bf16 (auto: cpu per phase by CPU class, cuda bf16, metal f16)
-base_size = 1024            # global view resolution
-# image_size = 640          # unset: 640 for deepseek-ocr, 768 for deepseek-ocr-2 (local tile resolution in crop mode)
-crop_mode = true            # dynamic crop mode (DeepSeek-OCR only)
-# max_new_tokens = 512      # unset: 512, 8192 for glm-ocr; a request's max_tokens overrides it
-do_sample = false
-temperature = 0.0
-top_p = 1.0
-# top_k = 50                # unset: no top-k cut
-repetition_penalty = 1.0
-# no_repeat_ngram_size = 20 # unset: 20 for deepseek-ocr, 0 for paddleocr-vl and glm-ocr; 0 disables
-# seed = 0                  # unset: random
-quantize = "none"           # none | int8 (weight-only int8 linear layers)
-
-[server]
-host = "0.0.0.0"
-port = 8000
-# api_key = "secret"        # env DEEPSEEK_OCR_API_KEY overrides it; unset: no authentication
-cors_origins = ["*"]
-allow_private_image_urls = false   # let image URLs point at loopback/private addresses
-max_body_bytes = 33554432          # 32 MiB request body (413 above)
-max_images_per_request = 8
-max_image_pixels = 64000000        # decoded pixels per image (decompression-bomb guard)
-image_fetch_timeout_s = 10.0       # whole download of one image URL
-image_fetch_max_bytes = 20971520   # 20 MiB: largest encoded image (data: URL or download)
-max_running = 8                    # sequences decoded together
-max_queued = 32                    # waiting requests before 429
-queue_timeout_s = 300.0            # longest wait for a slot (503 after)
-prefill_slice_s = 0.25             # running streams get a decode step at least this often during a prefill
-max_prompt_chars = 32768           # characters of text per request (system + user + partial answer); 400 above
-max_pixels_in_flight = 256000000   # decoded image pixels held by all requests before preprocessing (429 above)
-shutdown_drain_s = 30.0            # on SIGTERM/Ctrl-C: running requests get this long to finish, then an error
-header_timeout_s = 10.0            # a connection that has not sent its request headers by then is closed
-body_timeout_s = 60.0              # a request body not received by then gets 408
-max_connections = 1000             # open connections; more are closed at once
-pdf_dpi = 144                      # PDF pages are rendered at this resolution (a request's "dpi" overrides)
-max_pages = 100                    # pages per document request (more: 400, select fewer with "pages")
 """
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def _toml_key(key: str) -> str:
+    """A bare TOML key when it can be one; quoted otherwise (``"paddleocr-vl-1.5"``: a dot separates keys)."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml(key)
+
+
+def _setting_line(s: settings_table.Setting, width: int) -> str:
+    """One key of ``[inference]`` / ``[server]``: commented out when unset or when a family has its own
+    default (the comment then says which)."""
+    by_family = {f.kind: f.defaults[s.name] for f in registry.builtin_families() if s.name in f.defaults}
+    note = s.note
+    if s.request and s.group == "vision":  # a model family's option: which families read it
+        note += f" ({' and '.join(registry.readers(s.name))} only)"
+    if by_family:
+        groups: dict[Any, list[str]] = {}
+        for kind, v in by_family.items():
+            groups.setdefault(v, []).append(kind)
+        per = ", ".join(f"{_toml(v)} for {' and '.join(kinds)}" for v, kinds in groups.items())
+        note = f"unset: {_toml(s.default)}, {per}" + (f"; {note}" if note else "")
+    if s.default is None and not by_family and s.example is None:
+        line = f"{s.name} = {_toml(s.none_word)}"
+    elif s.default is None or by_family:
+        line = f"# {s.name} = {_toml(s.default if s.default is not None else s.example)}"
+    else:
+        line = f"{s.name} = {_toml(s.default)}"
+    return f"{line:<{width - 1}} # {note}" if note else line
+
+
+def default_config_toml() -> str:
+    """The default config file, generated from the family specs (``models/<family>/spec.py``) and the
+    settings table (``settings.py``): the README shows it verbatim (a test checks it)."""
+    out = [_CONFIG_HEAD.format(active=DEFAULT_ACTIVE)]
+    for f in registry.builtin_families():
+        lines = [f"[models.entries.{_toml_key(f.kind)}]", f"kind = {_toml(f.kind)}", f"repo = {_toml(f.repo)}",
+                 'revision = "main"']
+        prompt = f"# prompt = {_toml(f.default_prompt)}"
+        lines += [c.replace("{prompt}", prompt) for c in f.config_comments]
+        out.append("\n".join(lines) + "\n")
+    out.append(_CUSTOM_ENTRY)
+    for name, width in (("inference", 28), ("server", 35)):
+        out.append(f"[{name}]\n" + "".join(_setting_line(s, width) + "\n" for s in settings_table.section(name)))
+    return "\n".join(out)
+
+
+DEFAULT_CONFIG_TOML = default_config_toml()
 
 
 def write_default_config(path: Path) -> bool:
@@ -582,10 +370,6 @@ def write_default_config(path: Path) -> bool:
 # --------------------------------------------------------------------------------------------------
 _ENTRY_KEYS = {"kind", "repo", "revision", "config", "tokenizer", "weights", "prompt"}
 _CLI_PATH_KEYS = {"weights": "weights", "tokenizer": "tokenizer", "model_config": "config"}
-_CLI_SERVER_RENAMES = {"queue_timeout": "queue_timeout_s", "prefill_slice": "prefill_slice_s",
-                       "shutdown_drain": "shutdown_drain_s"}
-#: ``--ray-min-replicas`` etc. (argparse dest ``ray_min_replicas``) -> :class:`RayDeploymentSettings` key
-_CLI_RAY_PREFIX = "ray_"
 
 
 class _FileErrors:
@@ -658,7 +442,7 @@ def parse_config(text: str, path: Path) -> dict[str, Any]:
         where = f"models.entries.{mid}."
         if not isinstance(raw, dict):
             raise ctx.error(f"models.entries.{mid}", f"expected a table, got {_show(raw)}")
-        base = BUILTIN_MODELS.get(mid)
+        base = builtin_models().get(mid)
         kind = raw.get("kind", base.kind if base else None)
         kinds = model_kinds()
         if kind is None:
@@ -729,7 +513,7 @@ def load_settings(cli_overrides: dict[str, Any] | None = None, config_path: Path
         raise ConfigError(f"{path}: not a UTF-8 text file: {exc}") from None
     parsed = parse_config(text, path)
 
-    models = dict(BUILTIN_MODELS)
+    models = builtin_models()
     models.update(parsed["entries"])
     inference = replace(InferenceDefaults(), **parsed["inference"])
 
@@ -743,17 +527,19 @@ def load_settings(cli_overrides: dict[str, Any] | None = None, config_path: Path
 
     cli_inference: dict[str, Any] = {}
     cli_ray: dict[str, Any] = {}
-    for key, v in cli.items():
-        name = _CLI_SERVER_RENAMES.get(key, key)
-        if name.startswith(_CLI_RAY_PREFIX) and name.removeprefix(_CLI_RAY_PREFIX) in RAY_KEYS:
-            cli_ray[name.removeprefix(_CLI_RAY_PREFIX)] = _check_flag(name, v)
-        elif name in INFERENCE_KEYS:
-            cli_inference[name] = _check_flag(name, v)
-        elif name in SERVER_KEYS:
-            server_kw[name] = _check_flag(name, v)
+    flags = settings_table.by_dest()
+    for dest, v in cli.items():
+        setting = flags.get(dest) or SETTINGS.get(dest)  # a flag's dest, or a setting's name (other CLIs)
+        if setting is None:
+            continue
+        target = {"inference": cli_inference, "ray": cli_ray, "server": server_kw}[setting.section]
+        try:
+            target[setting.name] = setting.check(v)
+        except ValueError as exc:
+            raise ConfigError(f"--{dest.replace('_', '-')}: {exc}") from None
     server = replace(ServerSettings(), **server_kw)
 
-    active = cli.get("model") or parsed.get("active") or "deepseek-ocr"
+    active = cli.get("model") or parsed.get("active") or DEFAULT_ACTIVE
     if active not in models:
         source = "--model" if cli.get("model") else f"{path}: models.active"
         raise ConfigError(f"{source}: unknown model {active!r} (configured: {', '.join(models)})")
@@ -776,20 +562,17 @@ def load_settings(cli_overrides: dict[str, Any] | None = None, config_path: Path
     )
 
 
-def _check_flag(key: str, value: Any) -> Any:
-    try:
-        return check_value(key.removeprefix(_CLI_RAY_PREFIX) if key.startswith(_CLI_RAY_PREFIX) else key, value)
-    except ValueError as exc:
-        raise ConfigError(f"--{key.replace('_', '-')}: {exc}") from None
+def builtin_settings(config_path: Path | None = None, cache_dir: Path | None = None) -> Settings:
+    """Settings with only built-in values (no file read); handy for tests and tools."""
+    return Settings(
+        config_path=config_path or default_config_path(),
+        cache_dir=cache_dir or default_cache_dir(),
+    )
 
 
 __all__ = [
     "API_KEY_ENV",
-    "BUILTIN_MODELS",
     "DEFAULT_CONFIG_TOML",
-    "DEFAULT_PROMPTS",
-    "DEVICES",
-    "DTYPES",
     "ConfigError",
     "InferenceDefaults",
     "ModelEntry",
@@ -797,6 +580,8 @@ __all__ = [
     "RayDeploymentSettings",
     "ServerSettings",
     "Settings",
+    "builtin_models",
+    "builtin_settings",
     "default_cache_dir",
     "default_config_path",
     "default_dtype",

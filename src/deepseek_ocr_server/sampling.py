@@ -13,35 +13,33 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
+
+from .settings import SETTINGS, default
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """Decoding options of one sequence. Validate with :meth:`validate` before use."""
 
-    do_sample: bool = False
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 20
-    seed: int | None = None
+    do_sample: bool = default("do_sample")
+    temperature: float = default("temperature")
+    top_p: float = default("top_p")
+    top_k: int | None = default("top_k")
+    repetition_penalty: float = default("repetition_penalty")
+    no_repeat_ngram_size: int = default("no_repeat_ngram_size")
+    seed: int | None = default("seed")
 
     def validate(self) -> None:
-        """Raise ValueError naming the field when a value is out of range (never clamp)."""
-        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if not (self.repetition_penalty > 0.0 and math.isfinite(self.repetition_penalty)):
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.no_repeat_ngram_size < 0:
-            raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+        """Raise ValueError naming the field when a value is out of range (never clamp); the ranges are
+        the settings table's (``settings.py``)."""
+        for f in fields(self):
+            try:
+                SETTINGS[f.name].check(getattr(self, f.name))
+            except ValueError as exc:
+                raise ValueError(f"{f.name} {exc}") from None
 
     @property
     def greedy(self) -> bool:

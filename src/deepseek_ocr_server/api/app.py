@@ -29,6 +29,7 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..config import ServerSettings, Settings, builtin_settings
 from ..cpu import cpu_info
 from ..engine import metrics
 from ..engine.manager import ModelManager
@@ -38,7 +39,6 @@ from .budget import PixelBudget
 from .documents import extract_for_open_webui, model_kind, output_options, start_ocr
 from .errors import ApiError, error_body, human_bytes, install_exception_handlers
 from .messages import collapse_chat, collapse_responses
-from .options import ApiOptions
 from .requestlog import RequestLog
 from .schemas import ChatCompletionRequest, ResponsesRequest, parse_body, refuse_unsupported
 from .service import Generation, build_request, check_model
@@ -164,7 +164,7 @@ def _unauthorized() -> ApiError:
     )
 
 
-def _auth_dependency(opts: ApiOptions) -> Any:
+def _auth_dependency(opts: ServerSettings) -> Any:
     """The same check as the middleware's, for apps mounted without it (and to show it in /docs)."""
 
     async def check(request: Request) -> None:
@@ -267,7 +267,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 _POST_ERRORS = _errors(400, 401, 404, 413, 429, 503)
 
 
-def _model_states(manager: ModelManager, settings: Any, ids: list[str]) -> dict[str, str]:
+def _model_states(manager: ModelManager, settings: Settings, ids: list[str]) -> dict[str, str]:
     st = manager.status()
     out: dict[str, str] = {}
     for mid in ids:
@@ -282,9 +282,11 @@ def _model_states(manager: ModelManager, settings: Any, ids: list[str]) -> dict[
     return out
 
 
-def _files_state(settings: Any, model_id: str) -> str:
-    """``available`` when the entry's files are on disk, ``downloadable`` when it names a repo."""
-    if settings is None or not hasattr(settings, "entry"):
+def _files_state(settings: Settings, model_id: str) -> str:
+    """``available`` when the entry's files are on disk, ``downloadable`` when it names a repo (a model
+    the backend serves without a config entry is available)."""
+    entry = settings.models.get(model_id)
+    if entry is None:
         return "available"
     from ..assets import resolve_model_files  # file lookups only (no download, nothing loaded)
 
@@ -292,11 +294,14 @@ def _files_state(settings: Any, model_id: str) -> str:
         resolve_model_files(settings, model_id, download=False)
         return "available"
     except Exception:  # noqa: BLE001 - missing files: can it be fetched?
-        return "downloadable" if getattr(settings.entry(model_id), "repo", None) else "unavailable"
+        return "downloadable" if entry.repo else "unavailable"
 
 
-def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
-    opts = ApiOptions.from_settings(settings)
+def create_app(manager: ModelManager, settings: Settings | None = None) -> FastAPI:
+    """The app around ``manager``. ``settings``: the server's resolved :class:`~..config.Settings`
+    (its ``server`` table holds the limits, auth and CORS); None = the built-in ones."""
+    settings = settings if settings is not None else builtin_settings()
+    opts = settings.server
     # no "/v1/models/" -> "/v1/models" redirect: its absolute Location would be built from the client's
     # Host header (an open redirect); a trailing slash is simply a 404
     app = FastAPI(title="deepseek-ocr-server", redirect_slashes=False)
@@ -368,7 +373,7 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
             order, states = ids, {}
         else:
             st = manager.status()
-            first = st.model_id if st.model_id in ids else getattr(settings, "active", None)
+            first = st.model_id if st.model_id in ids else settings.active
             order = sorted(ids, key=lambda mid: mid != first)  # stable: the others keep their order
             states = await asyncio.to_thread(_model_states, manager, settings, order)
         data = []
@@ -446,12 +451,13 @@ def create_app(manager: ModelManager, settings: Any = None) -> FastAPI:
         """Open WebUI's "External" content extraction engine (Documents settings): the raw document in the
         body, ``X-Filename`` naming it; answers ``{"page_content", "metadata"}``. ``?model=ID`` picks the
         model (default: the configured active model)."""
-        model_id = request.query_params.get("model") or getattr(settings, "active", None) or manager.model_ids()[0]
+        ids = manager.model_ids()
+        model_id = request.query_params.get("model") or (settings.active if settings.active in ids else ids[0])
         check_model(manager, model_id)
         filename = urllib.parse.unquote(request.headers.get("x-filename", "")) or None
         data = await request.body()
         out = await _unless_disconnected(
-            request, extract_for_open_webui(manager, settings, opts, data, filename, model_id)
+            request, extract_for_open_webui(manager, settings, data, filename, model_id)
         )
         return JSONResponse(out)
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from PIL import Image
 
+from ..config import ServerSettings, Settings
 from ..documents import (
     DocumentDone,
     DocumentError,
@@ -48,7 +49,6 @@ from .budget import PixelBudget, PixelLease
 from .errors import ApiError, as_api_error
 from .images import decode_data_url, decode_image, fetch_url, image_pixels
 from .messages import Conversation, FileRef, ImageRef
-from .options import ApiOptions
 from .schemas import DecodeFields
 from .service import Generation, start
 
@@ -76,14 +76,10 @@ def output_options(body: DecodeFields) -> DocumentOptions:
     return DocumentOptions(output=body.output_format or "markdown", layout_images=bool(body.layout_images))
 
 
-def model_kind(settings: Any, model_id: str) -> str:
-    entry = getattr(settings, "entry", None)
-    if not callable(entry):
-        return "plain"
-    try:
-        return str(entry(model_id).kind)
-    except Exception:  # noqa: BLE001 - an unknown id is reported elsewhere
-        return "plain"
+def model_kind(settings: Settings, model_id: str) -> str:
+    """The kind of a configured model; ``plain`` for one the backend serves without a config entry."""
+    entry = settings.models.get(model_id)
+    return entry.kind if entry is not None else "plain"
 
 
 def document_error(exc: DocumentError, param: str | None) -> ApiError:
@@ -94,7 +90,7 @@ def document_error(exc: DocumentError, param: str | None) -> ApiError:
 # reading the inputs
 
 
-def decode_file_data(value: str, opts: ApiOptions, param: str) -> bytes:
+def decode_file_data(value: str, opts: ServerSettings, param: str) -> bytes:
     """``file_data``: a ``data:`` URL of any media type, or bare base64."""
     value = value.strip()
     if value[:5].lower() == "data:":
@@ -107,9 +103,9 @@ def decode_file_data(value: str, opts: ApiOptions, param: str) -> bytes:
             )
         value = urllib.parse.unquote(payload)
     payload = "".join(value.split())
-    if len(payload) > (opts.max_image_bytes * 4) // 3 + 4:
+    if len(payload) > (opts.image_fetch_max_bytes * 4) // 3 + 4:
         raise ApiError(
-            f"the file is larger than {opts.max_image_bytes} bytes", param=param, code="file_too_large"
+            f"the file is larger than {opts.image_fetch_max_bytes} bytes", param=param, code="file_too_large"
         )
     try:
         data = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
@@ -120,7 +116,7 @@ def decode_file_data(value: str, opts: ApiOptions, param: str) -> bytes:
     return data
 
 
-async def _file_bytes(ref: FileRef, opts: ApiOptions) -> bytes:
+async def _file_bytes(ref: FileRef, opts: ServerSettings) -> bytes:
     if ref.data is not None:
         return decode_file_data(ref.data, opts, ref.param)
     assert ref.url is not None
@@ -129,7 +125,7 @@ async def _file_bytes(ref: FileRef, opts: ApiOptions) -> bytes:
     return await fetch_url(ref.url.strip(), opts, ref.param)  # the guarded fetcher of image URLs
 
 
-async def _image_bytes(ref: ImageRef, opts: ApiOptions) -> bytes:
+async def _image_bytes(ref: ImageRef, opts: ServerSettings) -> bytes:
     url = ref.url.strip()
     if url[:5].lower() == "data:":
         return decode_data_url(url, opts, ref.param)
@@ -155,7 +151,7 @@ class Inputs:
 
 
 async def load_inputs(
-    conv: Conversation, opts: ApiOptions, body: DecodeFields, pixel_budget: PixelBudget | None = None
+    conv: Conversation, opts: ServerSettings, body: DecodeFields, pixel_budget: PixelBudget | None = None
 ) -> Inputs:
     """The request's images, or the pages of its one document. Every failure is a 400 ApiError."""
     from .service import gather_or_cancel
@@ -297,13 +293,14 @@ async def start_ocr(
 
 
 async def extract_for_open_webui(
-    manager: ModelManager, settings: Any, opts: ApiOptions, data: bytes, filename: str | None, model_id: str
+    manager: ModelManager, settings: Settings, data: bytes, filename: str | None, model_id: str
 ) -> dict[str, Any]:
     """A document (the raw request body) -> ``{"page_content": markdown, "metadata": {...}}``, the answer
     Open WebUI's external extraction engine expects. Figures are left out of the markdown (their data URLs
     would only add noise to the retrieval index); pages are marked with ``<!-- page N -->``."""
-    from .resolve import default_prompt
+    from .resolve import default_prompt, model_defaults
 
+    opts = settings.server
     if not data:
         raise ApiError("the request body is empty: send the document's bytes", code="invalid_file")
     try:
@@ -312,22 +309,14 @@ async def extract_for_open_webui(
         )
     except DocumentError as exc:
         raise document_error(exc, None) from None
-    inference = (
-        settings.inference_for(model_id) if callable(getattr(settings, "inference_for", None)) else None
-    )
+    inference = model_defaults(settings, model_id)
     template = OcrRequest(
         model_id=model_id,
         text=default_prompt(settings, model_id),
         images=[],
-        **(
-            {
-                "vision": inference.vision(),
-                "sampling": inference.sampling(),
-                "max_new_tokens": inference.max_new_tokens,
-            }
-            if inference is not None
-            else {}
-        ),
+        options=settings.options_for(model_id) if model_id in settings.models else {},
+        sampling=inference.sampling(),
+        max_new_tokens=inference.max_new_tokens,
     )
     options = DocumentOptions(figures=lambda *_: None)
     result: DocumentResult | None = None

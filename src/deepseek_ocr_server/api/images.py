@@ -24,9 +24,12 @@ from typing import Any
 import httpcore
 from PIL import Image, UnidentifiedImageError
 
+from ..config import ServerSettings
 from ..imaging import normalise
 from .errors import ApiError, human_bytes, human_pixels
-from .options import ApiOptions
+
+#: redirects followed when fetching one image URL
+MAX_REDIRECTS = 3
 
 _USER_AGENT = "deepseek-ocr-server (image fetch)"
 
@@ -141,16 +144,18 @@ def _check_scheme(url: str, param: str | None) -> urllib.parse.SplitResult:
     return parts
 
 
-async def fetch_url(url: str, opts: ApiOptions, param: str | None = None) -> bytes:
+async def fetch_url(
+    url: str, opts: ServerSettings, param: str | None = None, max_redirects: int = MAX_REDIRECTS
+) -> bytes:
     """Download ``url`` with the limits in ``opts``; every failure is a 400 ApiError."""
     _check_scheme(url, param)
     try:
-        async with asyncio.timeout(opts.image_fetch_timeout):
+        async with asyncio.timeout(opts.image_fetch_timeout_s):
             async with httpcore.AsyncConnectionPool(
                 network_backend=_GuardedBackend(opts.allow_private_image_urls), retries=0, max_connections=4
             ) as pool:
                 current = url
-                for _hop in range(opts.max_redirects + 1):
+                for _hop in range(max_redirects + 1):
                     parts = _check_scheme(current, param)
                     headers = [
                         (b"Host", _host_header(parts)),
@@ -170,21 +175,21 @@ async def fetch_url(url: str, opts: ApiOptions, param: str | None = None) -> byt
                             raise _bad(f"fetching the image URL failed: HTTP {resp.status}", param,
                                        "image_fetch_failed")
                         length = dict((k.lower(), v) for k, v in resp.headers).get(b"content-length")
-                        if length is not None and length.isdigit() and int(length) > opts.max_image_bytes:
+                        if length is not None and length.isdigit() and int(length) > opts.image_fetch_max_bytes:
                             raise _too_big(opts, param)
                         buf = bytearray()
                         async for chunk in resp.aiter_stream():
                             buf += chunk
-                            if len(buf) > opts.max_image_bytes:
+                            if len(buf) > opts.image_fetch_max_bytes:
                                 raise _too_big(opts, param)
                         return bytes(buf)
-                raise _bad(f"image URL redirected more than {opts.max_redirects} times", param, "image_fetch_failed")
+                raise _bad(f"image URL redirected more than {max_redirects} times", param, "image_fetch_failed")
     except ApiError:
         raise
     except BlockedAddress as exc:
         raise ApiError(str(exc), status=400, param=param, code="image_url_forbidden") from None
     except TimeoutError:
-        raise _bad(f"fetching the image URL timed out after {opts.image_fetch_timeout:g} s", param,
+        raise _bad(f"fetching the image URL timed out after {opts.image_fetch_timeout_s:g} s", param,
                    "image_fetch_failed") from None
     except httpcore.TimeoutException as exc:
         raise _bad(f"fetching the image URL timed out: {exc}", param, "image_fetch_failed") from None
@@ -203,11 +208,11 @@ def _host_header(parts: urllib.parse.SplitResult) -> bytes:
     return (host if parts.port is None else f"{host}:{parts.port}").encode("ascii", "replace")
 
 
-def _too_big(opts: ApiOptions, param: str | None) -> ApiError:
-    return _bad(f"The image is larger than the limit of {human_bytes(opts.max_image_bytes)}.", param, "image_too_large")
+def _too_big(opts: ServerSettings, param: str | None) -> ApiError:
+    return _bad(f"The image is larger than the limit of {human_bytes(opts.image_fetch_max_bytes)}.", param, "image_too_large")
 
 
-def decode_data_url(url: str, opts: ApiOptions, param: str | None = None) -> bytes:
+def decode_data_url(url: str, opts: ServerSettings, param: str | None = None) -> bytes:
     head, sep, payload = url.partition(",")
     if not sep:
         raise _bad("malformed data: URL (no comma)", param, "invalid_image_url")
@@ -218,7 +223,7 @@ def decode_data_url(url: str, opts: ApiOptions, param: str | None = None) -> byt
     if mime and not (mime.startswith("image/") or mime == "application/octet-stream"):
         raise _bad(f"data: URL media type {mime!r} is not an image", param, "invalid_image")
     payload = "".join(urllib.parse.unquote(payload).split())
-    if len(payload) > (opts.max_image_bytes * 4) // 3 + 4:
+    if len(payload) > (opts.image_fetch_max_bytes * 4) // 3 + 4:
         raise _too_big(opts, param)
     try:
         data = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
@@ -233,7 +238,7 @@ def decode_data_url(url: str, opts: ApiOptions, param: str | None = None) -> byt
 # decoding
 
 
-def image_pixels(data: bytes, opts: ApiOptions, param: str | None = None) -> int:
+def image_pixels(data: bytes, opts: ServerSettings, param: str | None = None) -> int:
     """Pixels of the encoded image ``data``, read from its header (nothing decoded); 400 when it is not
     an image or exceeds the per-image limit."""
     try:
@@ -257,7 +262,7 @@ def image_pixels(data: bytes, opts: ApiOptions, param: str | None = None) -> int
     return w * h
 
 
-def decode_image(data: bytes, opts: ApiOptions, param: str | None = None) -> Image.Image:
+def decode_image(data: bytes, opts: ServerSettings, param: str | None = None) -> Image.Image:
     """Bytes -> normalised RGB image (blocking: call from a worker thread)."""
     try:
         with warnings.catch_warnings():
@@ -287,7 +292,7 @@ def decode_image(data: bytes, opts: ApiOptions, param: str | None = None) -> Ima
         raise _bad(f"the image could not be decoded: {exc}", param) from None
 
 
-async def image_bytes(url: str, opts: ApiOptions, param: str | None = None) -> bytes:
+async def image_bytes(url: str, opts: ServerSettings, param: str | None = None) -> bytes:
     """The encoded bytes of a data: or http(s) image URL. Every failure is a 400 ApiError."""
     if not isinstance(url, str) or not url.strip():
         raise _bad("image URL is empty", param, "invalid_image_url")
@@ -297,7 +302,7 @@ async def image_bytes(url: str, opts: ApiOptions, param: str | None = None) -> b
     return await fetch_url(url, opts, param)
 
 
-async def load_image(url: str, opts: ApiOptions, param: str | None = None) -> Image.Image:
+async def load_image(url: str, opts: ServerSettings, param: str | None = None) -> Image.Image:
     """A data: or http(s) image URL -> normalised RGB image. Every failure is a 400 ApiError."""
     data = await image_bytes(url, opts, param)
     return await asyncio.to_thread(decode_image, data, opts, param)

@@ -13,62 +13,59 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from ..models.base import VisionSettings
+from ..config import InferenceDefaults, Settings
+from ..models import registry
 from ..sampling import SamplingParams
+from ..settings import SETTINGS
 from .errors import ApiError
 from .schemas import DecodeFields
 
-BUILTIN_MAX_NEW_TOKENS = 512
 #: hard cap on a request's token budget (an absurd budget would size huge KV caches)
-MAX_NEW_TOKENS_LIMIT = 32768
+MAX_NEW_TOKENS_LIMIT = int(SETTINGS["max_new_tokens"].hi or 0)
 
 _FALLBACK_PROMPT = "OCR this image."
 
 
-def _defaults(settings: Any, model_id: str) -> Any:
-    fn = getattr(settings, "inference_for", None)
-    return fn(model_id) if callable(fn) else None
+def model_defaults(settings: Settings, model_id: str) -> InferenceDefaults:
+    """The model's configured defaults; the built-in ones for a model the backend serves without a
+    config entry (an app built around a bare manager, as tests do)."""
+    return settings.inference_for(model_id) if model_id in settings.models else InferenceDefaults()
 
 
-def default_prompt(settings: Any, model_id: str) -> str:
-    fn = getattr(settings, "default_prompt", None)
-    prompt = fn(model_id) if callable(fn) else None
-    return prompt if isinstance(prompt, str) and prompt.strip() else _FALLBACK_PROMPT
-
-
-def _pick(body_value: Any, defaults: Any, name: str, builtin: Any) -> Any:
-    if body_value is not None:
-        return body_value
-    v = getattr(defaults, name, None) if defaults is not None else None
-    return builtin if v is None else v
+def default_prompt(settings: Settings, model_id: str) -> str:
+    prompt = settings.default_prompt(model_id) if model_id in settings.models else ""
+    return prompt if prompt.strip() else _FALLBACK_PROMPT
 
 
 def resolve(
-    body: DecodeFields, model_id: str, settings: Any, max_new_tokens: int | None, *, budget_param: str
-) -> tuple[SamplingParams, VisionSettings, int]:
-    """Sampling and vision settings and the token budget of one request; 400 for invalid values."""
-    d = _defaults(settings, model_id)
-    sp0, vs0 = SamplingParams(), VisionSettings()
+    body: DecodeFields, model_id: str, settings: Settings, max_new_tokens: int | None, *, budget_param: str
+) -> tuple[SamplingParams, dict[str, Any], int]:
+    """Sampling, the model family's request options (``models.base.RequestOptions``) and the token
+    budget of one request; 400 for invalid values. A request option the family does not read is
+    range-checked and has no effect."""
+    d = model_defaults(settings, model_id)
 
-    temperature = _pick(body.temperature, d, "temperature", sp0.temperature)
+    def pick(body_value: object, name: str) -> object:
+        return getattr(d, name) if body_value is None else body_value
+
+    temperature = pick(body.temperature, "temperature")
     if body.do_sample is not None:
         do_sample = body.do_sample
     elif body.temperature is not None:
         do_sample = body.temperature > 0
     else:
-        do_sample = bool(_pick(None, d, "do_sample", sp0.do_sample))
+        do_sample = d.do_sample
     if do_sample and body.do_sample is not None and body.temperature is None and temperature <= 0:
         temperature = 1.0
 
     values = {
         "do_sample": do_sample,
         "temperature": float(temperature),
-        "top_p": float(_pick(body.top_p, d, "top_p", sp0.top_p)),
-        "top_k": _pick(body.top_k, d, "top_k", sp0.top_k),
-        "repetition_penalty": float(_pick(body.repetition_penalty, d, "repetition_penalty", sp0.repetition_penalty)),
-        "no_repeat_ngram_size": int(_pick(body.no_repeat_ngram_size, d, "no_repeat_ngram_size",
-                                          sp0.no_repeat_ngram_size)),
-        "seed": _pick(body.seed, d, "seed", sp0.seed),
+        "top_p": float(pick(body.top_p, "top_p")),
+        "top_k": pick(body.top_k, "top_k"),
+        "repetition_penalty": float(pick(body.repetition_penalty, "repetition_penalty")),
+        "no_repeat_ngram_size": int(pick(body.no_repeat_ngram_size, "no_repeat_ngram_size")),
+        "seed": pick(body.seed, "seed"),
     }
     assert set(values) == {f.name for f in fields(SamplingParams)}
     sampling = SamplingParams(**values)
@@ -78,17 +75,15 @@ def resolve(
         param = str(exc).split(" ", 1)[0]
         raise ApiError(str(exc), param=param, code="invalid_value") from None
 
-    vision = VisionSettings(
-        base_size=int(_pick(body.base_size, d, "base_size", vs0.base_size)),
-        image_size=int(_pick(body.image_size, d, "image_size", vs0.image_size)),
-        crop_mode=bool(_pick(body.crop_mode, d, "crop_mode", vs0.crop_mode)),
-    )
-    budget = int(_pick(max_new_tokens, d, "max_new_tokens", BUILTIN_MAX_NEW_TOKENS))
+    entry = settings.models.get(model_id)
+    names = registry.family(entry.kind).options if entry is not None else ()
+    options = {name: pick(getattr(body, name), name) for name in names}
+    budget = int(pick(max_new_tokens, "max_new_tokens"))
     if max_new_tokens is not None and budget > MAX_NEW_TOKENS_LIMIT:
         raise ApiError(
             f"{budget_param} must be <= {MAX_NEW_TOKENS_LIMIT}, got {budget}", param=budget_param, code="invalid_value"
         )
-    return sampling, vision, budget
+    return sampling, options, budget
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:

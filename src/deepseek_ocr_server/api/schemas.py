@@ -4,7 +4,9 @@ Unknown fields are accepted and ignored, as the OpenAI API tolerates client-spec
 (Open WebUI, LangChain and others send some). Responses are built from the ``openai`` package's own
 types in ``chat.py`` / ``responses.py``.
 
-Range checks live here (400 with the field as ``param``); values are never clamped.
+Range checks live here (400 with the field as ``param``); values are never clamped. The bounds of the
+fields that are also settings (``temperature``, ``base_size``, ``seed``, ``dpi`` ...) come from the
+settings table (``settings.py``), the same ones the config file and the flags are checked against.
 """
 
 from __future__ import annotations
@@ -14,14 +16,31 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
-from ..config import PDF_DPI_RANGE
+from ..settings import SETTINGS
 from .errors import ApiError, validation_error
 
 # Strict types: "10" or true for a number is refused (as the OpenAI API does), never coerced.
 Number = StrictFloat | StrictInt
-Temperature = Annotated[Number, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
-TopP = Annotated[Number, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
+
+
+def _setting(name: str) -> Any:
+    """The request field type of a setting: strict, with the setting's range."""
+    s = SETTINGS[name]
+    if s.kind == "bool":
+        return StrictBool
+    return Annotated[StrictInt if s.kind == "int" else Number, Field(**s.field_bounds())]
+
+
+Temperature = _setting("temperature")
+TopP = _setting("top_p")
+TopK = _setting("top_k")
+Seed = _setting("seed")
+RepetitionPenalty = _setting("repetition_penalty")
+NoRepeatNgramSize = _setting("no_repeat_ngram_size")
+ViewSize = _setting("base_size")
+TileSize = _setting("image_size")
+Dpi = _setting("pdf_dpi")
 
 
 class _Body(BaseModel):
@@ -33,20 +52,20 @@ class DecodeFields(_Body):
 
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)] | None = None  # torch.Generator's range
+    seed: Seed | None = None
     # extensions (send them as extra body fields, e.g. ``extra_body={...}`` in the openai SDK)
     do_sample: StrictBool | None = None
-    top_k: PositiveInt | None = None
-    repetition_penalty: Annotated[Number, Field(gt=0.0, le=10.0, allow_inf_nan=False)] | None = None
-    no_repeat_ngram_size: Annotated[StrictInt, Field(ge=0, le=1024)] | None = None
-    base_size: Annotated[StrictInt, Field(ge=64, le=4096)] | None = None
-    image_size: Annotated[StrictInt, Field(ge=64, le=4096)] | None = None
+    top_k: TopK | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    no_repeat_ngram_size: NoRepeatNgramSize | None = None
+    base_size: ViewSize | None = None
+    image_size: TileSize | None = None
     crop_mode: StrictBool | None = None
     # documents and output (api/documents.py): page selection "1-3,7", PDF render resolution, what the
     # answer holds (clean markdown, the model's raw text, or markdown + the structured "document" field),
     # boxes-drawn page pictures in the "document" field
     pages: Annotated[str, Field(max_length=1000)] | None = None
-    dpi: Annotated[int, Field(ge=PDF_DPI_RANGE[0], le=PDF_DPI_RANGE[1])] | None = None
+    dpi: Dpi | None = None
     output_format: Literal["markdown", "raw", "blocks"] | None = None
     layout_images: StrictBool | None = None
 

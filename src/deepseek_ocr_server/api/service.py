@@ -15,12 +15,12 @@ from typing import Any, TypeVar
 
 import anyio
 
+from ..config import ServerSettings, Settings
 from ..engine.manager import ModelManager, UnknownModel
 from ..engine.types import Event, Failed, Finished, OcrRequest, TextDelta
 from .budget import PixelBudget
 from .errors import ApiError, as_api_error
 from .messages import Conversation
-from .options import ApiOptions
 from .resolve import default_prompt, resolve, stop_list
 from .schemas import DecodeFields
 
@@ -60,8 +60,8 @@ def failed_error(ev: Failed) -> ApiError:
 async def build_request(
     *,
     manager: ModelManager,
-    settings: Any,
-    opts: ApiOptions,
+    settings: Settings,
+    opts: ServerSettings,
     model_id: str,
     conv: Conversation,
     body: DecodeFields,
@@ -75,7 +75,7 @@ async def build_request(
     None when the message carries no image and no file (answered without the model)."""
     from .documents import DocumentInput, load_inputs  # (documents.py builds on this module)
 
-    sampling, vision, budget = resolve(body, model_id, settings, max_new_tokens, budget_param=budget_param)
+    sampling, options, budget = resolve(body, model_id, settings, max_new_tokens, budget_param=budget_param)
     stops = stop_list(stop)
     chars = len(conv.text) + len(conv.system or "") + len(conv.answer_prefix or "")
     if chars > opts.max_prompt_chars:
@@ -86,10 +86,10 @@ async def build_request(
         )
     if not conv.images and not conv.files:
         return None
-    if len(conv.images) > opts.max_images:
+    if len(conv.images) > opts.max_images_per_request:
         raise ApiError(
-            f"too many images: {len(conv.images)} (this server accepts at most {opts.max_images} per request)",
-            param=conv.images[opts.max_images].param,
+            f"too many images: {len(conv.images)} (this server accepts at most {opts.max_images_per_request} per request)",
+            param=conv.images[opts.max_images_per_request].param,
             code="too_many_images",
         )
     inputs = await load_inputs(conv, opts, body, pixel_budget)
@@ -99,7 +99,7 @@ async def build_request(
         text=text,
         images=inputs.images,
         release_images=inputs.lease.release if inputs.lease is not None else None,
-        vision=vision,
+        options=options,
         sampling=sampling,
         max_new_tokens=budget,
         stop=stops,

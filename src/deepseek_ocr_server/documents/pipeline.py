@@ -12,13 +12,16 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from PIL import Image
 
 from ..engine.errors import EngineError
 from ..engine.types import Failed, Finished, OcrRequest, TextDelta
 from .pages import Page
+
+if TYPE_CHECKING:
+    from ..config import Settings
 from .postprocess import StreamCleaner, for_kind
 from .postprocess.base import Box
 from .render import crop, data_url, draw_layout, figure_data_url
@@ -199,7 +202,7 @@ async def run_pages(
 
 
 def request_template(
-    settings: Any, model_id: str, *, prompt: str | None = None, max_new_tokens: int | None = None
+    settings: Settings, model_id: str, *, prompt: str | None = None, max_new_tokens: int | None = None
 ) -> OcrRequest:
     """An engine request with the configured defaults of ``model_id`` (sampling, vision settings, token
     budget, default prompt); :func:`page_jobs` fills in each page's image."""
@@ -208,7 +211,7 @@ def request_template(
         model_id=model_id,
         text=prompt if prompt is not None else settings.default_prompt(model_id),
         images=[],
-        vision=d.vision(),
+        options=settings.options_for(model_id),
         sampling=d.sampling(),
         max_new_tokens=max_new_tokens if max_new_tokens is not None else d.max_new_tokens,
     )

@@ -624,7 +624,7 @@ class Scheduler:
         req = job.req
 
         def work() -> Prepared:
-            prepared = model.prepare(req.text, req.images, req.vision, req.system)
+            prepared = model.prepare(req.text, req.images, req.options, req.system)
             if req.answer_prefix:
                 prepared = model.continue_answer(prepared, req.answer_prefix)
             return prepared

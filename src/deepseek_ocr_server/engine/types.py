@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from PIL import Image
 
-from ..models.base import VisionSettings
 from ..sampling import SamplingParams
 
 
@@ -19,7 +18,8 @@ class OcrRequest:
     model_id: str
     text: str  # user text; may contain the model's image placeholder ("<image>")
     images: list[Image.Image]
-    vision: VisionSettings = field(default_factory=VisionSettings)
+    #: the model family's request options (``models.base.RequestOptions``: ``base_size`` ... by name)
+    options: dict[str, Any] = field(default_factory=dict)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     max_new_tokens: int = 512
     stop: list[str] = field(default_factory=list)

@@ -1,6 +1,7 @@
 """The contract between the engine and every model family.
 
-A model family lives in ``models/<kind>/`` and exposes one class implementing :class:`OcrModel`.
+A model family lives in ``models/<family>/``: its ``spec.py`` declares it (``models/registry.py``) and
+names one class implementing :class:`OcrModel`.
 The engine never looks inside a model: it calls ``prepare`` (CPU preprocessing, tokenisation),
 ``prefill`` (vision + prompt, returns the logits of the last prompt position and an opaque per-sequence
 cache) and ``decode`` (one new token for each of several sequences, possibly of different lengths).
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import abc
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
+from ..settings import QUANTIZE
 from .precision import Precision, resolve_precision
 
 
@@ -51,7 +53,7 @@ def generation_budget(num_prompt_tokens: int, max_new_tokens: int, max_context: 
 
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-SUPPORTED_QUANTIZE = (None, "int8")
+SUPPORTED_QUANTIZE = (None, *QUANTIZE)
 
 
 def check_load_options(
@@ -61,7 +63,8 @@ def check_load_options(
     precision plan of each phase (``models.precision``): ``dtype`` None / ``"auto"`` = by the CPU
     class, a ``torch.dtype`` = that dtype everywhere, or a :class:`Precision` as given."""
     if quantize not in SUPPORTED_QUANTIZE:
-        raise ModelLoadError(f"{kind}: quantize={quantize!r} is not supported (None or 'int8')")
+        allowed = " or ".join(repr(q) for q in SUPPORTED_QUANTIZE)
+        raise ModelLoadError(f"{kind}: quantize={quantize!r} is not supported ({allowed})")
     if isinstance(dtype, torch.dtype) and dtype not in SUPPORTED_DTYPES:
         raise ModelLoadError(f"{kind}: unsupported dtype {dtype} (float32, bfloat16, float16)")
     try:
@@ -109,13 +112,9 @@ class ModelFiles:
         return json.loads(p.read_text(encoding="utf-8")) if p else None
 
 
-@dataclass(frozen=True)
-class VisionSettings:
-    """Per-request vision options. DeepSeek-OCR uses all three; PaddleOCR-VL ignores them."""
-
-    base_size: int = 1024
-    image_size: int = 640
-    crop_mode: bool = True
+#: A family's request options by name: the settings its spec's ``options`` lists (``base_size`` ...),
+#: resolved (config < request). A family reads the names it declares; one that declares none ignores it.
+RequestOptions = Mapping[str, Any]
 
 
 @dataclass
@@ -189,10 +188,11 @@ class OcrModel(abc.ABC):
         self,
         text: str,
         images: list[Image.Image],
-        settings: VisionSettings | None = None,
+        settings: RequestOptions | None = None,
         system: str | None = None,
     ) -> Prepared:
-        """Build the prompt for ``text`` (may contain ``image_placeholder`` markers) and ``images``.
+        """Build the prompt for ``text`` (may contain ``image_placeholder`` markers) and ``images``;
+        ``settings``: the request's options (:data:`RequestOptions`).
 
         Images without a marker in the text are placed where the model expects them.
         Raises :class:`InputError` for requests the model cannot serve.

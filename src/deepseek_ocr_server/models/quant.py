@@ -10,8 +10,9 @@ int8: half the bytes of bf16. The layer keeps computing in the activation dtype:
   dtype (integers up to 127 are exact in bf16), multiplied with ``F.linear`` and the per-channel scales
   are applied to the output columns.
 
-``quantize_linears_int8(model.net, skip=skip_vision)`` is what the model families' ``load(quantize="int8")``
-calls after loading the original (bf16/f32) weights.
+``quantize_linears_int8(model.net, skip=...)`` is what the model families' ``load(quantize="int8")``
+calls after loading the original (bf16/f32) weights; the skip predicate is the family spec's
+``is_vision`` (its ``quantize_skip`` modules: the vision side stays in full precision).
 """
 
 from __future__ import annotations
@@ -101,21 +102,6 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
-
-
-#: module names (path components) of the vision side of both families, kept in the model dtype
-VISION_MODULES = frozenset({"sam_model", "vision_model", "projector", "visual", "mlp_AR", "qwen2_model"})
-
-
-def is_vision(name: str) -> bool:
-    """Whether a qualified parameter/module name belongs to the vision side (:data:`VISION_MODULES`)."""
-    return not VISION_MODULES.isdisjoint(name.split("."))
-
-
-def skip_vision(name: str, linear: nn.Linear) -> bool:
-    """``skip`` predicate for :func:`quantize_linears_int8` that quantizes only the language model
-    (decoder layers + lm_head) of DeepSeek-OCR and PaddleOCR-VL: ``quantize_linears_int8(net, skip=skip_vision)``."""
-    return is_vision(name)
 
 
 def quantize_linears_int8(

@@ -35,13 +35,14 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from ..models.base import (
+    SUPPORTED_QUANTIZE,
     BetweenLayers,
     InputError,
     ModelFiles,
     OcrModel,
     Prepared,
+    RequestOptions,
     SequenceCache,
-    VisionSettings,
     check_prompt_fits,
     no_pause,
 )
@@ -182,7 +183,7 @@ class FakeOcrModel(OcrModel):
             raise ModelLoadError(f"fake model: configured to fail ({files.config})")
         opts.pop("model_type", None)
         model = cls(**opts)
-        if quantize not in (None, "int8"):
+        if quantize not in SUPPORTED_QUANTIZE:
             raise ValueError(f"unsupported quantize {quantize!r}")
         model.quantized = quantize
         return model
@@ -192,7 +193,7 @@ class FakeOcrModel(OcrModel):
         self,
         text: str,
         images: list[Image.Image],
-        settings: VisionSettings | None = None,
+        settings: RequestOptions | None = None,
         system: str | None = None,
     ) -> Prepared:
         if self.on_prepare is not None:

@@ -1,9 +1,9 @@
-"""Per-family post-processing of model text, keyed by model kind in one registry.
+"""Per-family post-processing of model text: the output formats by name, picked by the family spec.
 
-``for_kind(kind)`` returns the :class:`~.base.PostProcessor` of a model kind; kinds without an entry
-(the test ``fake`` kind, a family whose text needs no cleaning) get :data:`PLAIN`, which returns the
-text unchanged as one unlocated block. A new family that writes an existing format registers the same
-object (``register("deepseek-ocr-2", GROUNDING)``).
+A family's spec (``models/<family>/spec.py``) names the format its text is in (``postprocess =
+"grounding"``, ``"otsl"`` or ``"plain"``); ``for_kind(kind)`` returns that :class:`~.base.PostProcessor`.
+Unknown kinds and families whose text needs no cleaning get :data:`PLAIN`, which returns the text
+unchanged as one unlocated block. A new format is added with ``register(name, processor)``.
 """
 
 from __future__ import annotations
@@ -20,19 +20,20 @@ def _plain(text: str, width: int, height: int, figure: FigureLink | None = None)
 
 PLAIN = PostProcessor("plain", _plain, len, append="verbatim")
 
-POSTPROCESSORS: dict[str, PostProcessor] = {
-    "deepseek-ocr": GROUNDING,
-    "deepseek-ocr-2": GROUNDING,  # DeepSeek-OCR 2 writes the same grounding format
-    "paddleocr-vl": OTSL,
-}
+#: the output formats by name (what a family spec's ``postprocess`` names)
+POSTPROCESSORS: dict[str, PostProcessor] = {"grounding": GROUNDING, "otsl": OTSL, "plain": PLAIN}
 
 
-def register(kind: str, pp: PostProcessor) -> None:
-    POSTPROCESSORS[kind] = pp
+def register(name: str, pp: PostProcessor) -> None:
+    """Add an output format a family spec can name."""
+    POSTPROCESSORS[name] = pp
 
 
 def for_kind(kind: str) -> PostProcessor:
-    return POSTPROCESSORS.get(kind, PLAIN)
+    from ...models.registry import families
+
+    spec = families().get(kind)
+    return POSTPROCESSORS[spec.postprocess] if spec is not None else PLAIN
 
 
 __all__ = [

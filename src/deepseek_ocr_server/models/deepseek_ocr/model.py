@@ -18,6 +18,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 from torch import nn
 
+from ...settings import SETTINGS
 from ..base import (
     BetweenLayers,
     InputError,
@@ -25,19 +26,20 @@ from ..base import (
     ModelLoadError,
     OcrModel,
     Prepared,
+    RequestOptions,
     SequenceCache,
-    VisionSettings,
     check_load_options,
     check_prompt_fits,
     no_pause,
 )
 from ..layers import PackedNet, prepare_for_inference, storage_dtypes
 from ..precision import Precision
-from ..quant import is_vision
+from ..registry import family
 from ..weights import load_checkpoint
 from . import processor
 from .config import DeepseekOcrConfig
 from .language import DeepseekV2Decoder, KVCache, Rope
+from .options import VisionSettings
 from .vision import ClipVisionModel, Projector, SamEncoder, arrange_image_embeddings, encode_views
 
 #: Keys a re-saved checkpoint may carry that the model does not use (SPEC §3.4).
@@ -161,6 +163,7 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         with torch.device("meta"):
             net = cls.net_class(cfg)
         expected = {k: tuple(p.shape) for k, p in net.named_parameters()}
+        is_vision = family(cls.kind).is_vision  # the vision side: its spec's quantize_skip
         stored, overrides = storage_dtypes(net, precision, is_vision)  # each tensor in its phase's dtype
         state = load_checkpoint(
             files.weights, expected, stored, model=cls.display_name, ignored=cls.ignored_keys,
@@ -178,10 +181,10 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         self,
         text: str,
         images: list[Image.Image],
-        settings: VisionSettings | None = None,
+        settings: RequestOptions | VisionSettings | None = None,
         system: str | None = None,
     ) -> Prepared:
-        settings = settings or VisionSettings()
+        settings = VisionSettings.of(settings)
         marker = self.image_placeholder
         if len(images) > 1:
             raise InputError(
@@ -220,8 +223,10 @@ class DeepseekOcrModel(PackedNet, OcrModel):
         """Raise :class:`InputError` for view sizes the model cannot serve."""
         for name in ("base_size", "image_size"):
             v = getattr(settings, name)
-            if v < processor.PIXELS_PER_TOKEN or v % processor.PIXELS_PER_TOKEN or v > 4096:
-                raise InputError(f"{name} must be a multiple of 64 between 64 and 4096, got {v}")
+            lo, hi = int(SETTINGS[name].lo or 0), int(SETTINGS[name].hi or 0)  # the setting's range
+            if v < max(lo, processor.PIXELS_PER_TOKEN) or v % processor.PIXELS_PER_TOKEN or v > hi:
+                step = processor.PIXELS_PER_TOKEN
+                raise InputError(f"{name} must be a multiple of {step} between {max(lo, step)} and {hi}, got {v}")
 
     def preprocess_image(self, image: Image.Image, settings: VisionSettings) -> processor.ImageInput:
         """One image -> its views and image-token count (``OSError``/``ValueError`` for a bad image)."""

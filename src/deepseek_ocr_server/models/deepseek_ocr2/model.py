@@ -23,9 +23,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..base import BetweenLayers, InputError, VisionSettings, no_pause
+from ..base import BetweenLayers, InputError, no_pause
 from ..deepseek_ocr.language import DeepseekV2Decoder
 from ..deepseek_ocr.model import DeepseekOcrModel
+from ..deepseek_ocr.options import VisionSettings
 from ..deepseek_ocr.processor import ImageInput
 from ..deepseek_ocr.vision import Projector, SamEncoder
 from . import processor

@@ -18,8 +18,8 @@ from ..base import (
     ModelLoadError,
     OcrModel,
     Prepared,
+    RequestOptions,
     SequenceCache,
-    VisionSettings,
     check_load_options,
     check_prompt_fits,
     no_pause,
@@ -27,7 +27,7 @@ from ..base import (
 from ..layers import PackedNet, prepare_for_inference, storage_dtypes
 from ..paddleocr_vl.model import continue_mrope_answer, mrope_prepared
 from ..precision import Precision
-from ..quant import is_vision
+from ..registry import family
 from ..weights import match_layout, read_headers, read_tensors, weight_files
 from .config import GlmOcrConfig
 from .language import GlmKVCache, GlmTextModel
@@ -137,6 +137,7 @@ class GlmOcrModel(PackedNet, OcrModel):
             tied=tied,
         )
         mtp = mtp_pattern(config)
+        is_vision = family(cls.kind).is_vision  # the vision side: its spec's quantize_skip
         stored, overrides = storage_dtypes(net, precision, is_vision)  # each tensor in its phase's dtype
         wanted = {k: e for k, e in plan.items() if not mtp.search(k)}
         state = read_tensors(wanted, stored, overrides, device=dev)
@@ -193,7 +194,7 @@ class GlmOcrModel(PackedNet, OcrModel):
         self,
         text: str,
         images: list[Image.Image],
-        settings: VisionSettings | None = None,
+        settings: RequestOptions | None = None,
         system: str | None = None,
     ) -> Prepared:
         processed = [preprocess_image(img, self.image_config) for img in images]

@@ -22,12 +22,7 @@ from PIL import Image
 
 from ..base import InputError
 from ..paddleocr_vl.processor import _template_env, to_rgb
-
-#: Task prompts of the model card (exact strings, no trailing space).
-PROMPT_TEXT = "Text Recognition:"
-PROMPT_FORMULA = "Formula Recognition:"
-PROMPT_TABLE = "Table Recognition:"
-TASK_PROMPTS: dict[str, str] = {"text": PROMPT_TEXT, "formula": PROMPT_FORMULA, "table": PROMPT_TABLE}
+from .spec import PROMPT_FORMULA, PROMPT_TABLE, PROMPT_TEXT, TASK_PROMPTS  # noqa: F401 - the model card's task prompts
 
 IMAGE_TOKEN = "<|image|>"
 

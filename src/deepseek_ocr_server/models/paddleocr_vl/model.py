@@ -18,15 +18,15 @@ from ..base import (
     ModelLoadError,
     OcrModel,
     Prepared,
+    RequestOptions,
     SequenceCache,
-    VisionSettings,
     check_load_options,
     check_prompt_fits,
     no_pause,
 )
 from ..layers import PackedNet, prepare_for_inference, storage_dtypes
 from ..precision import Precision
-from ..quant import is_vision
+from ..registry import family
 from ..weights import load_checkpoint
 from .config import PaddleOcrVlConfig
 from .language import ErnieModel, KVCache
@@ -34,6 +34,7 @@ from .processor import (
     FALLBACK_CHAT_TEMPLATE,
     IMAGE_PLACEHOLDER,
     ImageProcessorConfig,
+    ProcessedImage,
     mrope_positions,
     preprocess_image,
     render_prompt,
@@ -126,6 +127,8 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
     kind: ClassVar[str] = "paddleocr-vl"
     #: ``load`` takes a per-phase precision plan (``models/precision.py``)
     precision_plans: ClassVar[bool] = True
+    #: the image preprocessing of a checkpoint whose ``preprocessor_config.json`` does not say
+    image_defaults: ClassVar[ImageProcessorConfig] = ImageProcessorConfig()
 
     def __init__(
         self,
@@ -169,6 +172,7 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
         with torch.device("meta"):
             net = PaddleOcrVlNet(config)
         expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        is_vision = family(cls.kind).is_vision  # the vision side: its spec's quantize_skip
         stored, overrides = storage_dtypes(net, precision, is_vision)  # each tensor in its phase's dtype
         state = load_checkpoint(
             files.weights,
@@ -202,7 +206,7 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
             tokenizer = Tokenizer.from_file(str(files.tokenizer))
         except Exception as e:  # noqa: BLE001
             raise ModelLoadError(f"cannot load tokenizer {files.tokenizer}: {e}") from e
-        image_config = ImageProcessorConfig.from_dict(files.read_json("preprocessor_config.json"))
+        image_config = ImageProcessorConfig.from_dict(files.read_json("preprocessor_config.json"), cls.image_defaults)
         template_path = files.extra("chat_template.jinja")
         chat_template = template_path.read_text(encoding="utf-8") if template_path else None
         tok_cfg = files.read_json("tokenizer_config.json")
@@ -247,13 +251,17 @@ class PaddleOcrVlModel(PackedNet, OcrModel):
         self,
         text: str,
         images: list[Image.Image],
-        settings: VisionSettings | None = None,
+        settings: RequestOptions | None = None,
         system: str | None = None,
     ) -> Prepared:
-        processed = [preprocess_image(img, self.image_config) for img in images]
+        processed = self.preprocess_images(text, images)
         prompt = self.render(text, len(images), system)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
         return mrope_prepared(self, ids, processed, IMAGE_PLACEHOLDER)
+
+    def preprocess_images(self, text: str, images: list[Image.Image]) -> list[ProcessedImage]:
+        """Each image resized within the checkpoint's pixel budget and cut into patches."""
+        return [preprocess_image(img, self.image_config) for img in images]
 
     def continue_answer(self, prepared: Prepared, partial: str) -> Prepared:
         return continue_mrope_answer(self, prepared, partial)

@@ -19,23 +19,15 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image, ImageOps
 
 from ..base import InputError
-
-#: Task prompts the model was trained on (exact strings, no trailing space).
-PROMPT_OCR = "OCR:"
-PROMPT_TABLE = "Table Recognition:"
-PROMPT_FORMULA = "Formula Recognition:"
-PROMPT_CHART = "Chart Recognition:"
-#: Only PaddleOCR-VL 1.5+.
-PROMPT_SEAL = "Seal Recognition:"
-PROMPT_SPOTTING = "Spotting:"
-TASK_PROMPTS: dict[str, str] = {
-    "ocr": PROMPT_OCR,
-    "table": PROMPT_TABLE,
-    "formula": PROMPT_FORMULA,
-    "chart": PROMPT_CHART,
-    "seal": PROMPT_SEAL,
-    "spotting": PROMPT_SPOTTING,
-}
+from .spec import (  # noqa: F401 - the task prompts, re-exported
+    PROMPT_CHART,
+    PROMPT_FORMULA,
+    PROMPT_OCR,
+    PROMPT_SEAL,
+    PROMPT_SPOTTING,
+    PROMPT_TABLE,
+    TASK_PROMPTS,
+)
 
 IMAGE_PLACEHOLDER = "<|IMAGE_PLACEHOLDER|>"
 IMAGE_START = "<|IMAGE_START|>"
@@ -87,12 +79,14 @@ class ImageProcessorConfig:
     resample: int = 3  # PIL BICUBIC
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> ImageProcessorConfig:
+    def from_dict(cls, d: dict[str, Any] | None, base: ImageProcessorConfig | None = None) -> ImageProcessorConfig:
+        """The file's values; a pixel budget the file does not give is ``base``'s (default: v1.0's)."""
+        base = base or cls()
         if not d:
-            return cls()
+            return base
         size = d.get("size") or {}
-        min_px = d.get("min_pixels", size.get("shortest_edge", cls.min_pixels))
-        max_px = d.get("max_pixels", size.get("longest_edge", cls.max_pixels))
+        min_px = d.get("min_pixels", size.get("shortest_edge", base.min_pixels))
+        max_px = d.get("max_pixels", size.get("longest_edge", base.max_pixels))
         return cls(
             min_pixels=int(min_px),
             max_pixels=int(max_px),
