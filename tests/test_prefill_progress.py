@@ -42,7 +42,9 @@ def _img(seed: int, w: int = 150, h: int = 90) -> Image.Image:
 
 
 @pytest.fixture(params=KINDS)
-def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[OcrModel, Any, Any]:
+def tiny(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[OcrModel, Any, Any]:
     """(model, first prepared request, second prepared request) of one family."""
     kind = request.param
     spec = families()[kind]
