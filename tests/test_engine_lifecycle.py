@@ -276,15 +276,17 @@ def test_no_prepare_thread_outlives_its_admission() -> None:
     def on_prepare(model: FakeOcrModel, text: str) -> None:
         seen[text] = threading.current_thread().name
 
-    model = FakeOcrModel(name="a", min_answer=30, answer_span=1, on_prepare=on_prepare)
+    # "first" decodes for ~10 s (2000 tokens, 5 ms a step) and is closed once "second" is done
+    model = FakeOcrModel(name="a", min_answer=2000, answer_span=1, max_context=8192, step_delay=0.005,
+                         on_prepare=on_prepare)
     mgr = manager_for({"a": model}, max_running=2, prefill_slice_s=0.0)
 
     async def main() -> None:
-        running = mgr.submit(req("first"))  # nothing running: prepared on the worker thread
-        first = await running.__anext__()
-        _, fin = await collect(mgr.submit(req("second")))  # "first" is decoding: a helper thread
-        assert fin.finish_reason == "stop"
-        await collect(running, first.text)
+        running = mgr.submit(req("first", max_new_tokens=4000))  # nothing running: the worker thread
+        await running.__anext__()
+        _, fin = await collect(mgr.submit(req("second", max_new_tokens=4)))  # "first" runs: a helper
+        assert fin.finish_reason == "length"
+        await running.aclose()
 
     run(main())
     assert seen["second"].startswith("ocr-prepare") and not seen["first"].startswith("ocr-prepare")
