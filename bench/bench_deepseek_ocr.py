@@ -86,6 +86,7 @@ def child(args: argparse.Namespace) -> None:
     from deepseek_ocr_server.models.base import ModelFiles
     from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
     from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
+    from deepseek_ocr_server.testing.probes import timed_prefill
 
     torch.manual_seed(0)
     dtype = DTYPES[args.dtype]
@@ -97,9 +98,8 @@ def child(args: argparse.Namespace) -> None:
     t = time.perf_counter()
     prep = model.prepare("<image>\n<|grounding|>Convert the document to markdown.", [img], VisionSettings())
     pre_s = time.perf_counter() - t
-    logits, cache = model.prefill(prep, args.decode_tokens + 1)
-    vision_s = model.last_timings["vision_s"]
-    prefill_s = model.last_timings["prefill_s"]
+    timed = timed_prefill(model, prep, args.decode_tokens + 1)
+    logits, cache, vision_s, prefill_s = timed.logits, timed.cache, timed.vision_s, timed.prefill_s
     tok = int(torch.argmax(logits))
     steps = []
     for _ in range(args.decode_tokens):

@@ -93,6 +93,7 @@ def run_ours(ckpt: Path, dtype_name: str, new_tokens: int) -> dict:
     from deepseek_ocr_server.models.base import ModelFiles
     from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
     from deepseek_ocr_server.models.deepseek_ocr2.model import DeepseekOcr2Model
+    from deepseek_ocr_server.testing.probes import decode_weight_bytes, timed_prefill
 
     dtype = {"bf16": torch.bfloat16, "f32": torch.float32}[dtype_name]
     t = time.perf_counter()
@@ -102,7 +103,8 @@ def run_ours(ckpt: Path, dtype_name: str, new_tokens: int) -> dict:
     t0 = time.perf_counter()
     prepared = model.prepare(PROMPT, [img], VisionSettings(base_size=1024, image_size=768, crop_mode=True))
     t1 = time.perf_counter()
-    logits, cache = model.prefill(prepared, new_tokens + 1)
+    timed = timed_prefill(model, prepared, new_tokens + 4)  # + the probed steps below
+    logits, cache = timed.logits, timed.cache
     t2 = time.perf_counter()
     tok = int(torch.argmax(logits))
     steps, nbytes = [], []
@@ -111,8 +113,11 @@ def run_ours(ckpt: Path, dtype_name: str, new_tokens: int) -> dict:
         logits = model.decode([tok], [cache])[0]
         tok = int(torch.argmax(logits))
         steps.append(time.perf_counter() - s)
-        nbytes.append(model.last_decode_weight_bytes)
     t3 = time.perf_counter()
+    for _ in range(3):  # the bytes a step reads, probed outside the timed steps (hooks cost time)
+        logits, read = decode_weight_bytes(model, [tok], [cache])
+        tok = int(torch.argmax(logits[0]))
+        nbytes.append(read)
     bw = measure_bandwidth_gbs(repeats=5)
     step = statistics.median(steps[2:])
     bound = bw * 1e9 / statistics.median(nbytes)
@@ -121,8 +126,8 @@ def run_ours(ckpt: Path, dtype_name: str, new_tokens: int) -> dict:
         "prompt_tokens": prepared.num_prompt_tokens,
         "grid": list(prepared.inputs["images"][0].grid),
         "preprocess_s": t1 - t0,
-        "vision_s": model.last_timings["vision_s"],
-        "prefill_s": model.last_timings["prefill_s"],
+        "vision_s": timed.vision_s,
+        "prefill_s": timed.prefill_s,
         "first_token_s": t2 - t0,
         "decode_tok_s": 1 / step,
         "page_s": t3 - t0,

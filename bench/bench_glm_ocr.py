@@ -38,6 +38,7 @@ def run_ours(ckpt: Path, dtype: str, max_pixels: int | None, new_tokens: int) ->
 
     from deepseek_ocr_server.models.base import ModelFiles
     from deepseek_ocr_server.models.glm_ocr.model import GlmOcrModel
+    from deepseek_ocr_server.testing.probes import decode_weight_bytes, timed_prefill
 
     t = time.perf_counter()
     model = GlmOcrModel.load(ModelFiles.from_dir(ckpt), dtype=getattr(torch, DTYPES[dtype]))
@@ -50,11 +51,8 @@ def run_ours(ckpt: Path, dtype: str, max_pixels: int | None, new_tokens: int) ->
     t0 = time.perf_counter()
     prepared = model.prepare(PROMPT, [image])
     t1 = time.perf_counter()
-    prepared.inputs["image_features"] = model.encode_images(
-        prepared.inputs["pixel_values"], prepared.inputs["grids"]
-    )
-    t2 = time.perf_counter()
-    logits, cache = model.prefill(prepared, new_tokens)
+    timed = timed_prefill(model, prepared, new_tokens + 1)  # + the probed step below
+    logits, cache = timed.logits, timed.cache
     t3 = time.perf_counter()
     tokens = [int(torch.argmax(logits))]
     for _ in range(new_tokens - 1):
@@ -63,14 +61,14 @@ def run_ours(ckpt: Path, dtype: str, max_pixels: int | None, new_tokens: int) ->
     return {
         "load_s": load_s,
         "preprocess_s": t1 - t0,
-        "vision_s": t2 - t1,
-        "prefill_s": t3 - t2,
+        "vision_s": timed.vision_s,
+        "prefill_s": timed.prefill_s,
         "decode_tok_s": (new_tokens - 1) / (t4 - t3),
         "total_s": t4 - t0,
         "prompt_tokens": len(prepared.input_ids),
         "tokens": tokens,
         "peak_rss_mib": _rss_mib(),
-        "decode_weight_bytes": model.decode_weight_bytes,
+        "decode_weight_bytes": decode_weight_bytes(model, tokens[-1:], [cache])[1],  # after the timed steps
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
 

@@ -62,6 +62,7 @@ def run_ours(ckpt: Path, dtype: str, max_pixels: int | None, new_tokens: int) ->
     from deepseek_ocr_server.models.base import ModelFiles
     from deepseek_ocr_server.models.paddleocr_vl.model import PaddleOcrVlModel
     from deepseek_ocr_server.models.paddleocr_vl.processor import PROMPT_OCR
+    from deepseek_ocr_server.testing.probes import timed_prefill
 
     t = time.perf_counter()
     name = DTYPES[dtype]
@@ -75,10 +76,8 @@ def run_ours(ckpt: Path, dtype: str, max_pixels: int | None, new_tokens: int) ->
     t0 = time.perf_counter()
     prepared = model.prepare(PROMPT_OCR, [image])
     t1 = time.perf_counter()
-    feats = model.encode_images(prepared.inputs["pixel_values"], prepared.inputs["grids"])
-    t2 = time.perf_counter()
-    prepared.inputs["image_features"] = feats
-    logits, cache = model.prefill(prepared, new_tokens)
+    timed = timed_prefill(model, prepared, new_tokens)
+    logits, cache = timed.logits, timed.cache
     t3 = time.perf_counter()
     tokens = [int(torch.argmax(logits))]
     for _ in range(new_tokens - 1):
@@ -87,8 +86,8 @@ def run_ours(ckpt: Path, dtype: str, max_pixels: int | None, new_tokens: int) ->
     return {
         "load_s": load_s,
         "preprocess_s": t1 - t0,
-        "vision_s": t2 - t1,
-        "prefill_s": t3 - t2,
+        "vision_s": timed.vision_s,
+        "prefill_s": timed.prefill_s,
         "decode_tok_s": (new_tokens - 1) / (t4 - t3),
         "total_s": t4 - t0,
         "prompt_tokens": len(prepared.input_ids),

@@ -266,10 +266,6 @@ def engine_rates(before: dict, after: dict, n: int) -> dict:
         if delta("ocr_prefill_seconds_count", "") else float("nan"),
         "steps_at_n": steps.get(full, 0.0),
         "max_gap_s": longest_gap(before, after),
-        # weights the engine's steps at batch n read, per step (the model's own count: MoE layers read
-        # only the experts some row selected)
-        "weight_bytes_per_step_at_n": delta("ocr_decode_weight_bytes_total", full) / steps[full]
-        if steps.get(full) else float("nan"),
     }
 
 
@@ -504,16 +500,14 @@ def report(args: argparse.Namespace, rows: list[dict], bound: dict) -> None:
           f"{bound['params'] * bytes_per_param / 1e9:.2f} GB; read bandwidth {bound['bandwidth_gbs']:.1f} GB/s "
           f"-> bound {bound_tok_s:.1f} tok/s")
     def bound_at(n: int) -> float:
-        """tok/s if a step of n rows read its weights at the measured bandwidth: the bytes the model
-        reported reading at batch n (ocr_decode_weight_bytes_total), else an estimate (uniform routing)."""
+        """tok/s if a step of n rows read its weights at the measured bandwidth (the bytes a step of n
+        rows reads: an estimate from the checkpoint, uniform expert routing)."""
         return by_n.get(n, {}).get("bandwidth_gbs", bound["bandwidth_gbs"]) * 1e9 * n / step_bytes(n)
 
     by_n = {r["clients"]: r for r in rows}
 
-    def step_bytes(n: int) -> float:  # weight bytes a step of n rows read (reported, else estimated)
-        per_step = by_n.get(n, {}).get("weight_bytes_per_step_at_n", float("nan"))
-        ok = per_step == per_step and per_step > 0
-        return per_step if ok else bound["params_at"].get(n, bound["params"]) * bytes_per_param * n
+    def step_bytes(n: int) -> float:  # weight bytes a step of n rows reads (estimated)
+        return bound["params_at"].get(n, bound["params"]) * bytes_per_param * n
 
     print("| clients | decode tok/s, all N in batch | range over runs | GB read per step | GB/s probe | bound at N | of bound | per-stream tok/s at N "
           "| per-stream tok/s e2e | agg tok/s e2e | TTFT p50 s | TTFT p95 s | longest step gap s (<=) | prefill s (mean) | peak RSS MiB "
@@ -521,7 +515,7 @@ def report(args: argparse.Namespace, rows: list[dict], bound: dict) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         b = bound_at(r["clients"])
-        gb = r.get("weight_bytes_per_step_at_n", float("nan")) / 1e9
+        gb = step_bytes(r["clients"]) / 1e9
         lo, hi = r.get("decode_tok_s_range", [r["decode_tok_s_at_n"]] * 2)
         print(f"| {r['clients']} | {r['decode_tok_s_at_n']:.2f} | {lo:.1f}-{hi:.1f} | {gb:.2f} | "
               f"{r.get('bandwidth_gbs', bound['bandwidth_gbs']):.1f} | {b:.1f} | {r['decode_tok_s_at_n'] / b:.0%} | "
@@ -529,8 +523,8 @@ def report(args: argparse.Namespace, rows: list[dict], bound: dict) -> None:
               f"{r['per_stream_tok_s']:.2f} | {r['agg_e2e_tok_s']:.2f} | {r['ttft_p50_s']:.2f} | "
               f"{r['ttft_p95_s']:.2f} | {r.get('max_gap_s', float('nan')):.2f} | {r['prefill_s_mean']:.2f} | {r['peak_rss_mib']:.0f} | {','.join(r['finish'])} |")
     print("(decode columns: the engine's own step timings for steps where all N streams were in the batch; "
-          "GB read per step: weights the model reported reading per step at N (MoE: the experts some row "
-          "selected); GB/s probe: read bandwidth measured right before that run; bound at N: N tokens per "
+          "GB read per step: weights a step at N reads, estimated from the checkpoint (MoE: uniform routing; "
+          "testing.probes.decode_weight_bytes counts them exactly in-process); GB/s probe: read bandwidth measured right before that run; bound at N: N tokens per "
           "such read at that bandwidth; e2e columns: client side, prefills of the other streams included)")
     if 1 in by_n:
         single = by_n[1]["stream_tok_s_at_n"]

@@ -10,11 +10,12 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
-from deepseek_ocr_server.engine.generate import generate, generate_batch, generate_stream
+from deepseek_ocr_server.engine.generate import generate, generate_stream
 from deepseek_ocr_server.models.base import ModelFiles, Prepared
 from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
 from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
 from deepseek_ocr_server.sampling import SamplingParams
+from deepseek_ocr_server.testing.generation import generate_batch
 
 TINY = VisionSettings(base_size=512, image_size=512, crop_mode=False)
 WEIGHTS = "model-00001-of-000001.safetensors"

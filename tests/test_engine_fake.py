@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from deepseek_ocr_server.engine.generate import generate, generate_batch
+from deepseek_ocr_server.engine.generate import generate
 from deepseek_ocr_server.models import load_model
 from deepseek_ocr_server.models.base import InputError
 from deepseek_ocr_server.sampling import SamplingParams
 from deepseek_ocr_server.testing.fake import EOS_ID, FakeOcrModel, write_fake_checkpoint
+from deepseek_ocr_server.testing.generation import generate_batch
 
 
 def test_greedy_matches_expected_and_stops():

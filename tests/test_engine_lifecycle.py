@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
+import pytest
 from test_engine_scheduler import collect, manager_for, req, run
 
 from deepseek_ocr_server.testing.fake import FakeOcrModel
@@ -52,7 +54,7 @@ def test_absent_model_never_evicts_the_resident_one() -> None:
         loads.append(model_id)
         return models[model_id]  # type: ignore[return-value]
 
-    def resolver(model_id: str) -> None:
+    def resolver(model_id: str, report: object) -> None:
         if model_id == "absent":
             resolving.set()
             assert release.wait(30)
@@ -112,6 +114,156 @@ def test_a_slow_prepare_does_not_stall_running_streams() -> None:
         assert fin.finish_reason == "stop"
 
     run(main())
+    run(mgr.shutdown())
+
+
+def test_a_failed_load_keeps_the_resident_model() -> None:
+    """The files resolve but the load itself fails (corrupt weights, config mismatch): the failure is
+    recorded on that entry only, and the model that served before serves again (reloaded)."""
+    from deepseek_ocr_server.engine.manager import ModelManager, ModelUnavailable
+    from deepseek_ocr_server.models.base import ModelLoadError
+
+    loads: list[str] = []
+    a = FakeOcrModel(name="a")
+
+    def loader(model_id: str) -> FakeOcrModel:
+        loads.append(model_id)
+        if model_id == "bad":
+            raise ModelLoadError("model.safetensors: header is not valid JSON")
+        return a
+
+    mgr = ModelManager(["a", "bad"], loader, resolver=lambda model_id, report: None)
+
+    async def main() -> None:
+        await collect(mgr.submit(req("warm")))
+        bad = mgr.submit(req("x", model="bad"))
+        after = mgr.submit(req("after"))  # arrived behind the broken entry's request
+        try:
+            await bad.__anext__()
+            raise AssertionError("the broken model's request must fail")
+        except ModelUnavailable as exc:
+            assert "header" not in exc.message  # the reason is for the operator
+        text, fin = await collect(after)
+        assert fin.finish_reason == "stop"
+        with pytest.raises(ModelUnavailable):
+            mgr.submit(req("x", model="bad"))  # answered at once, nothing unloaded
+        await collect(mgr.submit(req("later")))  # served once "a" is back (it is reloaded at once)
+        st = mgr.status()
+        assert st.model_id == "a" and st.state == "ready" and st.error is None, st
+        assert "header is not valid JSON" in st.failed["bad"] and list(st.failed) == ["bad"]
+
+    run(main())
+    run(mgr.shutdown())
+    assert loads == ["a", "bad", "a"]
+
+
+def test_a_corrupt_checkpoint_never_leaves_the_server_without_its_model(paddle_ckpt, tmp_path) -> None:
+    """The same on a real family: a copy of the tiny PaddleOCR-VL checkpoint with truncated weights."""
+    import shutil
+
+    import torch
+
+    from deepseek_ocr_server.engine.manager import ModelManager, ModelUnavailable
+    from deepseek_ocr_server.models import load_model
+    from deepseek_ocr_server.models.base import ModelFiles
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(paddle_ckpt, corrupt)
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    files = {"good": ModelFiles.from_dir(paddle_ckpt), "corrupt": ModelFiles.from_dir(corrupt)}
+
+    def loader(model_id: str):
+        return load_model("paddleocr-vl", files[model_id], device="cpu", dtype=torch.float32)
+
+    mgr = ModelManager(list(files), loader, resolver=lambda model_id, report: files[model_id])
+
+    async def main() -> None:
+        _, first = await collect(mgr.submit(req("OCR:", model="good", max_new_tokens=3)))
+        with pytest.raises(ModelUnavailable):
+            await mgr.submit(req("OCR:", model="corrupt", max_new_tokens=3)).__anext__()
+        _, again = await collect(mgr.submit(req("OCR:", model="good", max_new_tokens=3)))
+        assert again.completion_tokens == first.completion_tokens
+        st = mgr.status()
+        assert st.model_id == "good" and st.state == "ready" and list(st.failed) == ["corrupt"], st
+
+    run(main())
+    run(mgr.shutdown())
+
+
+def test_a_failed_load_over_http_keeps_serving(api_server) -> None:
+    """``fake-broken``'s files resolve, its load fails: /health still shows the resident model ready and
+    the failure on that entry only; the resident model answers the next request."""
+    import httpx
+    from fixtures.server import data_url, png_bytes
+
+    content = [{"type": "image_url", "image_url": {"url": data_url(png_bytes())}}]
+    chat = {"messages": [{"role": "user", "content": content}], "max_tokens": 4}
+    with httpx.Client(timeout=60) as http:
+        assert (
+            http.post(api_server.v1 + "/chat/completions", json={**chat, "model": "fake-a"}).status_code
+            == 200
+        )
+        r = http.post(api_server.v1 + "/chat/completions", json={**chat, "model": "fake-broken"})
+        assert r.status_code == 503
+        for _ in range(600):  # the resident model is being loaded again (never "failed")
+            health = http.get(api_server.base_url + "/health").json()
+            assert health["state"] in ("loading", "ready") and health["model"] == "fake-a", health
+            if health["state"] == "ready":
+                break
+            time.sleep(0.05)
+        assert health["model"] == "fake-a" and health["state"] == "ready" and health["ready"], health
+        assert "fake-broken" in health["failed"] and health["error"] is None
+        assert (
+            http.post(api_server.v1 + "/chat/completions", json={**chat, "model": "fake-a"}).status_code
+            == 200
+        )
+
+
+def test_health_shows_download_progress() -> None:
+    """While a model's files download (a fake downloader reporting bytes), ``/health`` shows bytes done /
+    total per file and in all; the entry leaves ``downloads`` once its files are in."""
+    from fastapi.testclient import TestClient
+
+    from deepseek_ocr_server.api.app import create_app
+    from deepseek_ocr_server.engine.manager import ModelManager
+
+    halfway, finish = threading.Event(), threading.Event()
+
+    def resolver(model_id: str, report) -> None:
+        if model_id == "big":
+            report("config.json", 120, 120)
+            report("model.safetensors", 0, 1000)
+            report("model.safetensors", 400, 1000)
+            halfway.set()
+            assert finish.wait(30)
+            report("model.safetensors", 1000, 1000)
+
+    mgr = ModelManager(["a", "big"], lambda mid: FakeOcrModel(name=mid), resolver=resolver)
+    with TestClient(create_app(mgr)) as client:
+
+        async def main() -> None:
+            stream = mgr.submit(req("x", model="big"))
+            first = asyncio.ensure_future(stream.__anext__())
+            assert await asyncio.to_thread(halfway.wait, 30)
+            body = await asyncio.to_thread(lambda: client.get("/health").json())
+            assert body["state"] == "loading" and body["model"] == "big" and body["resolving"] == ["big"], (
+                body
+            )
+            assert body["downloads"]["big"] == {
+                "bytes_done": 520,
+                "bytes_total": 1120,
+                "files": {
+                    "config.json": {"bytes_done": 120, "bytes_total": 120},
+                    "model.safetensors": {"bytes_done": 400, "bytes_total": 1000},
+                },
+            }
+            finish.set()
+            await collect(stream, (await first).text)
+            body = await asyncio.to_thread(lambda: client.get("/health").json())
+            assert body["state"] == "ready" and body["downloads"] == {} and body["resolving"] == [], body
+
+        run(main())
     run(mgr.shutdown())
 
 

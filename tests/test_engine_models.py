@@ -15,7 +15,7 @@ from deepseek_ocr_server.engine.generate import generate
 from deepseek_ocr_server.engine.manager import ModelManager
 from deepseek_ocr_server.engine.types import Finished, OcrRequest, TextDelta
 from deepseek_ocr_server.models import load_model
-from deepseek_ocr_server.models.base import ModelFiles, OcrModel
+from deepseek_ocr_server.models.base import ModelFiles, OcrModel, no_pause
 from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
 from deepseek_ocr_server.models.quant import Int8Linear
 from deepseek_ocr_server.models.registry import family
@@ -111,8 +111,8 @@ def test_cancel_mid_batch_real_model(request, kind):
     prefilled: list[int] = []
     both_prefilled = threading.Event()
 
-    def spy_prefill(prepared, max_new_tokens):
-        logits, cache = prefill(prepared, max_new_tokens)
+    def spy_prefill(prepared, max_new_tokens, between_layers=no_pause):
+        logits, cache = prefill(prepared, max_new_tokens, between_layers)
         prefilled.append(1)
         if len(prefilled) == 2:
             both_prefilled.set()

@@ -89,6 +89,18 @@ def test_download_from_local_hub_into_cache_layout(tmp_path: Path, hub: FakeHub)
                    "tokenizer.json"]
 
 
+def test_download_reports_bytes_per_file(tmp_path: Path, hub: FakeHub) -> None:
+    """huggingface_hub's progress bar hook tells ``report`` how far each file got (``/health`` shows it)."""
+    seen: dict[str, list[tuple[int, int | None]]] = {}
+    resolve_model_files(settings_for(tmp_path), "tiny", report=lambda f, d, t: seen.setdefault(f, []).append((d, t)))
+    for name, data in (("config.json", CONFIG), ("tokenizer.json", TOKENIZER), ("model.safetensors", WEIGHTS)):
+        assert seen[name][0] == (0, len(data)), seen  # announced before the first byte
+        assert seen[name][-1] == (len(data), len(data)), seen
+    again: list[str] = []
+    resolve_model_files(settings_for(tmp_path), "tiny", report=lambda f, d, t: again.append(f))
+    assert again == []  # nothing downloaded, nothing reported
+
+
 def test_second_resolve_does_not_touch_the_hub(tmp_path: Path, hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
     s = settings_for(tmp_path)
     first = resolve_model_files(s, "tiny")

@@ -122,7 +122,7 @@ crop_mode = false
 
 
 def test_default_prompts() -> None:
-    s = cfg.builtin_settings(Path("/nonexistent/c.toml"), Path("/nonexistent"))
+    s = cfg.Settings(config_path=Path("/nonexistent/c.toml"), cache_dir=Path("/nonexistent"))  # built-ins only
     assert s.default_prompt("deepseek-ocr") == "<image>\n<|grounding|>Convert the document to markdown."
     assert s.default_prompt("paddleocr-vl") == "OCR:"
 

@@ -200,29 +200,29 @@ def _decoder_bytes(ckpt, exclude_experts: bool) -> tuple[int, int]:
     return dense, expert
 
 
-def test_decode_reports_the_weight_bytes_it_read(deepseek_ckpt, paddle_ckpt):
+def test_decode_weight_bytes_probe(deepseek_ckpt, paddle_ckpt):
+    """``testing.probes.decode_weight_bytes`` (what the benchmarks put next to the memory bandwidth):
+    dense layers once per step, of each MoE layer the experts some row selected, however stored."""
+    from deepseek_ocr_server.testing.probes import decode_weight_bytes
+
     m = DeepseekOcrModel.load(ModelFiles.from_dir(deepseek_ckpt), dtype=torch.bfloat16)
     dense, expert = _decoder_bytes(deepseek_ckpt, exclude_experts=True)
     moe = [layer.mlp for layer in m.net.model.layers if hasattr(layer.mlp, "experts")]
     k = m.config.language.num_experts_per_tok
     prep = m.prepare("Free OCR.", [_page()], TINY)
     logits, c1 = m.prefill(prep, 4)
-    m.decode([int(torch.argmax(logits))], [c1])
-    assert m.last_decode_weight_bytes == dense + expert * k * len(moe)  # one row: top-k experts per layer
-    caches = [m.prefill(prep, 4)[1] for _ in range(3)]
-    m.decode([3, 40, 77], caches)
-    touched = sum(x.last_experts for x in moe)
-    assert len(moe) * k <= touched <= len(moe) * min(3 * k, len(moe[0].experts))
-    assert m.last_decode_weight_bytes == dense + expert * touched
+    _, read = decode_weight_bytes(m, [int(torch.argmax(logits))], [c1])
+    assert read == dense + expert * k * len(moe)  # one row: top-k experts per layer
+    _, read3 = decode_weight_bytes(m, [3, 40, 77], [m.prefill(prep, 4)[1] for _ in range(3)])
+    touched, rest = divmod(read3 - dense, expert)
+    assert rest == 0 and len(moe) * k <= touched <= len(moe) * min(3 * k, len(moe[0].experts))
     m.set_packed(False)  # the same bytes, however stored
-    m.decode([3, 40, 77], [m.prefill(prep, 4)[1] for _ in range(3)])
-    assert m.last_decode_weight_bytes == dense + expert * sum(x.last_experts for x in moe)
+    assert decode_weight_bytes(m, [3, 40, 77], [m.prefill(prep, 4)[1] for _ in range(3)])[1] == read3
 
     p = PaddleOcrVlModel.load(ModelFiles.from_dir(paddle_ckpt), dtype=torch.bfloat16)
     logits, c = p.prefill(p.prepare("OCR:", []), 2)
-    p.decode([int(torch.argmax(logits))], [c])
     want, _ = _decoder_bytes(paddle_ckpt, exclude_experts=False)
-    assert p.last_decode_weight_bytes == want
+    assert decode_weight_bytes(p, [int(torch.argmax(logits))], [c])[1] == want
 
 
 def test_int8_of_a_packed_model_quantizes_each_projection(deepseek_ckpt):

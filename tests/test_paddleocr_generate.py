@@ -9,12 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from deepseek_ocr_server.engine.generate import generate, generate_batch, generate_stream
+from deepseek_ocr_server.engine.generate import generate, generate_stream
 from deepseek_ocr_server.models.base import ModelFiles, Prepared
 from deepseek_ocr_server.models.common.cache import KVCache
 from deepseek_ocr_server.models.paddleocr_vl.model import PaddleOcrVlModel
 from deepseek_ocr_server.models.paddleocr_vl.processor import mrope_positions
 from deepseek_ocr_server.sampling import SamplingParams
+from deepseek_ocr_server.testing.generation import generate_batch
 
 
 def _img(w: int, h: int, seed: int) -> Image.Image:

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,9 @@ from .config import Settings
 from .models.base import ModelFiles
 
 log = logging.getLogger(__name__)
+
+#: ``report(file_name, bytes_done, bytes_total)`` while a file downloads (``bytes_total`` None: unknown)
+DownloadReport = Callable[[str, int, "int | None"], None]
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -204,7 +208,7 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def _download(repo: str, revision: str, filename: str) -> Path:
+def _download(repo: str, revision: str, filename: str, report: DownloadReport | None = None) -> Path:
     from huggingface_hub import hf_hub_download
 
     log.info("fetching %s from %s@%s (Hugging Face cache, else download)", filename, repo, revision)
@@ -215,8 +219,29 @@ def _download(repo: str, revision: str, filename: str) -> Path:
         cache_dir=_hub_cache_dir(),
         endpoint=_endpoint(),
         local_files_only=_offline(),
+        tqdm_class=_reporting_bar(filename, report) if report is not None else None,
     )
     return Path(path)
+
+
+def _reporting_bar(filename: str, report: DownloadReport) -> type:
+    """huggingface_hub's progress bar (shown as usual) that also tells ``report`` the bytes so far."""
+    from huggingface_hub.utils import tqdm as hub_tqdm
+
+    class ReportingBar(hub_tqdm):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            total = kwargs.get("total")
+            self._report_total = int(total) if isinstance(total, int | float) else None
+            self._report_done = int(kwargs.get("initial") or 0)  # type: ignore[call-overload]
+            report(filename, self._report_done, self._report_total)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self._report_done += int(n or 0)  # counted here: a disabled bar does not count
+            report(filename, self._report_done, self._report_total)
+            return super().update(n)
+
+    return ReportingBar
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -276,7 +301,9 @@ def _explain(exc: BaseException, repo: str, revision: str, filename: str, how: s
     return AssetError(f"cannot get {filename} of model repo {where}: {why}; {how}")
 
 
-def _fetch(settings: Settings, model_id: str, need: set[str], target: Path) -> dict[str, Path]:
+def _fetch(
+    settings: Settings, model_id: str, need: set[str], target: Path, report: DownloadReport | None = None
+) -> dict[str, Path]:
     """Download the files of ``need`` (subset of config/tokenizer/weights) plus side files into ``target``."""
     entry = settings.entry(model_id)
     repo, revision = entry.repo, entry.revision
@@ -321,7 +348,7 @@ def _fetch(settings: Settings, model_id: str, need: set[str], target: Path) -> d
     for what, names in plan.items():
         for name in names:
             try:
-                src = _download(repo, revision, name)
+                src = _download(repo, revision, name, report)
                 _place(src, target / name)
             except Exception as exc:  # noqa: BLE001 - turned into a helpful AssetError
                 raise _explain(exc, repo, revision, name, _how_to_supply(settings, model_id, what)) from exc
@@ -337,7 +364,7 @@ def _fetch(settings: Settings, model_id: str, need: set[str], target: Path) -> d
         got[what] = target / names[0]
     for name in side:
         try:
-            _place(_download(repo, revision, name), target / name)
+            _place(_download(repo, revision, name, report), target / name)
             if name not in fetched:
                 fetched.append(name)
         except Exception as exc:  # noqa: BLE001 - optional file
@@ -349,8 +376,11 @@ def _fetch(settings: Settings, model_id: str, need: set[str], target: Path) -> d
 # --------------------------------------------------------------------------------------------------
 # public
 # --------------------------------------------------------------------------------------------------
-def resolve_model_files(settings: Settings, model_id: str, *, download: bool = True) -> ModelFiles:
-    """Resolve (and, with ``download``, fetch what is missing of) ``model_id``'s files.
+def resolve_model_files(
+    settings: Settings, model_id: str, *, download: bool = True, report: DownloadReport | None = None
+) -> ModelFiles:
+    """Resolve (and, with ``download``, fetch what is missing of) ``model_id``'s files; ``report`` hears
+    how far each download got (``/health`` shows it).
 
     Raises :class:`AssetError` naming the repo, the file and how to supply it by hand.
     """
@@ -375,7 +405,7 @@ def resolve_model_files(settings: Settings, model_id: str, *, download: bool = T
                              + _how_to_supply(settings, model_id, what))
         if not _cache_is_current(settings, model_id):
             log.info("%s was filled from another repo/revision; fetching %s@%s", target, entry.repo, entry.revision)
-        resolved.update(_fetch(settings, model_id, missing, target))
+        resolved.update(_fetch(settings, model_id, missing, target, report))
     for what, p in resolved.items():
         log.debug("%s %s: %s", model_id, what, p)
     config = resolved["config"]

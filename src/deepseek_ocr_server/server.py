@@ -20,9 +20,10 @@ from .config import Settings
 log = logging.getLogger("deepseek_ocr_server")
 
 
-def build_loader(settings: Settings) -> Callable[[str], object]:
+def build_loader(settings: Settings, *, log_plan: bool = True) -> Callable[[str], object]:
     """``loader(model_id)`` for the ModelManager: resolve (maybe download) assets, then load the model
-    with the model's effective device/dtype/quantize (blocking; the manager calls it in a thread)."""
+    with the model's effective device/dtype/quantize (blocking; the manager calls it in a thread).
+    ``log_plan``: log the CPU class and precision plan first (off when a resolver does it)."""
 
     def load(model_id: str) -> object:
         from .assets import resolve_model_files
@@ -30,7 +31,8 @@ def build_loader(settings: Settings) -> Callable[[str], object]:
 
         entry = settings.entry(model_id)
         inf = settings.inference_for(model_id)
-        log_precision(inf.device, inf.effective_dtype, inf.quantize)
+        if log_plan:
+            log_precision(inf.device, inf.effective_dtype, inf.quantize)
         files = resolve_model_files(settings, model_id)
         log.info(
             "loading %s (kind %s) from %s on %s/%s%s",
@@ -62,14 +64,18 @@ def log_precision(device: str, dtype: str, quantize: str | None) -> None:
     log.info("precision: %s", plan.summary())
 
 
-def build_resolver(settings: Settings) -> Callable[[str], object]:
-    """``resolver(model_id)`` for the ModelManager: find (maybe download) the files of a model without
-    touching the resident one, so that a broken or absent entry never evicts it."""
+def build_resolver(settings: Settings) -> Callable[..., object]:
+    """``resolver(model_id, report)`` for the ModelManager: find (maybe download) the files of a model
+    without touching the resident one, so that a broken or absent entry never evicts it; ``report``
+    hears the download progress (``/health`` shows it). Logs the CPU class and the precision plan first:
+    it is the first step of every load."""
 
-    def resolve(model_id: str) -> object:
+    def resolve(model_id: str, report: Callable[[str, int, int | None], None] | None = None) -> object:
         from .assets import resolve_model_files
 
-        return resolve_model_files(settings, model_id)
+        inf = settings.inference_for(model_id)
+        log_precision(inf.device, inf.effective_dtype, inf.quantize)
+        return resolve_model_files(settings, model_id, report=report)
 
     return resolve
 
@@ -81,7 +87,7 @@ def build_app(settings: Settings):  # -> (FastAPI, ModelManager)
     srv = settings.server
     manager = ModelManager(
         list(settings.models),
-        build_loader(settings),
+        build_loader(settings, log_plan=False),
         max_running=srv.max_running,
         max_queued=srv.max_queued,
         queue_timeout_s=srv.queue_timeout_s,

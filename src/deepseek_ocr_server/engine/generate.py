@@ -1,7 +1,7 @@
 """Plain synchronous generation over the model protocol (tests, benchmarks, the CLI-less path).
 
 The serving scheduler (``engine/scheduler.py``) runs the same :class:`Sequence` objects with continuous
-batching; ``generate_batch`` here is the simple static-batch version of the same loop.
+batching (a static-batch loop for tests and benchmarks is ``testing/generation.py``).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..models.base import InputError, OcrModel, Prepared
+from ..models.base import OcrModel, Prepared, generation_budget
 from ..sampling import SamplingParams
 from .sequence import FinishReason, Sequence
 
@@ -23,7 +23,7 @@ class GenerationResult:
     completion_tokens: int
 
 
-def _result(seq: Sequence) -> GenerationResult:
+def result_of(seq: Sequence) -> GenerationResult:
     assert seq.finish_reason is not None
     return GenerationResult(
         text=seq.text,
@@ -34,15 +34,6 @@ def _result(seq: Sequence) -> GenerationResult:
     )
 
 
-def _fit(model: OcrModel, prepared: Prepared, max_new_tokens: int) -> int:
-    """The budget capped by the context left after the prompt (the cap ends with finish 'length')."""
-    left = model.max_context - prepared.num_prompt_tokens
-    if left < 1:
-        raise InputError(f"prompt of {prepared.num_prompt_tokens} tokens leaves no room in the "
-                         f"{model.max_context}-token context")
-    return max(1, min(max_new_tokens, left))
-
-
 def generate_stream(
     model: OcrModel,
     prepared: Prepared,
@@ -51,7 +42,7 @@ def generate_stream(
     stop: list[str] | None = None,
 ) -> Iterator[str | GenerationResult]:
     """Yield text increments as they are produced, then the final :class:`GenerationResult`."""
-    max_new_tokens = _fit(model, prepared, max_new_tokens)
+    max_new_tokens = generation_budget(prepared.num_prompt_tokens, max_new_tokens, model.max_context)
     seq = Sequence(model, prepared, params or SamplingParams(), max_new_tokens, stop)
     try:
         logits, seq.cache = model.prefill(prepared, max_new_tokens)
@@ -64,7 +55,7 @@ def generate_stream(
             logits = model.decode([seq.last_token], [seq.cache])[0]
     finally:
         seq.release()
-    yield _result(seq)
+    yield result_of(seq)
 
 
 def generate(
@@ -79,30 +70,3 @@ def generate(
         out = item
     assert isinstance(out, GenerationResult)
     return out
-
-
-def generate_batch(
-    model: OcrModel,
-    prepared: list[Prepared],
-    params: list[SamplingParams] | SamplingParams | None = None,
-    max_new_tokens: list[int] | int = 512,
-) -> list[GenerationResult]:
-    """Prefill each request, then decode all unfinished sequences together, one step at a time."""
-    n = len(prepared)
-    plist = params if isinstance(params, list) else [params or SamplingParams()] * n
-    mlist = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * n
-    seqs = [Sequence(model, p, sp, _fit(model, p, m)) for p, sp, m in zip(prepared, plist, mlist, strict=True)]
-    try:
-        for seq in seqs:
-            logits, seq.cache = model.prefill(seq.prepared, seq.max_new_tokens)
-            if seq.accept_logits(logits).finished:
-                seq.release()
-        while running := [s for s in seqs if not s.finished]:
-            logits = model.decode([s.last_token for s in running], [s.cache for s in running])
-            for row, seq in zip(logits, running, strict=True):
-                if seq.accept_logits(row).finished:
-                    seq.release()
-    finally:
-        for seq in seqs:
-            seq.release()
-    return [_result(s) for s in seqs]

@@ -1,18 +1,18 @@
-"""ModelManager: exactly one resident model; swap = drain -> unload -> load.
+"""ModelManager: the API layer's handle on the engine (one resident model; swap = drain -> unload -> load).
 
-The API layer talks only to this class (``submit``, ``status``, ``model_ids``). Loading runs in a worker
-thread so the event loop keeps serving (``/health``, ``/v1/models``) while a model loads or downloads.
+The API layer talks only to this class (``submit``, ``status``, ``model_ids``). Requests go to a
+:class:`~.scheduler.Scheduler` (one worker thread, continuous batching, admission control, model swaps);
+which model is resident and which ones failed is recorded once, in the scheduler's
+:class:`~.residency.Residency`: ``status()`` reads it. Loading runs on the worker thread, resolving
+(downloading) a model's files on a thread of its own, so the event loop keeps serving (``/health``,
+``/v1/models``) while a model loads or downloads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
-from typing import Literal
 
 from ..models.base import OcrModel
 from . import metrics
@@ -23,65 +23,40 @@ from .errors import (
     Overloaded,
     QueueTimeout,
     UnknownModel,
-    public_load_error,
 )
+from .residency import DownloadReport, ModelState, ModelStatus
 from .scheduler import RequestStream, Scheduler
 from .types import Event, OcrRequest
 
 __all__ = [
     "BadRequest",
+    "DownloadReport",
     "EngineError",
     "Loader",
     "ModelManager",
+    "ModelState",
     "ModelStatus",
     "ModelUnavailable",
     "Overloaded",
     "QueueTimeout",
     "RequestStream",
+    "Resolver",
     "UnknownModel",
 ]
 
 log = logging.getLogger(__name__)
 
-ModelState = Literal["idle", "loading", "ready", "failed"]
-
-
-@dataclass
-class ModelStatus:
-    model_id: str | None
-    state: ModelState
-    error: str | None = None
-    load_seconds: float | None = None
-    running: int = 0
-    queued: int = 0
-    #: models whose last load failed, with the reason (they answer 503 until retried)
-    failed: dict[str, str] = field(default_factory=dict)
-    #: models whose files are being resolved/downloaded while the resident model keeps serving
-    resolving: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "model": self.model_id,
-            "state": self.state,
-            "error": self.error,
-            "load_seconds": self.load_seconds,
-            "running": self.running,
-            "queued": self.queued,
-            "failed": dict(self.failed),
-            "resolving": list(self.resolving),
-        }
-
-
 Loader = Callable[[str], OcrModel]
-#: resolves (maybe downloads) a model's files without touching the resident model; raises on failure
-Resolver = Callable[[str], object]
+#: ``resolver(model_id, report)`` resolves (maybe downloads) a model's files without touching the resident
+#: model, telling ``report(file, bytes_done, bytes_total)`` how far each download got; raises on failure
+Resolver = Callable[[str, DownloadReport], object]
 
 
 class ModelManager:
-    """Owns the resident model. ``loader(model_id)`` resolves assets and builds the model (blocking).
+    """Owns the engine. ``loader(model_id)`` builds the model (blocking: resolves its files too unless
+    a ``resolver`` does that first, while the resident model keeps serving).
 
-    Serving goes through a :class:`~.scheduler.Scheduler` (one worker thread, continuous batching,
-    admission control, model swaps); see that module for the rules.
+    Serving goes through a :class:`~.scheduler.Scheduler`; see that module for the rules.
     """
 
     def __init__(
@@ -97,21 +72,15 @@ class ModelManager:
         resolver: Resolver | None = None,
     ) -> None:
         self._ids = list(model_ids)
-        self._loader = loader
-        self._resolver = resolver
-        self._model: OcrModel | None = None
-        self._status = ModelStatus(None, "idle")
-        self._errors: dict[str, str] = {}
-        self._lock = threading.Lock()
         self._scheduler = Scheduler(
             self._ids,
-            self.load_sync,
+            loader,
             max_running=max_running,
             max_queued=max_queued,
             queue_timeout_s=queue_timeout_s,
             failed_retry_s=failed_retry_s,
             prefill_slice_s=prefill_slice_s,
-            resolve=self.resolve_sync if resolver is not None else None,
+            resolve=resolver,
         )
 
     # --- queries -------------------------------------------------------------------------------
@@ -119,15 +88,14 @@ class ModelManager:
         return list(self._ids)
 
     def status(self) -> ModelStatus:
-        """State of the resident model; ``error`` and ``failed`` carry the operator-facing reasons."""
+        """State of the resident model; ``error`` and ``failed`` carry the operator-facing reasons,
+        ``downloads`` how far each file being fetched got."""
         sch = self._scheduler
-        failed = {mid: self._errors.get(mid, reason) for mid, reason in sch.failures().items()}
-        return replace(self._status, running=sch.running, queued=sch.queued, failed=failed,
-                       resolving=sch.resolving())
+        return sch.residency.status(running=sch.running, queued=sch.queued)
 
     @property
     def model(self) -> OcrModel | None:
-        return self._model
+        return self._scheduler.residency.model
 
     @property
     def scheduler(self) -> Scheduler:
@@ -135,44 +103,11 @@ class ModelManager:
 
     # --- loading -------------------------------------------------------------------------------
     def load_sync(self, model_id: str) -> OcrModel:
-        """Unload whatever is resident and load ``model_id`` (blocking; the scheduler's worker thread
-        calls it between requests; call it yourself only when nothing is being served)."""
+        """Unload whatever is resident and load ``model_id`` (blocking; call it only when nothing is
+        being served: the scheduler's worker does its own swaps). Raises ModelUnavailable on failure."""
         if model_id not in self._ids:
             raise UnknownModel(f"model {model_id!r} not found; available: {', '.join(self._ids)}", param="model")
-        with self._lock:
-            if self._model is not None and self._status.model_id == model_id and self._status.state == "ready":
-                return self._model
-            self._model = None  # drop the old weights before loading the new ones
-            self._status = ModelStatus(model_id, "loading")
-            t0 = time.perf_counter()
-            try:
-                model = self._loader(model_id)
-            except Exception as exc:  # noqa: BLE001 - reported, never fatal for the server
-                msg = f"{type(exc).__name__}: {exc}"
-                log.error("loading model %s failed: %s", model_id, msg)
-                self._errors[model_id] = msg
-                self._status = ModelStatus(model_id, "failed", msg)
-                # the client sees a short message: the reason (paths, flags to set) is for the operator
-                raise ModelUnavailable(public_load_error(model_id)) from exc
-            self._model = model
-            self._errors.pop(model_id, None)
-            seconds = time.perf_counter() - t0
-            self._status = ModelStatus(model_id, "ready", load_seconds=seconds)
-            metrics.MODEL_LOAD_SECONDS.labels(model=model_id).observe(seconds)
-            log.info("model %s ready in %.1f s", model_id, seconds)
-            return model
-
-    def resolve_sync(self, model_id: str) -> None:
-        """Resolve (maybe download) ``model_id``'s files; the resident model is not touched (blocking:
-        the scheduler calls it in a thread of its own while the resident model keeps serving)."""
-        assert self._resolver is not None
-        try:
-            self._resolver(model_id)
-        except Exception as exc:  # noqa: BLE001 - reported, never fatal for the server
-            msg = f"{type(exc).__name__}: {exc}"
-            log.error("resolving the files of model %s failed: %s", model_id, msg)
-            self._errors[model_id] = msg
-            raise ModelUnavailable(public_load_error(model_id)) from exc
+        return self._scheduler.residency.load(model_id)
 
     async def preload(self, model_id: str) -> None:
         """Load ``model_id`` in the background (the worker does it when idle); failures are reported by
@@ -214,4 +149,3 @@ class ModelManager:
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self._scheduler.shutdown)
-        self._model = None

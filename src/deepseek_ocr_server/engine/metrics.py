@@ -54,12 +54,6 @@ STEP_GAP = Histogram(
     "bounded by prefill_slice_s plus one layer): the engine's inter-token latency on top of a step",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40),
 )
-DECODE_WEIGHT_BYTES = Counter(
-    "ocr_decode_weight_bytes_total",
-    "Bytes of weights the decode steps read (dense layers once per step, MoE: the experts some row "
-    "selected), by batch size; divided by ocr_decode_seconds_total: the weight-read rate",
-    ["batch"],
-)
 PREFILL_SECONDS = Histogram(
     "ocr_prefill_seconds",
     "Wall time of one admission: preprocessing + vision + prompt prefill",

@@ -15,8 +15,9 @@ Admission and model choice (the rules the README documents):
   the free ones (beyond: :class:`Overloaded`, HTTP 429 with ``Retry-After``; ``max_queued = 0``: no
   queue, a request is accepted only when a slot is free); a request that waits longer than
   ``queue_timeout_s`` for its prefill to start gets :class:`QueueTimeout`.
-- One admission (prepare + vision + prefill) at a time. During it, the models call
-  ``models.base.progress()`` between layers; once the running streams have waited ``prefill_slice_s``
+- One admission (prepare + vision + prefill) at a time. The worker hands ``model.prefill`` a
+  ``between_layers`` callback that the model calls after every layer (the protocol's rule,
+  ``models/base.py``); once the running streams have waited ``prefill_slice_s``
   since their last token, the worker runs one decode step for them right there. So a running stream
   waits at most ``prefill_slice_s`` plus one layer of the prefill (plus one preprocessing) between two
   of its tokens, however long the page and however many requests arrive; the admitted request's own
@@ -34,9 +35,15 @@ Admission and model choice (the rules the README documents):
   are admitted in page order and share the running slots fairly: when a slot frees, the waiting request
   whose group has the fewest sequences running is admitted first (ties: arrival order), so a single
   image that arrives after a 100-page document gets the next free slot instead of waiting for every page.
-- A model that fails to load fails the requests waiting for it with :class:`ModelUnavailable` (503, the
-  reason included); new requests for it get the same 503 at once for ``failed_retry_s`` seconds, after
-  which a request tries to load it again.
+- Before a swap the new model's files are resolved (maybe downloaded, progress in ``/health``) in a
+  thread of its own while the resident model keeps serving; a failed resolve unloads nothing.
+- A model that fails to resolve or load fails the requests waiting for it with :class:`ModelUnavailable`
+  (503); new requests for it get the same 503 at once for ``failed_retry_s`` seconds, after which a
+  request tries again. When the load itself failed after the old model was dropped, the old model is
+  loaded again at once, so the failure costs its own entry only.
+- Which model is resident, its load state and the failures are recorded in :attr:`Scheduler.residency`
+  (``engine/residency.py``), the one place ``status()`` reads. The worker's plan is a typed action:
+  :class:`Admit` (prepare + prefill one request) or :class:`Swap` (load another model).
 """
 
 from __future__ import annotations
@@ -52,9 +59,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..models.base import InputError, OcrModel, Prepared, progress_hook
+from ..models.base import InputError, OcrModel, Prepared, generation_budget
 from . import metrics
-from .errors import BadRequest, EngineError, ModelUnavailable, Overloaded, QueueTimeout
+from .errors import BadRequest, EngineError, ModelUnavailable, Overloaded, QueueTimeout, public_load_error
+from .residency import DownloadReport, Residency
 from .sequence import Sequence
 from .types import Event, Failed, Finished, OcrRequest, TextDelta
 
@@ -69,7 +77,7 @@ def _drop_images(req: OcrRequest) -> None:
 
 
 class _PrefillCancelled(Exception):
-    """Raised from the progress hook to unwind the prefill of a request whose client went away."""
+    """Raised from the ``between_layers`` callback to unwind the prefill of a request whose client went away."""
 
 
 _ids = itertools.count(1)
@@ -175,35 +183,51 @@ class Running:
     model_id: str
 
 
+@dataclass(frozen=True, eq=False)
+class Admit:
+    """Planned action: prepare + prefill ``job`` into the running batch."""
+
+    job: Job
+
+
+@dataclass(frozen=True)
+class Swap:
+    """Planned action: unload the resident model and load ``model_id``."""
+
+    model_id: str
+
+
+Action = Admit | Swap
+
+
 class Scheduler:
-    """Queue + worker thread. ``load(model_id)`` (blocking) swaps the resident model and returns it."""
+    """Queue + worker thread. ``loader(model_id)`` (blocking) builds a model; :attr:`residency` records
+    which one is resident and which ones failed."""
 
     def __init__(
         self,
         model_ids: list[str],
-        load: Callable[[str], OcrModel],
+        loader: Callable[[str], OcrModel],
         *,
         max_running: int = 8,
         max_queued: int = 32,
         queue_timeout_s: float = 300.0,
         failed_retry_s: float = 60.0,
         prefill_slice_s: float = 0.25,
-        resolve: Callable[[str], None] | None = None,
+        resolve: Callable[[str, DownloadReport], object] | None = None,
     ) -> None:
         if max_running < 1 or max_queued < 0 or queue_timeout_s <= 0 or prefill_slice_s < 0:
             raise ValueError(
                 "max_running >= 1, max_queued >= 0, queue_timeout_s > 0 and prefill_slice_s >= 0 are required"
             )
         self.model_ids = list(model_ids)
-        self._load = load
-        #: resolves a model's files (maybe downloading them) in a thread of its own; None: ``load`` does it
+        #: the resident model, its load state and the failed models (the one record of them)
+        self.residency = Residency(loader, failed_retry_s=failed_retry_s)
+        #: resolves a model's files (maybe downloading them) in a thread of its own; None: the loader does it
         self._resolve = resolve
-        self._resolved: set[str] = set()  # guarded by _cond
-        self._resolving: set[str] = set()  # guarded by _cond
         self.max_running = max_running
         self.max_queued = max_queued
         self.queue_timeout_s = queue_timeout_s
-        self.failed_retry_s = failed_retry_s
         #: longest wait of the running streams for a decode step while a prefill runs (see module doc)
         self.prefill_slice_s = prefill_slice_s
         self._admitting = 0  # 1 while an admission runs (worker thread only)
@@ -214,10 +238,6 @@ class Scheduler:
         self._cond = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()  # guarded by _cond
         self._running: list[Running] = []  # worker thread only
-        self._model: OcrModel | None = None  # worker thread only
-        self._resident: str | None = None  # id of self._model; written by the worker under _cond
-        self._loaded_at = 0.0  # monotonic time the resident model finished loading
-        self._failed: dict[str, tuple[str, float]] = {}  # model id -> (reason, monotonic time)
         self._preload: str | None = None
         self._stop = False
         self._draining = False  # shutdown began: no new requests
@@ -260,7 +280,7 @@ class Scheduler:
         with self._cond:
             if self._stop or self._draining:
                 raise ModelUnavailable("the server is shutting down")
-            self._check_failed_locked(reqs[0].model_id)
+            self.residency.check_failed(reqs[0].model_id)
             # waiting requests that a free slot will take at once are not queued: a burst into an idle
             # server gets max_running + max_queued accepted, and max_queued = 0 means "no queue"
             free = max(0, self.max_running - self._num_running)
@@ -295,16 +315,6 @@ class Scheduler:
             self._preload = model_id
             self._ensure_thread_locked()
             self._cond.notify_all()
-
-    def _check_failed_locked(self, model_id: str) -> None:
-        failed = self._failed.get(model_id)
-        if failed is None:
-            return
-        reason, when = failed
-        if time.monotonic() - when < self.failed_retry_s:
-            metrics.REJECTED.labels(reason="model_failed").inc()
-            raise ModelUnavailable(reason)
-        del self._failed[model_id]  # try again
 
     def _retry_after_locked(self) -> float:
         waves = math.ceil((self._queued_locked() + 1) / self.max_running)
@@ -353,51 +363,35 @@ class Scheduler:
     def running(self) -> int:
         return self._num_running
 
-    def failures(self) -> dict[str, str]:
-        return {k: v[0] for k, v in self._failed.items()}
-
-    def resolving(self) -> list[str]:
-        with self._cond:
-            return sorted(self._resolving)
-
     # --- resolving another model's files while the resident one serves -----------------------------
     def _swappable_locked(self, model_id: str) -> bool:
         """True when a swap to ``model_id`` may start: its files are resolved (or there is no separate
         resolve step). Otherwise starts resolving them in the background and returns False."""
-        if self._resolve is None or model_id in self._resolved:
+        if self._resolve is None or self.residency.files_ready(model_id):
             return True
-        if model_id not in self._resolving:
-            self._resolving.add(model_id)
+        if self.residency.begin_resolving(model_id):
             threading.Thread(target=self._resolve_files, args=(model_id,), name=f"ocr-resolve-{model_id}",
                              daemon=True).start()
         return False
 
     def _resolve_files(self, model_id: str) -> None:
         assert self._resolve is not None
-        failed: list[Job] = []
+        failure: tuple[str, str] | None = None
         try:
-            self._resolve(model_id)
-            error: EngineError | None = None
+            self._resolve(model_id, self.residency.reporter(model_id))
         except EngineError as exc:
-            error = exc
-        except Exception as exc:  # noqa: BLE001 - a resolver that raised something else
-            log.exception("resolving model %s failed", model_id)
-            error = ModelUnavailable(f"The model '{model_id}' is not available: {type(exc).__name__}")
+            failure = (exc.message, exc.message)
+        except Exception as exc:  # noqa: BLE001 - reported, never fatal for the server
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error("resolving the files of model %s failed: %s", model_id, reason)
+            failure = (reason, public_load_error(model_id))
+        self.residency.end_resolving(model_id, failure)
         with self._cond:
-            self._resolving.discard(model_id)
-            if error is None:
-                self._resolved.add(model_id)
-            else:  # nothing was unloaded: only the requests for this model fail
-                self._failed[model_id] = (error.message, time.monotonic())
-                failed = [j for j in self._waiting if j.model_id == model_id]
-                for job in failed:
-                    self._waiting.remove(job)
-                self._set_depth_locked()
+            if failure is not None and self._preload == model_id:
+                self._preload = None
             self._cond.notify_all()
-        for job in failed:
-            if job.timer is not None:
-                job.loop.call_soon_threadsafe(job.timer.cancel)
-            job.send(ModelUnavailable(error.message if error else ""))
+        if failure is not None:  # nothing was unloaded: only the requests for this model fail
+            self._fail_waiting(model_id, failure[1])
 
     # --- lifecycle -------------------------------------------------------------------------------
     def _ensure_thread_locked(self) -> None:
@@ -453,12 +447,10 @@ class Scheduler:
                 self._fail_running(cut, status=503)
                 continue
             try:
-                if action is not None:
-                    kind, arg = action
-                    if kind == "swap":
-                        self._swap(arg)  # type: ignore[arg-type]
-                    else:
-                        self._admit(arg)  # type: ignore[arg-type]
+                if isinstance(action, Swap):
+                    self._swap(action.model_id)
+                elif isinstance(action, Admit):
+                    self._admit(action.job)
                 if self._running:
                     self._step()
                 elif action is None:
@@ -469,19 +461,20 @@ class Scheduler:
                 log.exception("engine worker iteration failed")
                 self._fail_running("internal error in the engine worker")
         self._fail_running("the server is shutting down")
-        self._model = None
+        self.residency.unload()
 
     def _wants_preload(self) -> bool:
-        return self._preload is not None and self._preload != self._resident
+        return self._preload is not None and self._preload != self.residency.resident
 
-    def _plan_peek_locked(self) -> tuple[str, object] | None:
+    def _plan_peek_locked(self) -> Action | None:
         return self._choose_locked(pop=False)
 
-    def _plan_locked(self) -> tuple[str, object] | None:
+    def _plan_locked(self) -> Action | None:
         return self._choose_locked(pop=True)
 
-    def _choose_locked(self, *, pop: bool) -> tuple[str, object] | None:
-        resident = self._resident if self._model is not None else None
+    def _choose_locked(self, *, pop: bool) -> Action | None:
+        resident = self.residency.resident
+        loaded_at = self.residency.loaded_at
         other: Job | None = None  # the oldest waiting job for another model whose files are ready
         best: Job | None = None
         best_load = 0
@@ -495,7 +488,7 @@ class Scheduler:
                 if other is None and self._swappable_locked(job.model_id):
                     other = job
                 continue
-            if other is not None and job.t_submit > other.t_submit and job.t_submit > self._loaded_at:
+            if other is not None and job.t_submit > other.t_submit and job.t_submit > loaded_at:
                 continue  # arrived after a request for another model: held back
             if len(self._running) >= self.max_running:
                 return None
@@ -514,53 +507,62 @@ class Scheduler:
                 if best.group is not None:
                     best.group.admitted = True
                 self._set_depth_locked()
-            return ("admit", best)
+            return Admit(best)
         if other is not None:
             if self._running:
                 return None  # drain first
-            return ("swap", other.model_id)
+            return Swap(other.model_id)
         if not self._running and not self._waiting and self._wants_preload():
             target = self._preload
+            assert target is not None
+            if not self._swappable_locked(target):
+                return None  # its files are being resolved (maybe downloaded)
             if pop:
                 self._preload = None
-            return ("swap", target)
+            return Swap(target)
         return None
 
     def _swap(self, model_id: str) -> None:
-        with self._cond:
-            self._resident = None
-        self._model = None
+        previous = self.residency.resident
+        if previous == model_id:
+            previous = None
         try:
-            model = self._load(model_id)  # unloads the old model first, records status
+            # unloads the old model first; records state and failure
+            self.residency.load(model_id, restore=previous)
         except EngineError as exc:
-            reason = str(exc)
-            log.error("model %s unavailable: %s", model_id, reason)
-            with self._cond:
-                self._resolved.discard(model_id)  # resolve again before the next try
-                self._failed[model_id] = (reason, time.monotonic())
-                failed = [j for j in self._waiting if j.model_id == model_id]
-                for job in failed:
-                    self._waiting.remove(job)
-                self._set_depth_locked()
-            for job in failed:
-                if job.timer is not None:
-                    job.loop.call_soon_threadsafe(job.timer.cancel)
-                job.send(ModelUnavailable(reason))
-            return
-        with self._cond:
-            self._model = model
-            self._resident = model_id
-            self._loaded_at = time.monotonic()
-            self._failed.pop(model_id, None)
+            self._fail_waiting(model_id, str(exc))
+            if previous is not None:
+                # the failure belongs to the failing entry only: the model that served before serves again
+                log.warning("reloading model %s after model %s failed to load", previous, model_id)
+                try:
+                    self.residency.load(previous)
+                except EngineError as again:
+                    self._fail_waiting(previous, str(again))
+                    return
+            else:
+                return
         metrics.SWAPS.inc()
+
+    def _fail_waiting(self, model_id: str, message: str) -> None:
+        """Answer every request waiting for ``model_id`` with ModelUnavailable(``message``)."""
+        log.error("model %s unavailable: %s", model_id, message)
+        with self._cond:
+            failed = [j for j in self._waiting if j.model_id == model_id]
+            for job in failed:
+                self._waiting.remove(job)
+            self._set_depth_locked()
+        for job in failed:
+            if job.timer is not None:
+                job.loop.call_soon_threadsafe(job.timer.cancel)
+            job.send(ModelUnavailable(message))
 
     def _admit(self, job: Job) -> None:
         if job.timer is not None:
             job.loop.call_soon_threadsafe(job.timer.cancel)
         if job.cancelled:
             return
-        model = self._model
-        assert model is not None and self._resident == job.model_id
+        model = self.residency.model
+        assert model is not None and self.residency.resident == job.model_id
         metrics.QUEUE_WAIT.observe(time.monotonic() - job.t_submit)
         self._admitting = 1
         self._admitting_job = job
@@ -579,16 +581,11 @@ class Scheduler:
         self._interleaved_s = 0.0
         try:
             prepared = self._prepare_while_serving(job, model)
-            room = model.max_context - prepared.num_prompt_tokens
-            if room < 1:
-                raise InputError(
-                    f"the prompt is {prepared.num_prompt_tokens} tokens; the model's context is {model.max_context}"
-                )
-            seq = Sequence(model, prepared, req.sampling, min(req.max_new_tokens, room), req.stop)
+            budget = generation_budget(prepared.num_prompt_tokens, req.max_new_tokens, model.max_context)
+            seq = Sequence(model, prepared, req.sampling, budget, req.stop)
             if job.cancelled:
                 raise _PrefillCancelled
-            with progress_hook(self._decode_during_prefill):
-                logits, seq.cache = model.prefill(prepared, seq.max_new_tokens)
+            logits, seq.cache = model.prefill(prepared, seq.max_new_tokens, self._decode_during_prefill)
         except _PrefillCancelled:
             if seq is not None:
                 seq.release()
@@ -662,7 +659,7 @@ class Scheduler:
                 self._step()
 
     def _decode_during_prefill(self) -> None:
-        """``progress()`` hook of an admission: stop at once when the admitted request was cancelled;
+        """The ``between_layers`` callback of an admission's prefill: stop at once when the admitted request was cancelled;
         else one decode step for the running streams once they have waited ``prefill_slice_s`` since
         their last one."""
         job = self._admitting_job
@@ -679,7 +676,7 @@ class Scheduler:
         if not self._running:
             self._gap_from = None
             return
-        model = self._model
+        model = self.residency.model
         assert model is not None
         batch = list(self._running)
         metrics.BATCH_SIZE.observe(len(batch))
@@ -695,8 +692,6 @@ class Scheduler:
         label = str(len(batch))
         metrics.DECODE_SECONDS.labels(batch=label).inc(time.perf_counter() - t0)
         metrics.DECODE_STEPS.labels(batch=label).inc()
-        if read := model.last_decode_weight_bytes:
-            metrics.DECODE_WEIGHT_BYTES.labels(batch=label).inc(read)
         for row, run in zip(logits, batch, strict=True):
             self._accept(run, row, first=False)
         self._sweep()

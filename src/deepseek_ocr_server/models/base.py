@@ -5,6 +5,8 @@ names one class implementing :class:`OcrModel`.
 The engine never looks inside a model: it calls ``prepare`` (CPU preprocessing, tokenisation),
 ``prefill`` (vision + prompt, returns the logits of the last prompt position and an opaque per-sequence
 cache) and ``decode`` (one new token for each of several sequences, possibly of different lengths).
+A prefill calls the ``between_layers`` callback it is given after every layer: that is where the engine
+interleaves decode steps of the running sequences (the rules are in :meth:`OcrModel.prefill`).
 Generation loops, sampling and text streaming are shared code (``engine/``, ``sampling.py``,
 ``textstream.py``) so that both families behave identically.
 """
@@ -13,9 +15,7 @@ from __future__ import annotations
 
 import abc
 import json
-import threading
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,6 +36,20 @@ class InputError(ValueError):
 
     The API layer turns it into a 400 with the message as the error text.
     """
+
+
+def check_prompt_fits(num_prompt_tokens: int, max_context: int) -> None:
+    """The one context-fit rule: a prompt must leave room for at least one generated token in the
+    model's context, else :class:`InputError` (a 400)."""
+    if num_prompt_tokens >= max_context:
+        raise InputError(f"the prompt is {num_prompt_tokens} tokens; the model's context is {max_context}")
+
+
+def generation_budget(num_prompt_tokens: int, max_new_tokens: int, max_context: int) -> int:
+    """``max_new_tokens`` capped by the context left after the prompt (an answer that reaches the cap
+    ends with finish reason ``length``); :class:`InputError` when the prompt leaves no room."""
+    check_prompt_fits(num_prompt_tokens, max_context)
+    return max(1, min(max_new_tokens, max_context - num_prompt_tokens))
 
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -131,31 +145,12 @@ class SequenceCache(abc.ABC):
         """Drop the buffers early (the engine calls this when a sequence leaves)."""
 
 
-_progress = threading.local()
+#: What ``prefill`` calls between layers (see :meth:`OcrModel.prefill` for the rules).
+BetweenLayers = Callable[[], None]
 
 
-def progress() -> None:
-    """Called by the models between layers of vision and prefill (a few dozen times per page): lets the
-    engine run a decode step of the other sequences in the middle of a long prefill
-    (:func:`progress_hook`). Does nothing outside such a hook, or while the hook itself runs."""
-    fn = getattr(_progress, "fn", None)
-    if fn is not None:
-        _progress.fn = None  # not re-entered by what the hook runs
-        try:
-            fn()
-        finally:
-            _progress.fn = fn
-
-
-@contextmanager
-def progress_hook(fn: Callable[[], None]) -> Iterator[None]:
-    """Call ``fn`` at every :func:`progress` of this thread while the block runs."""
-    old = getattr(_progress, "fn", None)
-    _progress.fn = fn
-    try:
-        yield
-    finally:
-        _progress.fn = old
+def no_pause() -> None:
+    """The default ``between_layers``: a prefill that nobody interleaves."""
 
 
 class OcrModel(abc.ABC):
@@ -175,10 +170,6 @@ class OcrModel(abc.ABC):
     precision_plans: ClassVar[bool] = False
     #: Longest prompt + generation the model supports (positions).
     max_context: int
-    #: Bytes of weights the last ``decode`` call read (dense layers once per step; MoE layers: the
-    #: experts some row selected); 0 when the model does not say. The engine exports it
-    #: (``ocr_decode_weight_bytes_total``) so benchmarks can put a step next to the memory bandwidth.
-    last_decode_weight_bytes: int = 0
 
     @classmethod
     @abc.abstractmethod
@@ -214,14 +205,31 @@ class OcrModel(abc.ABC):
         multimodal positions computed in ``prepare`` overrides it."""
         ids = self.tokenizer.encode(partial, add_special_tokens=False).ids if partial else []
         out = Prepared([*prepared.input_ids, *ids], dict(prepared.inputs))
-        if out.num_prompt_tokens >= self.max_context:
-            raise InputError(f"prompt is {out.num_prompt_tokens} tokens; the model's context is {self.max_context}")
+        check_prompt_fits(out.num_prompt_tokens, self.max_context)
         return out
 
     @abc.abstractmethod
-    def prefill(self, prepared: Prepared, max_new_tokens: int) -> tuple[torch.Tensor, SequenceCache]:
+    def prefill(
+        self, prepared: Prepared, max_new_tokens: int, between_layers: BetweenLayers = no_pause
+    ) -> tuple[torch.Tensor, SequenceCache]:
         """Run vision + the whole prompt. Returns float32 logits ``[vocab]`` of the last position and
-        the sequence's cache, sized for ``max_new_tokens`` more tokens."""
+        the sequence's cache, sized for ``max_new_tokens`` more tokens.
+
+        ``between_layers()`` is how a long prefill shares the CPU with the sequences already decoding:
+        the model calls it after every layer of its vision encoder(s) and of its language model (a few
+        dozen times per page; never inside a layer). The engine uses it to run decode steps of the
+        other sequences in the middle of the prefill, so a family that does not call it loses the
+        engine's latency bound (``tests/test_model_protocol.py`` checks every registered family).
+        The re-entrancy rule:
+
+        - the callback may call :meth:`decode` on this same model for OTHER sequences' caches (the
+          cache being prefilled is not handed out before ``prefill`` returns), so nothing the prefill
+          keeps between two layers may live in model-wide state that ``decode`` touches;
+        - it never calls ``prefill`` (one prefill at a time per model), and ``decode`` takes no
+          callback, so the callback is never re-entered;
+        - it may raise (the engine does, to drop a cancelled request): the exception leaves
+          ``prefill`` unchanged and the half-built cache is garbage.
+        """
 
     @abc.abstractmethod
     def decode(self, tokens: list[int], caches: list[SequenceCache]) -> torch.Tensor:

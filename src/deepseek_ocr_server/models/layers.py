@@ -12,8 +12,7 @@ no second copy of the weights is ever alive. It keeps one weight, in the model d
 and batched decode steps all use it. Sibling projections that read the same input (q/k/v, gate/up) are
 already one layer by then (fused at load: ``common.fused``), so they pack as one. Where oneDNN cannot run
 the dtype (other devices, a CPU without bfloat16 support in oneDNN, float16 here) the layers stay plain
-``nn.Linear`` (:func:`packing_supported`). :func:`weight_bytes` counts what a layer stack reads (decode
-accounting, ``ocr_decode_weight_bytes_total``).
+``nn.Linear`` (:func:`packing_supported`).
 """
 
 from __future__ import annotations
@@ -95,7 +94,7 @@ class PackedLinear(nn.Module):
         return self.packed.to_dense()
 
     def weight_nbytes(self) -> int:
-        """Bytes of the stored weight (:func:`weight_bytes`)."""
+        """Bytes of the stored weight (what a step that runs this layer reads)."""
         return self.in_features * self.out_features * self.packed.element_size()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 (torch's signature)
@@ -138,18 +137,6 @@ def unpack_linears(module: nn.Module) -> int:
     return replace_linears(module, lambda p: p.to_linear(), None, source=PackedLinear)
 
 
-def weight_bytes(module: nn.Module) -> int:
-    """Bytes of the linear weights under ``module`` as stored: plain, packed and int8 (values + scales) layers, each special kind by its ``weight_nbytes()``;
-    biases and other parameters not counted."""
-    n = 0
-    for m in module.modules():
-        if type(m) is nn.Linear:
-            n += m.weight.numel() * m.weight.element_size()
-        elif callable(nbytes := getattr(m, "weight_nbytes", None)):  # PackedLinear, quant.Int8Linear
-            n += nbytes()
-    return n
-
-
 def packed_count(module: nn.Module) -> int:
     """Layers that run pre-packed (:class:`PackedLinear`)."""
     return sum(1 for m in module.modules() if isinstance(m, PackedLinear))
@@ -170,10 +157,6 @@ class PackedNet:
         """Store the linear layers pre-packed for oneDNN (the default on CPU), or as plain ``nn.Linear``
         layers (tests compare both). Int8 layers and routers are left alone."""
         pack_model(self.net, packed)
-        self._account_weights()
-
-    def _account_weights(self) -> None:
-        """Recompute what depends on how the layers are stored (the decode weight-byte accounting)."""
 
 
 def pack_model(net: nn.Module, packed: bool = True) -> None:

@@ -97,7 +97,7 @@ class Int8Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def weight_nbytes(self) -> int:
-        """Bytes of int8 weights + float32 scales (``layers.weight_bytes``)."""
+        """Bytes of int8 weights + float32 scales (what a step that runs this layer reads)."""
         return self.weight.numel() * self.weight.element_size() + self.scales.numel() * self.scales.element_size()
 
     def extra_repr(self) -> str:

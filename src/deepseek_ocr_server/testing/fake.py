@@ -16,8 +16,8 @@ Used by the engine and API tests (and by anyone who needs a model that loads in 
   after ``release``; ``live_caches`` counts caches not yet released.
 - ``step_delay`` / ``prefill_delay`` (seconds) slow the model down; ``on_decode`` / ``on_prefill`` /
   ``on_layer`` / ``on_prepare`` callbacks let tests block or observe the worker deterministically. ``prefill_layers`` > 0 makes a
-  prefill call ``models.base.progress()`` that many times, as the real models do between layers (the
-  delay split among them); ``decodes_during_prefill`` counts decode calls made in the middle of one.
+  prefill call its ``between_layers`` callback that many times, as the real models do between layers
+  (the delay split among them); ``decodes_during_prefill`` counts decode calls made in the middle of one.
 """
 
 from __future__ import annotations
@@ -36,13 +36,15 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from ..models.base import (
     SUPPORTED_QUANTIZE,
+    BetweenLayers,
     InputError,
     ModelFiles,
     OcrModel,
     Prepared,
     RequestOptions,
     SequenceCache,
-    progress,
+    check_prompt_fits,
+    no_pause,
 )
 
 BOS = "<|bos|>"
@@ -207,8 +209,7 @@ class FakeOcrModel(OcrModel):
         ids = [BOS_ID]
         for tid in self.tokenizer.encode(full, add_special_tokens=False).ids:
             ids.extend([IMAGE_ID] * self.image_tokens if tid == IMAGE_ID else [tid])
-        if len(ids) >= self.max_context:
-            raise InputError(f"prompt is {len(ids)} tokens; this model's context is {self.max_context}")
+        check_prompt_fits(len(ids), self.max_context)
         keys = [self._image_key(im) for im in images]
         return Prepared(ids, {"image_keys": keys})
 
@@ -224,7 +225,9 @@ class FakeOcrModel(OcrModel):
         """Number of letters the greedy answer has before its EOS."""
         return self.min_answer + self.prompt_key(prepared) % max(1, self.answer_span)
 
-    def prefill(self, prepared: Prepared, max_new_tokens: int) -> tuple[torch.Tensor, FakeCache]:
+    def prefill(
+        self, prepared: Prepared, max_new_tokens: int, between_layers: BetweenLayers = no_pause
+    ) -> tuple[torch.Tensor, FakeCache]:
         if self.on_prefill is not None:
             self.on_prefill(self, prepared)
         self.in_prefill = True
@@ -234,7 +237,7 @@ class FakeOcrModel(OcrModel):
                 self.layers_run += 1
                 if self.on_layer is not None:
                     self.on_layer(self, layer)
-                progress()
+                between_layers()
             if self.prefill_delay and not self.prefill_layers:
                 time.sleep(self.prefill_delay)
         finally:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import progress
+from ..base import BetweenLayers, no_pause
 from .cache import KVCache, decode_attention
 from .fused import fused_linear
 
@@ -153,13 +153,21 @@ class DecoderStack(nn.Module):
         attn = self.layers[0].self_attn
         return KVCache(self.num_layers, attn.num_kv, attn.head_dim, capacity, dtype, device, **options)
 
-    def prefill(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def prefill(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        between_layers: BetweenLayers = no_pause,
+    ) -> torch.Tensor:
         """h ``[T, hidden]``: the input embeddings of T prompt tokens after what ``cache`` holds (cos/sin
-        of their positions). Fills the cache; returns the final-normed ``[T, hidden]``. Between layers it
-        calls ``base.progress()`` (the engine's chance to run a decode step of the other sequences)."""
+        of their positions). Fills the cache; returns the final-normed ``[T, hidden]``. After each layer
+        it calls ``between_layers`` (the engine's chance to run a decode step of the other sequences;
+        the rule is in ``OcrModel.prefill``'s docstring)."""
         for i, layer in enumerate(self.decoder_layers()):
             h = layer(h, lambda attn, x, i=i: attn.prefill(x, cos, sin, cache, i))
-            progress()
+            between_layers()
         cache.advance(h.shape[0])
         return self.norm(h)
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..base import InputError, Prepared, SequenceCache
+from ..base import BetweenLayers, InputError, Prepared, SequenceCache, check_prompt_fits, no_pause
 from ..precision import Precision
 from .blocks import DecoderStack
 from .cache import KVCache, initial_capacity
@@ -32,7 +32,6 @@ class StackModel:
     cache_dtype: torch.dtype
     max_context: int
     kind: str
-    last_decode_weight_bytes: int
 
     @property
     def stack(self) -> DecoderStack:
@@ -42,8 +41,9 @@ class StackModel:
     def lm_head(self) -> nn.Module:
         return self.net.lm_head
 
-    def embed_prompt(self, prepared: Prepared) -> torch.Tensor:
-        """The prompt's input embeddings ``[T, hidden]`` (image rows replaced by the vision output)."""
+    def embed_prompt(self, prepared: Prepared, between_layers: BetweenLayers = no_pause) -> torch.Tensor:
+        """The prompt's input embeddings ``[T, hidden]`` (image rows replaced by the vision output; the
+        vision encoders call ``between_layers`` after each of their layers)."""
         raise NotImplementedError
 
     def prompt_rope(self, prepared: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,10 +78,6 @@ class StackModel:
         self.cache_dtype = precision.kv_dtype
         self.max_context = max_context
 
-    def step_weight_bytes(self) -> int:
-        """Bytes of weights the decode step just run read (``OcrModel.last_decode_weight_bytes``)."""
-        return 0
-
     def splice_images(self, ids: torch.Tensor, h: torch.Tensor, image_id: int, feats: torch.Tensor) -> None:
         """Overwrite, in place, the rows of ``h`` whose token is ``image_id`` by ``feats`` (in order)."""
         mask = ids == image_id
@@ -90,13 +86,14 @@ class StackModel:
         h[mask] = feats.to(h.dtype)
 
     @torch.inference_mode()
-    def prefill(self, prepared: Prepared, max_new_tokens: int) -> tuple[torch.Tensor, SequenceCache]:
+    def prefill(
+        self, prepared: Prepared, max_new_tokens: int, between_layers: BetweenLayers = no_pause
+    ) -> tuple[torch.Tensor, SequenceCache]:
         n = prepared.num_prompt_tokens
         if n == 0:
             raise InputError("empty prompt")
-        if n >= self.max_context:
-            raise InputError(f"prompt is {n} tokens; the model's context is {self.max_context} positions")
-        h = self.embed_prompt(prepared)
+        check_prompt_fits(n, self.max_context)
+        h = self.embed_prompt(prepared, between_layers)
         cos, sin = self.prompt_rope(prepared)
         cache = self.stack.new_cache(
             initial_capacity(n, max_new_tokens, self.max_context),
@@ -105,7 +102,7 @@ class StackModel:
             limit=self.max_context,
             rope_delta=int(prepared.inputs.get("rope_delta", 0)),
         )
-        out = self.stack.prefill(h, cos, sin, cache)
+        out = self.stack.prefill(h, cos, sin, cache, between_layers)
         return self.lm_head(out[-1:]).float()[0], cache
 
     @torch.inference_mode()
@@ -119,5 +116,4 @@ class StackModel:
             kv.append(c)
         h = self.stack.embed_tokens(torch.tensor(tokens, dtype=torch.long, device=self.device))
         out = self.stack.decode(h, *self.step_rope(kv), kv)
-        self.last_decode_weight_bytes = self.step_weight_bytes()
         return self.lm_head(out).float()

@@ -64,8 +64,6 @@ class MoE(nn.Module):
             if cfg.n_shared_experts
             else None
         )
-        #: routed experts the last call ran (decode accounting: ``DeepseekOcrModel.last_decode_weight_bytes``)
-        self.last_experts = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (T, H). Tokens are grouped by expert; only the experts some token selected run."""
@@ -79,7 +77,6 @@ class MoE(nn.Module):
         return y
 
     def _run_one(self, x: torch.Tensor, weights: torch.Tensor, idx: list[int]) -> torch.Tensor:
-        self.last_experts = len(set(idx))
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for j in sorted(range(len(idx)), key=idx.__getitem__):  # expert order, as the grouped path
             out += self.experts[idx[j]](x).to(torch.float32) * weights[j]
@@ -90,7 +87,6 @@ class MoE(nn.Module):
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
         experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
-        self.last_experts = len(experts)
         token_of = order // k
         x_sorted = x[token_of]  # the rows of each expert are contiguous: one gather, slices per expert
         spans = []

@@ -11,7 +11,6 @@ Module tree == original key names::
 from __future__ import annotations
 
 import re
-import time
 from typing import Any, ClassVar
 
 import torch
@@ -21,20 +20,22 @@ from torch import nn
 
 from ...settings import SETTINGS
 from ..base import (
+    BetweenLayers,
     InputError,
     ModelFiles,
     ModelLoadError,
     OcrModel,
     Prepared,
     RequestOptions,
-    SequenceCache,
     check_load_options,
+    check_prompt_fits,
+    no_pause,
 )
 from ..common.cache import KVCache
 from ..common.loading import load_net, load_tokenizer, stop_token_ids
 from ..common.model import StackModel
 from ..common.rope import Rope
-from ..layers import PackedNet, weight_bytes
+from ..layers import PackedNet
 from ..precision import Precision
 from ..registry import family
 from . import processor
@@ -67,18 +68,22 @@ class DeepseekOcrForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.language.hidden_size, cfg.language.vocab_size, bias=False)
 
     def encode_image(
-        self, image: processor.ImageInput, dtype: torch.dtype, device: torch.device
+        self,
+        image: processor.ImageInput,
+        dtype: torch.dtype,
+        device: torch.device,
+        between_layers: BetweenLayers = no_pause,
     ) -> torch.Tensor:
         """Pixels -> (N, hidden) image embeddings in splice order (tiles mosaic with a newline embedding
         after each row, then the global view likewise, then the view separator)."""
         m = self.model
         g = encode_views(
-            m.sam_model, m.vision_model, m.projector, image.global_view.to(device=device, dtype=dtype)
+            m.sam_model, m.vision_model, m.projector, image.global_view.to(device=device, dtype=dtype), between_layers
         )
         tiles = None
         if image.tiles is not None:
             tiles = encode_views(
-                m.sam_model, m.vision_model, m.projector, image.tiles.to(device=device, dtype=dtype)
+                m.sam_model, m.vision_model, m.projector, image.tiles.to(device=device, dtype=dtype), between_layers
             )
         return arrange_image_embeddings(g[0], tiles, image.grid, m.image_newline, m.view_seperator)
 
@@ -115,9 +120,6 @@ class DeepseekOcrModel(StackModel, PackedNet, OcrModel):
         self.bind(config, net, tokenizer, eos_token_ids, device, precision, lc.max_position_embeddings)
         self.bos_token_id = lc.bos_token_id
         self.image_token_id = image_token_id
-        #: Wall times of the last prefill: "vision_s" (image encoders) and "prefill_s" (decoder).
-        self.last_timings: dict[str, float] = {}
-        self._account_weights()
         self.rope = Rope(lc.head_dim, lc.rope_theta, self.max_context, self.dtype, device)
 
     # ---------------------------------------------------------------- load
@@ -151,17 +153,6 @@ class DeepseekOcrModel(StackModel, PackedNet, OcrModel):
             is_vision=family(cls.kind).is_vision,  # the vision side: its spec's quantize_skip
         )
         return cls(config, net, tokenizer, dev, precision, eos, int(image_id))
-
-    def _account_weights(self) -> None:
-        """Bytes a decode step reads: every decoder linear and lm_head once, plus one routed expert's
-        weights per expert some row selected (``last_decode_weight_bytes``)."""
-        layers = self.net.model.layers
-        self._moe = [layer.mlp for layer in layers if hasattr(layer.mlp, "experts")]
-        routed = sum(weight_bytes(e) for moe in self._moe for e in moe.experts)
-        n_experts = sum(len(moe.experts) for moe in self._moe)
-        self._expert_bytes = routed // n_experts if n_experts else 0
-        routers = sum(moe.gate.weight.numel() * moe.gate.weight.element_size() for moe in self._moe)
-        self._dense_bytes = weight_bytes(layers) - routed + routers + weight_bytes(self.net.lm_head)
 
     # ------------------------------------------------------------- prepare
     def prepare(
@@ -203,10 +194,7 @@ class DeepseekOcrModel(StackModel, PackedNet, OcrModel):
                 ids.extend(self.tokenizer.encode(piece, add_special_tokens=False).ids)
             if i < len(pieces) - 1:
                 ids.extend([self.image_token_id] * pre[i].num_tokens)
-        if len(ids) >= self.max_context:
-            raise InputError(
-                f"prompt is {len(ids)} tokens; the model's context is {self.max_context} positions"
-            )
+        check_prompt_fits(len(ids), self.max_context)
         return Prepared(input_ids=ids, inputs={"images": pre})
 
     def check_vision_settings(self, settings: VisionSettings) -> None:
@@ -223,17 +211,16 @@ class DeepseekOcrModel(StackModel, PackedNet, OcrModel):
         return processor.preprocess(image, settings.base_size, settings.image_size, settings.crop_mode)
 
     # ------------------------------------------------------------- prefill / decode (common.model)
-    def embed_prompt(self, prepared: Prepared) -> torch.Tensor:
+    def embed_prompt(self, prepared: Prepared, between_layers: BetweenLayers = no_pause) -> torch.Tensor:
         """Token embeddings with the image rows overwritten by the vision output (in placeholder order)."""
         ids = torch.tensor(prepared.input_ids, dtype=torch.long, device=self.device)
         h = self.net.model.embed_tokens(ids)
         images: list[processor.ImageInput] = prepared.inputs.get("images", [])
         if images:
-            t0 = time.perf_counter()
             emb = torch.cat(
-                [self.net.encode_image(img, self.vision_dtype, self.device) for img in images], dim=0
+                [self.net.encode_image(img, self.vision_dtype, self.device, between_layers) for img in images],
+                dim=0,
             )
-            self.last_timings["vision_s"] = time.perf_counter() - t0
             self.splice_images(ids, h, self.image_token_id, emb)
         return h
 
@@ -242,17 +229,6 @@ class DeepseekOcrModel(StackModel, PackedNet, OcrModel):
 
     def step_rope(self, caches: list[KVCache]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rope(torch.tensor([c.length for c in caches], device=self.device))
-
-    def step_weight_bytes(self) -> int:
-        return self._dense_bytes + self._expert_bytes * sum(m.last_experts for m in self._moe)
-
-    def prefill(self, prepared: Prepared, max_new_tokens: int) -> tuple[torch.Tensor, SequenceCache]:
-        """``StackModel.prefill``, timed: ``last_timings`` has "vision_s" and "prefill_s" (the rest)."""
-        self.last_timings = {"vision_s": 0.0}
-        t0 = time.perf_counter()
-        out = super().prefill(prepared, max_new_tokens)
-        self.last_timings["prefill_s"] = time.perf_counter() - t0 - self.last_timings["vision_s"]
-        return out
 
     # ------------------------------------------------------------- helpers
     def info(self) -> dict[str, Any]:

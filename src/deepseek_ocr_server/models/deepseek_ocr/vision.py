@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import progress
+from ..base import BetweenLayers, no_pause
 from .config import ClipConfig, SamConfig
 
 # Upper bound on the elements of one materialised rel-pos bias chunk in SAM global attention.
@@ -246,12 +246,12 @@ class SamEncoder(nn.Module):
             self._pos_cache[key] = _interp_abs_pos_2d(table.permute(0, 3, 1, 2), g).permute(0, 2, 3, 1)
         return self._pos_cache[key]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, between_layers: BetweenLayers = no_pause) -> torch.Tensor:
         x = self.patch_embed(x)
         x = x + self.abs_pos(x.shape[1])
         for blk in self.blocks:
             x = blk(x)
-            progress()
+            between_layers()
         x = self.neck(x.permute(0, 3, 1, 2))
         return self.net_3(self.net_2(x))
 
@@ -345,11 +345,11 @@ class ClipVisionModel(nn.Module):
         self.pre_layrnorm = nn.LayerNorm(cfg.width, eps=1e-5)  # sic: "layrnorm"
         self.transformer = ClipTransformer(cfg)
 
-    def forward(self, sam_features: torch.Tensor) -> torch.Tensor:
+    def forward(self, sam_features: torch.Tensor, between_layers: BetweenLayers = no_pause) -> torch.Tensor:
         x = self.pre_layrnorm(self.embeddings(sam_features))
         for layer in self.transformer.layers:
             x = layer(x)
-            progress()
+            between_layers()
         return x
 
 
@@ -365,12 +365,16 @@ class Projector(nn.Module):
 
 
 def encode_views(
-    sam: SamEncoder, clip: ClipVisionModel, projector: Projector, pixels: torch.Tensor
+    sam: SamEncoder,
+    clip: ClipVisionModel,
+    projector: Projector,
+    pixels: torch.Tensor,
+    between_layers: BetweenLayers = no_pause,
 ) -> torch.Tensor:
     """(B, 3, s, s) -> (B, m, m, n_embed): SAM -> CLIP(SAM map) -> [CLIP (no CLS) | SAM] -> projector."""
-    feats = sam(pixels)  # (B, C, m, m)
+    feats = sam(pixels, between_layers)  # (B, C, m, m)
     b, _, m, _ = feats.shape
-    clip_out = clip(feats)[:, 1:]  # drop CLS (the projector reads patch positions only)
+    clip_out = clip(feats, between_layers)[:, 1:]  # drop CLS (the projector reads patch positions only)
     fused = torch.cat([clip_out, feats.flatten(2).transpose(1, 2)], dim=-1)  # CLIP first, SAM second
     return projector(fused).reshape(b, m, m, -1)
 

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..base import InputError
+from ..base import BetweenLayers, InputError, no_pause
 from ..deepseek_ocr.language import DeepseekV2Decoder
 from ..deepseek_ocr.model import DeepseekOcrModel
 from ..deepseek_ocr.options import VisionSettings
@@ -52,16 +52,30 @@ class DeepseekOcr2ForCausalLM(nn.Module):
         self.model = DeepseekOcr2Inner(cfg)
         self.lm_head = nn.Linear(cfg.language.hidden_size, cfg.language.vocab_size, bias=False)
 
-    def encode_image(self, image: ImageInput, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def encode_image(
+        self,
+        image: ImageInput,
+        dtype: torch.dtype,
+        device: torch.device,
+        between_layers: BetweenLayers = no_pause,
+    ) -> torch.Tensor:
         """Pixels -> (N, hidden) image embeddings in splice order: tiles, global view, separator."""
         m = self.model
         g = encode_views(
-            m.sam_model, m.qwen2_model, m.projector, image.global_view.to(device=device, dtype=dtype)
+            m.sam_model,
+            m.qwen2_model,
+            m.projector,
+            image.global_view.to(device=device, dtype=dtype),
+            between_layers,
         )
         tiles = None
         if image.tiles is not None:
             tiles = encode_views(
-                m.sam_model, m.qwen2_model, m.projector, image.tiles.to(device=device, dtype=dtype)
+                m.sam_model,
+                m.qwen2_model,
+                m.projector,
+                image.tiles.to(device=device, dtype=dtype),
+                between_layers,
             )
         return arrange_image_embeddings(g[0], tiles, m.view_seperator)
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import progress
+from ..base import BetweenLayers, no_pause
 from ..common.blocks import GatedMLP, RMSNorm
 from ..common.rope import Rope, rotate_half
 from .config import QUERY_TABLES, EncoderConfig
@@ -114,7 +114,7 @@ class Qwen2Encoder(nn.Module):
             self._tables[key] = (rope.cos, rope.sin, hybrid_mask(n, device))
         return self._tables[key]
 
-    def forward(self, sam_features: torch.Tensor) -> torch.Tensor:
+    def forward(self, sam_features: torch.Tensor, between_layers: BetweenLayers = no_pause) -> torch.Tensor:
         b, _, m, _ = sam_features.shape
         n = m * m
         x = sam_features.flatten(2).transpose(1, 2)  # (B, n, D) raster order
@@ -124,15 +124,19 @@ class Qwen2Encoder(nn.Module):
         stack = self.model.model
         for layer in stack.layers:
             h = layer(h, cos, sin, mask)
-            progress()
+            between_layers()
         return stack.norm(h[:, n:])  # the query outputs; the norm is per token
 
 
 def encode_views(
-    sam: nn.Module, encoder: Qwen2Encoder, projector: nn.Module, pixels: torch.Tensor
+    sam: nn.Module,
+    encoder: Qwen2Encoder,
+    projector: nn.Module,
+    pixels: torch.Tensor,
+    between_layers: BetweenLayers = no_pause,
 ) -> torch.Tensor:
     """(B, 3, s, s) -> (B, (s/64)^2, n_embed)."""
-    return projector(encoder(sam(pixels)))
+    return projector(encoder(sam(pixels, between_layers), between_layers))
 
 
 def arrange_image_embeddings(

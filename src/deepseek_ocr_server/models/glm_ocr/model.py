@@ -12,14 +12,16 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from ..base import (
+    BetweenLayers,
     ModelFiles,
     ModelLoadError,
     OcrModel,
     check_load_options,
+    no_pause,
 )
 from ..common.loading import chat_template, load_net, load_tokenizer, stop_token_ids
 from ..common.rope import MultimodalRope
-from ..layers import PackedNet, weight_bytes
+from ..layers import PackedNet
 from ..paddleocr_vl.model import MultimodalRopeModel
 from ..precision import Precision
 from ..registry import family
@@ -82,15 +84,6 @@ class GlmOcrModel(MultimodalRopeModel, PackedNet, OcrModel):
         self.image_config = image_config
         self.chat_template = chat_template
         self.rope = MultimodalRope(config.head_dim, config.rope_theta, config.mrope_section, device)
-        self._account_weights()
-
-    def _account_weights(self) -> None:
-        """Every decode step reads the decoder linears and lm_head once (``last_decode_weight_bytes``)."""
-        lm = self.net.model.language_model
-        self.decode_weight_bytes = sum(weight_bytes(m) for m in (*lm.decoder_layers(), self.net.lm_head))
-
-    def step_weight_bytes(self) -> int:
-        return self.decode_weight_bytes
 
     # ------------------------------------------------------------------------------------ loading
 
@@ -166,9 +159,14 @@ class GlmOcrModel(MultimodalRopeModel, PackedNet, OcrModel):
     # ------------------------------------------------------------------------------------ forward
 
     @torch.inference_mode()
-    def encode_images(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+    def encode_images(
+        self,
+        pixel_values: torch.Tensor,
+        grids: list[tuple[int, int, int]],
+        between_layers: BetweenLayers = no_pause,
+    ) -> torch.Tensor:
         """Vision tower + merger: ``[sum(t*gh*gw/4), hidden]`` in the vision dtype."""
-        return self.net.model.visual(pixel_values.to(self.device, self.vision_dtype), grids)
+        return self.net.model.visual(pixel_values.to(self.device, self.vision_dtype), grids, between_layers)
 
     @property
     def stack(self) -> GlmTextModel:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import progress
+from ..base import BetweenLayers, no_pause
 from ..common.blocks import GatedMLP, RMSNorm
 from ..paddleocr_vl.attention import apply_rotary, tiled_attention
 from .config import VisionConfig
@@ -150,13 +150,18 @@ class VisionModel(nn.Module):
         wl = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)  # columns ordered (kh, kw, C) like the rows
         return F.linear(x.reshape(-1, m * m * x.shape[-1]), wl, self.downsample.bias)
 
-    def forward(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        grids: list[tuple[int, int, int]],
+        between_layers: BetweenLayers = no_pause,
+    ) -> torch.Tensor:
         """``[sum(t*gh*gw), C*T*P*P]`` pixel rows -> ``[sum(t*gh*gw/4), out_hidden]`` merged features."""
         x = self.patch_embed(pixel_values)
         cos, sin = self.rotary(grids, x.device)
         lengths = [gh * gw for t, gh, gw in grids for _ in range(t)]
         for block in self.blocks:
             x = block(x, cos, sin, lengths)
-            progress()
+            between_layers()
         x = self.downsampled(self.post_layernorm(x))
         return self.merger(x)

@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from ..base import (
+    BetweenLayers,
     InputError,
     ModelFiles,
     ModelLoadError,
@@ -19,12 +20,14 @@ from ..base import (
     Prepared,
     RequestOptions,
     check_load_options,
+    check_prompt_fits,
+    no_pause,
 )
 from ..common.cache import KVCache
 from ..common.loading import chat_template, load_net, load_tokenizer, stop_token_ids
 from ..common.model import StackModel
 from ..common.rope import MultimodalRope
-from ..layers import PackedNet, weight_bytes
+from ..layers import PackedNet
 from ..precision import Precision
 from ..registry import family
 from .config import PaddleOcrVlConfig
@@ -97,8 +100,7 @@ def mrope_prepared(model: Any, ids: list[int], processed: list[Any], placeholder
         expanded.extend([image_id] * img.num_tokens)
         prev = i + 1
     expanded.extend(ids[prev:])
-    if len(expanded) >= model.max_context:
-        raise InputError(f"prompt of {len(expanded)} tokens exceeds the context of {model.max_context}")
+    check_prompt_fits(len(expanded), model.max_context)
     grids = [img.grid_thw for img in processed]
     positions, delta = mrope_positions(expanded, grids, image_id, model.config.vision.spatial_merge_size)
     inputs: dict[str, Any] = {"grids": grids, "positions": positions, "rope_delta": delta}
@@ -113,8 +115,7 @@ def continue_mrope_answer(model: Any, prepared: Prepared, partial: str) -> Prepa
     from the ids, so that they cover it too."""
     ids = model.tokenizer.encode(partial, add_special_tokens=False).ids if partial else []
     expanded = [*prepared.input_ids, *ids]
-    if len(expanded) >= model.max_context:
-        raise InputError(f"prompt of {len(expanded)} tokens exceeds the context of {model.max_context}")
+    check_prompt_fits(len(expanded), model.max_context)
     grids = prepared.inputs["grids"]
     positions, delta = mrope_positions(
         expanded, grids, model.config.image_token_id, model.config.vision.spatial_merge_size
@@ -149,7 +150,12 @@ class MultimodalRopeModel(StackModel):
         make it depend on the prompt: PaddleOCR-VL 1.5's spotting)."""
         return [self.preprocess_image(img) for img in images]
 
-    def encode_images(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+    def encode_images(
+        self,
+        pixel_values: torch.Tensor,
+        grids: list[tuple[int, int, int]],
+        between_layers: BetweenLayers = no_pause,
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def prepare(
@@ -167,14 +173,12 @@ class MultimodalRopeModel(StackModel):
     def continue_answer(self, prepared: Prepared, partial: str) -> Prepared:
         return continue_mrope_answer(self, prepared, partial)
 
-    def embed_prompt(self, prepared: Prepared) -> torch.Tensor:
+    def embed_prompt(self, prepared: Prepared, between_layers: BetweenLayers = no_pause) -> torch.Tensor:
         ids = torch.tensor(prepared.input_ids, dtype=torch.long, device=self.device)
         h = self.stack.embed_tokens(ids)
         grids = prepared.inputs.get("grids") or []
         if grids:
-            feats = prepared.inputs.get("image_features")  # precomputed by encode_images (benchmarks)
-            if feats is None:
-                feats = self.encode_images(prepared.inputs["pixel_values"], grids)
+            feats = self.encode_images(prepared.inputs["pixel_values"], grids, between_layers)
             self.splice_images(ids, h, self.config.image_token_id, feats)
         return h
 
@@ -211,14 +215,6 @@ class PaddleOcrVlModel(MultimodalRopeModel, PackedNet, OcrModel):
         self.chat_template = chat_template
         self.special_tokens = special_tokens
         self.rope = MultimodalRope(config.head_dim, config.rope_theta, config.mrope_section, device)
-        self._account_weights()
-
-    def _account_weights(self) -> None:
-        """Every decode step reads the decoder linears and lm_head once (``last_decode_weight_bytes``)."""
-        self.decode_weight_bytes = weight_bytes(self.net.model.layers) + weight_bytes(self.net.lm_head)
-
-    def step_weight_bytes(self) -> int:
-        return self.decode_weight_bytes
 
     # ------------------------------------------------------------------------------------ loading
 
@@ -284,8 +280,13 @@ class PaddleOcrVlModel(MultimodalRopeModel, PackedNet, OcrModel):
     # ------------------------------------------------------------------------------------ forward
 
     @torch.inference_mode()
-    def encode_images(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+    def encode_images(
+        self,
+        pixel_values: torch.Tensor,
+        grids: list[tuple[int, int, int]],
+        between_layers: BetweenLayers = no_pause,
+    ) -> torch.Tensor:
         """Vision encoder + projector: ``[sum(t*gh*gw/4), hidden]`` in the model dtype."""
         pv = pixel_values.to(self.device, self.vision_dtype)
-        feats = self.net.visual.vision_model(pv, grids)
+        feats = self.net.visual.vision_model(pv, grids, between_layers)
         return self.net.mlp_AR(feats, grids)

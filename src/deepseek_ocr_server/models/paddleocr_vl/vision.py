@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import progress
+from ..base import BetweenLayers, no_pause
 from .attention import apply_rotary, tiled_attention
 from .config import PaddleOcrVlConfig, VisionConfig
 
@@ -138,13 +138,18 @@ class VisionTransformer(nn.Module):
         ang = torch.cat([row, col], dim=-1)[:, None, :]
         return ang.cos(), ang.sin()
 
-    def forward(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        grids: list[tuple[int, int, int]],
+        between_layers: BetweenLayers = no_pause,
+    ) -> torch.Tensor:
         x = self.embeddings(pixel_values, grids)
         cos, sin = self.rotary(grids, x.device)
         lengths = [gh * gw for t, gh, gw in grids for _ in range(t)]
         for layer in self.encoder.layers:
             x = layer(x, cos, sin, lengths)
-            progress()
+            between_layers()
         return self.post_layernorm(x)
 
 
