@@ -110,10 +110,11 @@ def test_big_transparent_images_memory(tmp_path: Path) -> None:
     peak_mib, after_mib = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"RSS over the baseline: peak {peak_mib:.0f} MiB, after {after_mib:.0f} MiB")
     # 4 x 48 MiB of RGB are held until preprocessing; decoding one image at a time adds about one
-    # RGBA copy, an RGB canvas and an alpha plane (measured alone: 480-505 MiB in all). Decoding all four
-    # in parallel with RGBA compositing peaked at ~800 MiB and kept ~730 MiB after the request.
-    assert peak_mib < 600, (peak_mib, after_mib)
-    assert after_mib < 100, (peak_mib, after_mib)
+    # RGBA copy, an RGB canvas and an alpha plane (measured: 480-505 MiB on an idle machine, up to 627 MiB
+    # on a busy one, where the heap is trimmed later). Decoding all four in parallel with RGBA compositing
+    # peaked at ~800 MiB and kept ~730 MiB after the request.
+    assert peak_mib < 700, (peak_mib, after_mib)
+    assert after_mib < 150, (peak_mib, after_mib)
 
 
 def test_pixel_budget() -> None:
