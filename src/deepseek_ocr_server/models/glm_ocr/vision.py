@@ -14,7 +14,7 @@ from torch import nn
 
 from ..base import BetweenLayers, no_pause
 from ..common.blocks import GatedMLP, RMSNorm
-from ..paddleocr_vl.attention import apply_rotary, tiled_attention
+from ..paddleocr_vl.attention import image_attention
 from .config import VisionConfig
 
 
@@ -49,19 +49,7 @@ class VisionAttention(nn.Module):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
         q, k = self.q_norm(q), self.k_norm(k)
-        # half-split rotary in float32; the attention scale rides on q's rotation (no extra rounding step)
-        scale = self.head_dim**-0.5
-        q = apply_rotary(q.float(), cos * scale, sin * scale).to(x.dtype)
-        k = apply_rotary(k.float(), cos, sin).to(x.dtype)
-        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [H, N, d]
-        outs = []
-        start = 0
-        for length in lengths:  # block-diagonal: each image attends to itself only
-            sl = slice(start, start + length)
-            outs.append(tiled_attention(q[:, None, sl], k[:, sl], v[:, sl], 1.0))
-            start += length
-        o = torch.cat(outs, dim=2)[:, 0] if len(outs) > 1 else outs[0][:, 0]  # [H, N, d]
-        return self.proj(o.transpose(0, 1).reshape(n, -1))
+        return self.proj(image_attention(q, k, v, cos, sin, lengths))
 
 
 class VisionMlp(nn.Module):

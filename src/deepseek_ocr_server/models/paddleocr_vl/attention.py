@@ -76,3 +76,26 @@ def tiled_attention(
                 torch.mm(probs, v[h, :lim], out=o)
                 out[h, :, s0:s1] = o.view(g, t, d)
     return out
+
+
+def image_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]
+) -> torch.Tensor:
+    """The vision towers' self-attention core (PaddleOCR-VL's SigLIP, GLM-OCR's CogViT): q, k, v
+    ``[N, heads, head_dim]`` of all images' patches, rotary positions cos/sin, each image's patch count in
+    ``lengths``. Half-split rotary in float32 with the attention scale folded into q's rotation (no
+    separate pass, no extra rounding step), then block-diagonal attention: each image attends to itself
+    only. Returns ``[N, heads * head_dim]`` for the output projection."""
+    n, _, head_dim = q.shape
+    scale = head_dim**-0.5
+    q = apply_rotary(q.float(), cos * scale, sin * scale).to(v.dtype)
+    k = apply_rotary(k.float(), cos, sin).to(v.dtype)
+    q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [H, N, d]
+    outs = []
+    start = 0
+    for length in lengths:
+        sl = slice(start, start + length)
+        outs.append(tiled_attention(q[:, None, sl], k[:, sl], v[:, sl], 1.0))
+        start += length
+    o = torch.cat(outs, dim=2)[:, 0] if len(outs) > 1 else outs[0][:, 0]  # [H, N, d]
+    return o.transpose(0, 1).reshape(n, -1)

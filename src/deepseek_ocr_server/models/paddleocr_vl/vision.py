@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import BetweenLayers, no_pause
-from .attention import apply_rotary, tiled_attention
+from .attention import image_attention
 from .config import PaddleOcrVlConfig, VisionConfig
 
 
@@ -60,20 +60,7 @@ class VisionAttention(nn.Module):
         q = self.q_proj(x).view(shape)
         k = self.k_proj(x).view(shape)
         v = self.v_proj(x).view(shape)
-        # 2-D rotary in float32 (cos/sin: [N, 1, head_dim / 2])
-        # the attention scale is folded into q's rotation (float32; no separate pass, no extra rounding)
-        scale = self.head_dim**-0.5
-        q = apply_rotary(q.float(), cos * scale, sin * scale).to(x.dtype)
-        k = apply_rotary(k.float(), cos, sin).to(x.dtype)
-        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [H, N, d]
-        outs = []
-        start = 0
-        for length in lengths:  # block-diagonal: each image attends to itself only
-            sl = slice(start, start + length)
-            outs.append(tiled_attention(q[:, None, sl], k[:, sl], v[:, sl], 1.0))
-            start += length
-        o = torch.cat(outs, dim=2)[:, 0] if len(outs) > 1 else outs[0][:, 0]  # [H, N, d]
-        return self.out_proj(o.transpose(0, 1).reshape(n, -1))
+        return self.out_proj(image_attention(q, k, v, cos, sin, lengths))
 
 
 class VisionMLP(nn.Module):
