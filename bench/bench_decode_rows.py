@@ -1,7 +1,13 @@
 """Decode steps of a full-size model at 1..N rows, in-process: aggregate tokens/s per row count, and, on a
 widened precision plan (weights stored bf16, computed float32: CPUs without native bf16), the same steps
-with the kept float32 copy used from ``WideningLinear.wide_min_rows`` rows on (the default) against the
-bf16 kernel at every decode row count (the previous behaviour), side by side in one process.
+under each multi-row kernel choice, side by side in one process:
+
+- ``default``: the package's bf16 multi-row kernel (``models/cpukernels.py``) from
+  ``cpukernels.MIN_ROWS`` rows on, when it is built;
+- ``torch kernels``: without it, the kept float32 copy from ``WideningLinear.wide_min_rows`` rows on
+  where the plan keeps one (the behaviour before the kernel), else torch's bf16 kernel;
+- ``bf16 kernel at all decode rows``: torch's bf16 kernel at every decode row count (the behaviour
+  before the kept copy was used for decode).
 
 Each row is a short text-only prompt (different per row, so DeepSeek-OCR's rows route to different
 experts) prefilled once; then ``--steps`` greedy steps per setting, median step time.
@@ -33,7 +39,7 @@ def main() -> None:
     apply_cpu_class(args)
     import torch
 
-    from deepseek_ocr_server.models import load_model
+    from deepseek_ocr_server.models import cpukernels, load_model
     from deepseek_ocr_server.models.base import ModelFiles
     from deepseek_ocr_server.models.layers import WideningLinear
 
@@ -41,9 +47,13 @@ def main() -> None:
     model = load_model(args.model, ModelFiles.from_dir(args.ckpt or Path(CKPTS[args.model])), dtype=None)
     print(f"# precision {model.precision.summary()}")
     wide = [m for m in model.net.modules() if isinstance(m, WideningLinear) and m._wide]
-    settings = {"default": WideningLinear.wide_min_rows}
+    print(f"# package kernels: {cpukernels.status()}")
+    # name -> (package kernel on, wide_min_rows)
+    settings = {"default": (True, WideningLinear.wide_min_rows)}
+    if model.precision.widened and cpukernels.available():
+        settings["torch kernels"] = (False, WideningLinear.wide_min_rows)
     if wide:
-        settings["bf16 kernel at all decode rows"] = WideningLinear.narrow_max_rows + 1
+        settings["bf16 kernel at all decode rows"] = (False, WideningLinear.narrow_max_rows + 1)
         print(
             f"# {len(wide)} widening layers keep a float32 copy (wide_min_rows {WideningLinear.wide_min_rows})"
         )
@@ -57,7 +67,8 @@ def main() -> None:
             logits, cache = model.prefill(prep, args.steps * len(settings) + 4)
             caches.append(cache)
             tokens.append(int(logits.argmax()))
-        for name, min_rows in settings.items():
+        for name, (kernel_on, min_rows) in settings.items():
+            cpukernels.enabled = kernel_on
             WideningLinear.wide_min_rows = min_rows
             times = []
             for _ in range(args.steps):
@@ -66,7 +77,7 @@ def main() -> None:
                 times.append(time.perf_counter() - t)
                 tokens = [int(x) for x in logits.argmax(-1)]
             results[(name, rows)] = rows / statistics.median(times[1:])
-        WideningLinear.wide_min_rows = settings["default"]
+        cpukernels.enabled, WideningLinear.wide_min_rows = settings["default"]
         line = "  ".join(f"{name}: {results[(name, rows)]:.1f} tok/s" for name in settings)
         print(f"rows {rows}: {line}", flush=True)
     base = results[("default", args.rows[0])]

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpukernels
+
 log = logging.getLogger(__name__)
 
 
@@ -269,6 +271,12 @@ class WideningLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(1, x.shape[-1])
+        if cpukernels.MIN_ROWS <= rows <= self.narrow_max_rows:
+            # several decode rows: the package's kernel reads the bf16 weight once for all of them
+            # (None when it is not built or does not take the call)
+            y = cpukernels.bf16_linear(x.to(self.compute_dtype), self.weight, self.bias)
+            if y is not None:
+                return y
         if rows <= self.narrow_max_rows and not (self._wide and rows >= self.wide_min_rows):
             y = F.linear(x.to(self.weight.dtype), self.weight).to(self.compute_dtype)
             return y if self.bias is None else y + self.bias

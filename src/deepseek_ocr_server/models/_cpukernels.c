@@ -1,0 +1,130 @@
+/*
+ * CPU kernels that torch does not offer, loaded with ctypes (no Python API in here; the Python side is
+ * models/cpukernels.py, which also decides when they run).
+ *
+ * bf16_linear_f32: y[M,N] = x[M,K] @ w[N,K]^T (+ bias[N]); x, y and bias float32, w bfloat16 in the
+ * nn.Linear layout; products and sums in float32. This is a decode step of several sequences over a
+ * weight stored in bfloat16 on a CPU without bf16 instructions (AVX2): torch's bf16 GEMV reads the
+ * weight near the memory bandwidth at one row but makes one pass over it per row, and oneDNN has no
+ * bf16 on AVX2, so at 8 rows a bf16 weight reads at ~5 GB/s. Here each weight element is read from
+ * memory once for all rows and widened to float32 in a register (a 16-bit shift): a group of NB weight
+ * rows is multiplied with up to MB rows of x per pass (NB*MB accumulators, NB weight vectors and one x
+ * vector in the 16 AVX2 registers), the next group's weight rows are prefetched while it runs.
+ *
+ * Threads: OpenMP over the output features (each thread streams one contiguous part of the weight).
+ * Linked against libgomp.so.1 by soname, so in a process where torch already loaded its libgomp the
+ * loader reuses that one and the call runs on torch's own thread team (a second OpenMP runtime would
+ * keep a second team of threads spinning beside torch's).
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+/* the ABI the Python side checks before it calls anything */
+int dsocr_kernels_abi(void) { return 1; }
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#define TGT __attribute__((target("avx2,fma")))
+#define NB 3       /* weight rows per group */
+#define MB 4       /* rows of x per pass */
+#define MAX_M 64   /* rows the caller may pass */
+#define PF_GROUPS 2 /* how many groups ahead the weight is prefetched */
+
+int dsocr_kernels_x86(void) { return 1; }
+
+TGT static inline __m256 load_bf16x8(const uint16_t *p) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+TGT static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* R rows of x (row stride ldx) against the NB weight rows w[0..NB): out[j * MAX_M + i] = x_i . w_j.
+ * pf: element offset of the weight to prefetch (0: none; the first pass over a group prefetches the
+ * group PF_GROUPS ahead, later passes find the group in L1). R is a constant in each instance, so the
+ * accumulators stay in registers. */
+#define DEFINE_PASS(R)                                                                                    \
+    TGT static void pass_##R(const float *x, int64_t ldx, const uint16_t *const *w, int64_t K,           \
+                             float *out, int64_t pf) {                                                   \
+        __m256 a[NB][R];                                                                                  \
+        for (int j = 0; j < NB; j++)                                                                      \
+            for (int i = 0; i < R; i++) a[j][i] = _mm256_setzero_ps();                                    \
+        int64_t k = 0;                                                                                    \
+        for (; k + 8 <= K; k += 8) {                                                                      \
+            if (pf && (k & 31) == 0)                                                                      \
+                for (int j = 0; j < NB; j++) _mm_prefetch((const char *)(w[j] + k + pf), _MM_HINT_T0);   \
+            __m256 v[NB];                                                                                 \
+            for (int j = 0; j < NB; j++) v[j] = load_bf16x8(w[j] + k);                                    \
+            for (int i = 0; i < R; i++) {                                                                 \
+                __m256 xv = _mm256_loadu_ps(x + i * ldx + k);                                             \
+                for (int j = 0; j < NB; j++) a[j][i] = _mm256_fmadd_ps(v[j], xv, a[j][i]);                \
+            }                                                                                             \
+        }                                                                                                 \
+        for (int j = 0; j < NB; j++)                                                                      \
+            for (int i = 0; i < R; i++) {                                                                 \
+                float s = hsum8(a[j][i]);                                                                 \
+                for (int64_t t = k; t < K; t++) s += x[i * ldx + t] * bf16_to_f32(w[j][t]);               \
+                out[j * MAX_M + i] = s;                                                                   \
+            }                                                                                             \
+    }
+
+DEFINE_PASS(1)
+DEFINE_PASS(2)
+DEFINE_PASS(3)
+DEFINE_PASS(4)
+
+/* Returns 0, or -1 for shapes it does not take (the caller then runs torch's kernel). */
+TGT int bf16_linear_f32(const float *x, int64_t ldx, const uint16_t *w, int64_t ldw, const float *bias,
+                        float *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int nthreads) {
+    if (M < 1 || M > MAX_M || N < 1 || K < 1 || ldx < K || ldw < K || ldy < N) return -1;
+    int64_t groups = (N + NB - 1) / NB;
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t g = 0; g < groups; g++) {
+        const uint16_t *rows[NB];
+        for (int j = 0; j < NB; j++) {
+            int64_t n = g * NB + j < N ? g * NB + j : N - 1; /* a short last group repeats its last row */
+            rows[j] = w + n * ldw;
+        }
+        /* prefetch only inside the weight */
+        int64_t pf = (g + PF_GROUPS + 1) * NB <= N ? PF_GROUPS * NB * ldw : 0;
+        float out[NB * MAX_M];
+        for (int64_t m = 0; m < M; m += MB) {
+            const float *xm = x + m * ldx;
+            float *o = out + m;
+            int64_t p = m == 0 ? pf : 0;
+            switch (M - m >= MB ? MB : M - m) {
+            case 4: pass_4(xm, ldx, rows, K, o, p); break;
+            case 3: pass_3(xm, ldx, rows, K, o, p); break;
+            case 2: pass_2(xm, ldx, rows, K, o, p); break;
+            default: pass_1(xm, ldx, rows, K, o, p); break;
+            }
+        }
+        for (int j = 0; j < NB && g * NB + j < N; j++) {
+            int64_t n = g * NB + j;
+            float b = bias ? bias[n] : 0.0f;
+            for (int64_t m = 0; m < M; m++) y[m * ldy + n] = out[j * MAX_M + m] + b;
+        }
+    }
+    return 0;
+}
+
+#else /* not x86-64: nothing here; the Python side keeps torch's kernels */
+
+int dsocr_kernels_x86(void) { return 0; }
+
+#endif

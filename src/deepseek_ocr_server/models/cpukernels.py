@@ -1,0 +1,134 @@
+"""The package's own CPU kernels (``_cpukernels.c``), and when they run.
+
+One kernel today, :func:`bf16_linear`: a decode step of several sequences over a weight stored in
+bfloat16 with float32 activations, the precision plan of a CPU without bf16 instructions
+(``layers.WideningLinear``). torch has no kernel that reads a bf16 weight once for several rows there:
+its bf16 GEMV makes one pass over the weight per row and oneDNN has no bf16 on AVX2, so 8 rows read a
+bf16 weight at ~5 GB/s; this one reads it once for all rows, widening in registers (measured on AVX2,
+``bench/bench_linear.py``: 2.5-3x torch's bf16 kernel and 1.3-1.7x packed float32 at 8 rows).
+
+The library is a plain shared object, built when the package is installed on Linux x86-64 with a C
+compiler (``setup.py``: an optional extension, the install goes on without it) and loaded with ctypes.
+Without it (no compiler at install time, another architecture, a CPU without AVX2/FMA) every layer runs
+torch's kernels as before and :func:`status` says why; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+#: the library's ABI version this module speaks (``dsocr_kernels_abi`` in the C source)
+ABI = 1
+#: :func:`bf16_linear` serves steps of at least this many rows: at 1-2 rows torch's bf16 GEMV (one
+#: pass per row) reads as fast or faster (``bench/bench_linear.py --as-cpu avx2``)
+MIN_ROWS = 3
+#: ... and at most this many (the C side's limit)
+MAX_ROWS = 64
+#: a switch for benchmarks comparing with and without the kernel in one process
+enabled = True
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_status: str | None = None
+
+
+def library_path() -> Path | None:
+    """The built library next to this module (``_cpukernels.<python ext suffix>``), or None."""
+    here = Path(__file__).resolve().parent
+    found = sorted(here.glob("_cpukernels*.so"))
+    return found[0] if found else None
+
+
+def _cpu_supports() -> str | None:
+    """None when this CPU runs the kernel's instructions (AVX2 + FMA), else the reason it does not."""
+    from ..cpu import detect
+
+    info = detect()
+    if info.arch not in ("x86_64", "amd64"):
+        return f"no kernels for {info.arch}"
+    missing = {"avx2", "fma"} - set(info.flags)
+    return f"the CPU lacks {', '.join(sorted(missing))}" if missing else None
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if lib.dsocr_kernels_abi() != ABI:
+        raise OSError(f"{path.name}: ABI {lib.dsocr_kernels_abi()}, expected {ABI} (rebuild the package)")
+    if not lib.dsocr_kernels_x86():
+        raise OSError(f"{path.name} was built without the x86 kernels")
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn = lib.bf16_linear_f32
+    fn.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return lib
+
+
+def load(path: Path | None = None) -> ctypes.CDLL | None:
+    """The library (loaded once per process; ``path`` replaces the installed one, for tests), or None
+    with :func:`status` saying why."""
+    global _lib, _status
+    with _lock:
+        if path is None and _status is not None:
+            return _lib
+        reason = _cpu_supports()
+        target = path or library_path()
+        lib = None
+        if reason is None and target is None:
+            reason = "not built (install the package with a C compiler present to build it)"
+        if reason is None:
+            try:
+                lib = _open(target)
+            except OSError as exc:
+                reason = f"cannot load {target.name}: {exc}"
+        _lib, _status = lib, ("AVX2 bf16 multi-row linear" if lib is not None else f"off: {reason}")
+        return _lib
+
+
+def status() -> str:
+    """One line for the start log and ``/health``: what runs, or why the kernels are off."""
+    load()
+    return _status or ""
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def bf16_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """``x @ weight.T + bias`` in float32 for a bfloat16 ``weight`` and a float32 ``x`` of
+    :data:`MIN_ROWS`..:data:`MAX_ROWS` rows (any leading shape), or None when the kernel does not take
+    the call (not built, switched off, other dtypes or devices, too few or too many rows): the caller
+    then runs torch's kernel."""
+    if not enabled:
+        return None
+    lib = _lib if _status is not None else load()
+    if lib is None or x.dtype != torch.float32 or weight.dtype != torch.bfloat16:
+        return None
+    if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dim() != 2:
+        return None
+    n, k = weight.shape
+    rows = x.numel() // max(1, k)
+    if not MIN_ROWS <= rows <= MAX_ROWS or x.shape[-1] != k:
+        return None
+    if bias is not None and (bias.dtype != torch.float32 or bias.numel() != n):
+        return None
+    x2 = x.reshape(rows, k).contiguous()
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    b = None if bias is None else bias.contiguous()
+    y = torch.empty(rows, n, dtype=torch.float32)
+    rc = lib.bf16_linear_f32(
+        x2.data_ptr(), k, w.data_ptr(), k, None if b is None else b.data_ptr(),
+        y.data_ptr(), n, rows, n, k, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        return None
+    return y.view(*x.shape[:-1], n)

@@ -1,0 +1,153 @@
+"""The package's CPU kernel (``models/cpukernels.py``, ``models/_cpukernels.c``): results against a
+float64 reference, the calls it declines, and the layer and model paths that use it.
+
+Where the installed package has no built kernel but a C compiler exists (a source tree run in place),
+the tests build the library from the source into a temporary folder, so the kernel is tested wherever it
+can run; only a machine without a compiler or without AVX2/FMA skips them.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepseek_ocr_server.models import cpukernels
+from deepseek_ocr_server.models.layers import WideningLinear
+
+SOURCE = Path(cpukernels.__file__).with_name("_cpukernels.c")
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """The kernel library: the installed one, else one built here from the source; restored after."""
+    saved = (cpukernels._lib, cpukernels._status)
+    if cpukernels.load() is None:
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if not (sys.platform.startswith("linux") and platform.machine() == "x86_64" and cc):
+            pytest.skip(f"no kernel here: {cpukernels.status()}")
+        out = tmp_path_factory.mktemp("kernels") / "_cpukernels.so"
+        subprocess.run([cc, "-O3", "-fopenmp", "-fPIC", "-shared", str(SOURCE), "-o", str(out)], check=True)
+        if cpukernels.load(out) is None:
+            pytest.skip(f"no kernel here: {cpukernels.status()}")
+    yield cpukernels
+    cpukernels._lib, cpukernels._status = saved
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    y = x.double() @ w.double().t()
+    return (y if b is None else y + b.double()).float()
+
+
+@pytest.mark.parametrize("rows", [3, 4, 5, 7, 8, 9, 13, 16, 17, 64])
+@pytest.mark.parametrize("shape", [(1, 8), (5, 13), (7, 1000), (64, 64), (100, 129)])
+def test_matches_float64(kernel, rows: int, shape: tuple[int, int]) -> None:  # noqa: ANN001
+    n, k = shape
+    g = torch.Generator().manual_seed(rows * 1000 + n + k)
+    x = torch.randn(rows, k, generator=g)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g)
+    for bias in (None, b):
+        y = kernel.bf16_linear(x, w, bias)
+        assert y is not None and y.dtype == torch.float32 and y.shape == (rows, n)
+        want = _reference(x, w, bias)
+        # float32 sums of k products: a few ulps of the row's magnitude
+        tol = 4e-7 * k**0.5 * (want.abs().max().item() + k**0.5)
+        assert (y - want).abs().max().item() <= tol, (rows, shape)
+
+
+def test_leading_shapes_threads_and_strides(kernel) -> None:  # noqa: ANN001
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(33, 72, generator=g).bfloat16()
+    x = torch.randn(2, 3, 72, generator=g)  # (batch, seq, features): 6 rows
+    y = kernel.bf16_linear(x, w)
+    assert y.shape == (2, 3, 33)
+    assert torch.allclose(y, _reference(x.reshape(6, 72), w, None).view(2, 3, 33), atol=1e-4)
+    xt = torch.randn(72, 5, generator=g).t()  # not contiguous
+    assert torch.allclose(kernel.bf16_linear(xt, w), _reference(xt, w, None), atol=1e-4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernel.bf16_linear(x, w)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, y)  # each output is one thread's sum: the split does not change it
+
+
+def test_declines_what_it_does_not_take(kernel) -> None:  # noqa: ANN001
+    w = torch.randn(16, 32).bfloat16()
+    assert kernel.bf16_linear(torch.randn(kernel.MIN_ROWS - 1, 32), w) is None  # torch's GEMV is faster
+    assert kernel.bf16_linear(torch.randn(kernel.MAX_ROWS + 1, 32), w) is None
+    assert kernel.bf16_linear(torch.randn(4, 32).bfloat16(), w) is None  # float32 activations only
+    assert kernel.bf16_linear(torch.randn(4, 32), w.half()) is None
+    assert kernel.bf16_linear(torch.randn(4, 32), w, torch.randn(15)) is None  # bias of the wrong size
+    kernel.enabled = False
+    try:
+        assert kernel.bf16_linear(torch.randn(4, 32), w) is None
+    finally:
+        kernel.enabled = True
+
+
+def test_widening_linear_takes_it_for_decode_rows(kernel, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(24, 40, generator=g).bfloat16()
+    b = torch.randn(24, generator=g)
+    lay = WideningLinear(w, b, torch.float32)
+    calls: list[int] = []
+    real = kernel.bf16_linear
+
+    def spy(x, weight, bias=None):  # noqa: ANN001, ANN202
+        calls.append(x.numel() // x.shape[-1])
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(kernel, "bf16_linear", spy)
+    for rows in (1, 2, 3, 8, lay.narrow_max_rows, lay.narrow_max_rows + 1):
+        x = torch.randn(rows, 40, generator=g)
+        want = _reference(x, w, b)
+        got = lay(x)
+        # the kernel's rows are float32-accurate; torch's bf16 GEMV rounds the input to bf16
+        tol = 1e-4 if kernel.MIN_ROWS <= rows <= lay.narrow_max_rows or rows > lay.narrow_max_rows else 0.1
+        assert (got - want).abs().max().item() <= tol, rows
+    assert calls == [3, 8, lay.narrow_max_rows]  # not for 1-2 rows, not for prefill-sized calls
+
+
+def test_model_batched_decode_same_tokens_with_and_without(kernel, paddle_ckpt) -> None:  # noqa: ANN001
+    """An 8-row decode step of the CPU-without-bf16 plan, kernel on and off (off, 8 rows run the kept
+    float32 copy of the same bf16 weights): the same float32 products, so the same greedy tokens and
+    logits equal up to float32 rounding."""
+    from deepseek_ocr_server.models.base import ModelFiles
+    from deepseek_ocr_server.models.paddleocr_vl.model import PaddleOcrVlModel
+    from deepseek_ocr_server.models.precision import decide
+
+    m = PaddleOcrVlModel.load(ModelFiles.from_dir(paddle_ckpt), dtype=decide("cpu", "avx2"))
+    assert any(isinstance(mod, WideningLinear) for mod in m.net.modules())
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+
+    def run(on: bool) -> tuple[list[list[int]], torch.Tensor]:
+        kernel.enabled = on
+        try:
+            caches, toks = [], []
+            for word in words:
+                logits, cache = m.prefill(m.prepare(f"Say {word}.", []), 8)
+                caches.append(cache)
+                toks.append(int(logits.argmax()))
+            out, steps = [list(toks)], []
+            for _ in range(5):
+                logits = m.decode(toks, caches)
+                steps.append(logits)
+                toks = [int(t) for t in logits.argmax(-1)]
+                out.append(toks)
+            return out, torch.stack(steps)
+        finally:
+            kernel.enabled = True
+
+    on_toks, on_logits = run(True)
+    off_toks, off_logits = run(False)
+    assert on_toks == off_toks
+    assert torch.allclose(on_logits, off_logits, rtol=1e-4, atol=1e-4 * off_logits.abs().max().item())
+    assert not torch.equal(on_logits, off_logits)  # another summation order: the kernel did run
