@@ -7,9 +7,11 @@
  * weight stored in bfloat16 on a CPU without bf16 instructions (AVX2): torch's bf16 GEMV reads the
  * weight near the memory bandwidth at one row but makes one pass over it per row, and oneDNN has no
  * bf16 on AVX2, so at 8 rows a bf16 weight reads at ~5 GB/s. Here each weight element is read from
- * memory once for all rows and widened to float32 in a register (a 16-bit shift): a group of NB weight
- * rows is multiplied with up to MB rows of x per pass (NB*MB accumulators, NB weight vectors and one x
- * vector in the 16 AVX2 registers), the next group's weight rows are prefetched while it runs.
+ * memory once for all rows and widened to float32 in a register (a 16-bit shift): a group of weight rows
+ * is multiplied with up to MB rows of x per pass (rows*MB accumulators, the weight vectors and one x
+ * vector in the 16 AVX2 registers: groups of 3 weight rows for 3+ rows of x, of 8 for 1-2 rows, where
+ * more weight streams in flight matter more than register reuse); the group two groups ahead is
+ * prefetched while one runs.
  *
  * Threads: OpenMP over the output features (each thread streams one contiguous part of the weight).
  * Linked against libgomp.so.1 by soname, so in a process where torch already loaded its libgomp the
@@ -27,9 +29,8 @@ int dsocr_kernels_abi(void) { return 1; }
 #include <immintrin.h>
 
 #define TGT __attribute__((target("avx2,fma")))
-#define NB 3       /* weight rows per group */
-#define MB 4       /* rows of x per pass */
-#define MAX_M 64   /* rows the caller may pass */
+#define MB 4        /* rows of x per pass */
+#define MAX_M 64    /* rows the caller may pass */
 #define PF_GROUPS 2 /* how many groups ahead the weight is prefetched */
 
 int dsocr_kernels_x86(void) { return 1; }
@@ -55,11 +56,11 @@ TGT static inline float hsum8(__m256 v) {
 
 /* R rows of x (row stride ldx) against the NB weight rows w[0..NB): out[j * MAX_M + i] = x_i . w_j.
  * pf: element offset of the weight to prefetch (0: none; the first pass over a group prefetches the
- * group PF_GROUPS ahead, later passes find the group in L1). R is a constant in each instance, so the
- * accumulators stay in registers. */
-#define DEFINE_PASS(R)                                                                                    \
-    TGT static void pass_##R(const float *x, int64_t ldx, const uint16_t *const *w, int64_t K,           \
-                             float *out, int64_t pf) {                                                   \
+ * group PF_GROUPS ahead, later passes find the group in L1). NB and R are constants in each instance,
+ * so the accumulators stay in registers. */
+#define DEFINE_PASS(NAME, NB, R)                                                                          \
+    TGT static void NAME(const float *x, int64_t ldx, const uint16_t *const *w, int64_t K, float *out,  \
+                         int64_t pf) {                                                                   \
         __m256 a[NB][R];                                                                                  \
         for (int j = 0; j < NB; j++)                                                                      \
             for (int i = 0; i < R; i++) a[j][i] = _mm256_setzero_ps();                                    \
@@ -82,37 +83,33 @@ TGT static inline float hsum8(__m256 v) {
             }                                                                                             \
     }
 
-DEFINE_PASS(1)
-DEFINE_PASS(2)
-DEFINE_PASS(3)
-DEFINE_PASS(4)
+DEFINE_PASS(pass3x1, 3, 1)
+DEFINE_PASS(pass3x2, 3, 2)
+DEFINE_PASS(pass3x3, 3, 3)
+DEFINE_PASS(pass3x4, 3, 4)
+DEFINE_PASS(pass8x1, 8, 1)
+DEFINE_PASS(pass8x2, 8, 2)
 
-/* Returns 0, or -1 for shapes it does not take (the caller then runs torch's kernel). */
-TGT int bf16_linear_f32(const float *x, int64_t ldx, const uint16_t *w, int64_t ldw, const float *bias,
-                        float *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int nthreads) {
-    if (M < 1 || M > MAX_M || N < 1 || K < 1 || ldx < K || ldw < K || ldy < N) return -1;
+typedef void (*pass_fn)(const float *, int64_t, const uint16_t *const *, int64_t, float *, int64_t);
+
+/* y = x @ w^T + bias with groups of NB weight rows; passes[r - 1] multiplies r rows of x (r <= MB). */
+TGT static void linear_groups(int NB, const pass_fn *passes, const float *x, int64_t ldx, const uint16_t *w,
+                              int64_t ldw, const float *bias, float *y, int64_t ldy, int64_t M, int64_t N,
+                              int64_t K, int nthreads) {
     int64_t groups = (N + NB - 1) / NB;
-    if (nthreads < 1) nthreads = 1;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t g = 0; g < groups; g++) {
-        const uint16_t *rows[NB];
+        const uint16_t *rows[8];
         for (int j = 0; j < NB; j++) {
             int64_t n = g * NB + j < N ? g * NB + j : N - 1; /* a short last group repeats its last row */
             rows[j] = w + n * ldw;
         }
         /* prefetch only inside the weight */
         int64_t pf = (g + PF_GROUPS + 1) * NB <= N ? PF_GROUPS * NB * ldw : 0;
-        float out[NB * MAX_M];
+        float out[8 * MAX_M];
         for (int64_t m = 0; m < M; m += MB) {
-            const float *xm = x + m * ldx;
-            float *o = out + m;
-            int64_t p = m == 0 ? pf : 0;
-            switch (M - m >= MB ? MB : M - m) {
-            case 4: pass_4(xm, ldx, rows, K, o, p); break;
-            case 3: pass_3(xm, ldx, rows, K, o, p); break;
-            case 2: pass_2(xm, ldx, rows, K, o, p); break;
-            default: pass_1(xm, ldx, rows, K, o, p); break;
-            }
+            int64_t r = M - m >= MB ? MB : M - m;
+            passes[r - 1](x + m * ldx, ldx, rows, K, out + m, m == 0 ? pf : 0);
         }
         for (int j = 0; j < NB && g * NB + j < N; j++) {
             int64_t n = g * NB + j;
@@ -120,6 +117,19 @@ TGT int bf16_linear_f32(const float *x, int64_t ldx, const uint16_t *w, int64_t 
             for (int64_t m = 0; m < M; m++) y[m * ldy + n] = out[j * MAX_M + m] + b;
         }
     }
+}
+
+/* Returns 0, or -1 for shapes it does not take (the caller then runs torch's kernel). */
+int bf16_linear_f32(const float *x, int64_t ldx, const uint16_t *w, int64_t ldw, const float *bias, float *y,
+                    int64_t ldy, int64_t M, int64_t N, int64_t K, int nthreads) {
+    static const pass_fn by3[MB] = {pass3x1, pass3x2, pass3x3, pass3x4};
+    static const pass_fn by8[2] = {pass8x1, pass8x2};
+    if (M < 1 || M > MAX_M || N < 1 || K < 1 || ldx < K || ldw < K || ldy < N) return -1;
+    if (nthreads < 1) nthreads = 1;
+    if (M <= 2)
+        linear_groups(8, by8, x, ldx, w, ldw, bias, y, ldy, M, N, K, nthreads);
+    else
+        linear_groups(3, by3, x, ldx, w, ldw, bias, y, ldy, M, N, K, nthreads);
     return 0;
 }
 

@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 
 #: the library's ABI version this module speaks (``dsocr_kernels_abi`` in the C source)
 ABI = 1
-#: :func:`bf16_linear` serves steps of at least this many rows: at 1-2 rows torch's bf16 GEMV (one
-#: pass per row) reads as fast or faster (``bench/bench_linear.py --as-cpu avx2``)
-MIN_ROWS = 3
+#: :func:`bf16_linear` serves steps of at least this many rows: at one row torch's bf16 GEMV reads
+#: faster (28-31 GB/s against 16-23 here), from two rows on this kernel's single pass wins
+#: (``bench/bench_linear.py --as-cpu avx2``)
+MIN_ROWS = 2
 #: ... and at most this many (the C side's limit)
 MAX_ROWS = 64
 #: a switch for benchmarks comparing with and without the kernel in one process
