@@ -71,7 +71,9 @@ TGT static inline float hsum8(__m256 v) {
             __m256 v[NB];                                                                                 \
             for (int j = 0; j < NB; j++) v[j] = load_bf16x8(w[j] + k);                                    \
             for (int i = 0; i < R; i++) {                                                                 \
+                /* in a register, not folded into each FMA as a memory operand (one load instead of NB) */      \
                 __m256 xv = _mm256_loadu_ps(x + i * ldx + k);                                             \
+                __asm__("" : "+x"(xv));                                                                   \
                 for (int j = 0; j < NB; j++) a[j][i] = _mm256_fmadd_ps(v[j], xv, a[j][i]);                \
             }                                                                                             \
         }                                                                                                 \
