@@ -34,6 +34,9 @@ def main() -> None:
     p.add_argument("--rows", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8])
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--dtype", choices=["auto", "f32", "bf16"], default="auto", help="the precision (auto: the default plan)"
+    )
     add_cpu_class_argument(p)
     args = p.parse_args()
     apply_cpu_class(args)
@@ -44,7 +47,10 @@ def main() -> None:
     from deepseek_ocr_server.models.layers import WideningLinear
 
     torch.set_num_threads(args.threads)
-    model = load_model(args.model, ModelFiles.from_dir(args.ckpt or Path(CKPTS[args.model])), dtype=None)
+    from deepseek_ocr_server.models.precision import choose_precision
+
+    plan = choose_precision("cpu", None if args.dtype == "auto" else args.dtype)
+    model = load_model(args.model, ModelFiles.from_dir(args.ckpt or Path(CKPTS[args.model])), dtype=plan)
     print(f"# precision {model.precision.summary()}")
     wide = [m for m in model.net.modules() if isinstance(m, WideningLinear) and m._wide]
     print(f"# package kernels: {cpukernels.status()}")

@@ -10,6 +10,8 @@ rate in GB/s:
   the server runs on CPU);
 - ``f16 gemv``: ``F.linear`` on a float16 weight (the earlier decode storage; fast at 1 row only);
 - ``int8``: ``torch._weight_int8pack_mm`` (``quant.Int8Linear``, ``--quantize int8``), GB/s of int8 bytes;
+- ``bf16 kernel``: the package's own kernel (``models/cpukernels.py``: a bf16 weight read once for all rows,
+  float32 products; built on Linux x86-64), GB/s of bf16 bytes;
 - ``bf16->f32``: a bfloat16 weight widened to float32 per call, then a float32 ``F.linear`` (what
   ``layers.WideningLinear`` does for many rows on a CPU without native bf16), GB/s of bf16 bytes;
 - ``stored``: the layer the precision plan of this CPU class builds (``layers.storage_linear``).
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from probe import add_cpu_class_argument, apply_cpu_class, measure_bandwidth_gbs
 
+from deepseek_ocr_server.models import cpukernels
 from deepseek_ocr_server.models.layers import PackedLinear, packing_supported, storage_linear
 from deepseek_ocr_server.models.quant import Int8Linear
 
@@ -68,7 +71,11 @@ def main() -> None:
     print(f"# precision plan here: {plan.summary()}")
     torch.set_num_threads(args.threads)
     print(f"# sum-probe read bandwidth: {measure_bandwidth_gbs(size_mb=256, repeats=5):.1f} GB/s ({args.threads} threads)")
-    cols = ("plain bf16", "packed bf16", "f16 gemv", "int8", "plain f32", "packed f32", "bf16->f32", "stored")
+    print(f"# package kernels: {cpukernels.status()}")
+    cols = (
+        "plain bf16", "packed bf16", "f16 gemv", "int8", "plain f32", "packed f32", "bf16 kernel", "bf16->f32",
+        "stored",
+    )  # fmt: skip
     wanted = [c for c in args.kinds.split(",") if c] or list(cols)
     print("| layer | rows | " + " | ".join(wanted) + " |")
     print("|---|---|" + "---|" * len(wanted))
@@ -90,6 +97,10 @@ def main() -> None:
             q.append(Int8Linear.from_linear(lin))
         kinds["int8"] = (q, torch.bfloat16, n * k)
         del h
+        if cpukernels.available():
+            kinds["bf16 kernel"] = (
+                [lambda x, w=w: cpukernels.bf16_linear(x, w, min_rows=1) for w in bf], torch.float32, n * k * 2
+            )
         kinds["bf16->f32"] = ([lambda x, w=w: F.linear(x, w.float()) for w in bf], torch.float32, n * k * 2)
         st = plan.weights_dtype
         kinds["stored"] = ([storage_linear(w.to(st), None, plan.compute_dtype) for w in base],

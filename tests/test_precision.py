@@ -248,8 +248,10 @@ def test_health_and_metrics_show_the_cpu_class(api_server) -> None:  # noqa: ANN
         h = http.get(api_server.base_url + "/health").json()
         assert h["cpu"]["class"] == cpu.detect().cpu_class
         assert h["cpu"]["torch_capability"] == str(torch.backends.cpu.get_cpu_capability())
+        assert h["cpu"]["kernels"] == cpukernels.status()  # built and on, or off with the reason
         metrics = http.get(api_server.base_url + "/metrics").text
     assert "ocr_cpu_info{" in metrics and f'class="{cpu.detect().cpu_class}"' in metrics
+    assert f'kernels="{cpukernels.status()}"' in metrics
 
 
 def test_a_family_without_plans_gets_one_dtype(monkeypatch: pytest.MonkeyPatch) -> None:

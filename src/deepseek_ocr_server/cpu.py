@@ -205,5 +205,8 @@ def emulation_env(cpu_class: str | None) -> dict[str, str]:
 
 
 def cpu_info() -> dict[str, Any]:
-    """:meth:`CpuInfo.as_dict` of :func:`detect` (``/health``)."""
-    return detect().as_dict()
+    """:meth:`CpuInfo.as_dict` of :func:`detect` plus ``kernels``, what the package's own CPU kernels
+    do here (``models/cpukernels.py``: the one line of its ``status``) (``/health``)."""
+    from .models.cpukernels import status
+
+    return {**detect().as_dict(), "kernels": status()}

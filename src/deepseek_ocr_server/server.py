@@ -49,7 +49,7 @@ def build_loader(settings: Settings, *, log_plan: bool = True) -> Callable[[str]
 def log_precision(device: str, dtype: str, quantize: str | None) -> None:
     """The CPU class in one line (also the ``ocr_cpu_info`` metric), the precision each phase will run
     in, and a one-line warning when an explicit choice is the slow one on this CPU."""
-    from .cpu import detect
+    from .cpu import cpu_info, detect
     from .engine.metrics import publish_cpu_info
     from .models.precision import choose_precision, slow_choice_warning
 
@@ -57,7 +57,11 @@ def log_precision(device: str, dtype: str, quantize: str | None) -> None:
     if device == "cpu":
         cpu = detect()
         log.info("%s", cpu.summary())
-        publish_cpu_info(cpu.as_dict(), plan.as_dict())
+        if plan.widened:  # the plan the package's multi-row kernel serves
+            from .models.cpukernels import status
+
+            log.info("cpu kernels: %s", status())
+        publish_cpu_info(cpu_info(), plan.as_dict())
         warning = slow_choice_warning(cpu.cpu_class, None if dtype == "auto" else dtype, quantize, device)
         if warning:
             log.warning("%s", warning)

@@ -103,12 +103,12 @@ def available() -> bool:
 
 
 def bf16_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, min_rows: int = MIN_ROWS
 ) -> torch.Tensor | None:
     """``x @ weight.T + bias`` in float32 for a bfloat16 ``weight`` and a float32 ``x`` of
     :data:`MIN_ROWS`..:data:`MAX_ROWS` rows (any leading shape), or None when the kernel does not take
     the call (not built, switched off, other dtypes or devices, too few or too many rows): the caller
-    then runs torch's kernel."""
+    then runs torch's kernel. ``min_rows`` lowers the row floor (benchmarks time it at one row too)."""
     if not enabled:
         return None
     lib = _lib if _status is not None else load()
@@ -118,7 +118,7 @@ def bf16_linear(
         return None
     n, k = weight.shape
     rows = x.numel() // max(1, k)
-    if not MIN_ROWS <= rows <= MAX_ROWS or x.shape[-1] != k:
+    if not max(1, min_rows) <= rows <= MAX_ROWS or x.shape[-1] != k:
         return None
     if bias is not None and (bias.dtype != torch.float32 or bias.numel() != n):
         return None
