@@ -9,9 +9,10 @@
  * bf16 on AVX2, so at 8 rows a bf16 weight reads at ~5 GB/s. Here each weight element is read from
  * memory once for all rows and widened to float32 in a register (a 16-bit shift): a group of weight rows
  * is multiplied with up to MB rows of x per pass (rows*MB accumulators, the weight vectors and one x
- * vector in the 16 AVX2 registers: groups of 3 weight rows for 3+ rows of x, of 8 for 1-2 rows, where
- * more weight streams in flight matter more than register reuse); the group two groups ahead is
- * prefetched while one runs.
+ * vector in the 16 AVX2 registers: groups of 3 weight rows for 3+ rows of x; the group two groups ahead
+ * is prefetched while one runs). For 1-2 rows of x, where the step is bound by reading the weight, each
+ * thread reads its weight rows one after the other (one sequential stream: the hardware prefetcher's
+ * best case) with four independent accumulators per row of x along K.
  *
  * Threads: OpenMP over the output features (each thread streams one contiguous part of the weight).
  * Linked against libgomp.so.1 by soname, so in a process where torch already loaded its libgomp the
@@ -89,8 +90,38 @@ DEFINE_PASS(pass3x1, 3, 1)
 DEFINE_PASS(pass3x2, 3, 2)
 DEFINE_PASS(pass3x3, 3, 3)
 DEFINE_PASS(pass3x4, 3, 4)
-DEFINE_PASS(pass8x1, 8, 1)
-DEFINE_PASS(pass8x2, 8, 2)
+
+/* R (1-2) rows of x against ONE weight row w[0] over K, four accumulators along K per row of x. */
+#define DEFINE_STREAM(NAME, R)                                                                            \
+    TGT static void NAME(const float *x, int64_t ldx, const uint16_t *const *w, int64_t K, float *out,   \
+                         int64_t pf) {                                                                   \
+        (void)pf;                                                                                         \
+        const uint16_t *w0 = w[0];                                                                        \
+        __m256 a[R][4];                                                                                   \
+        for (int i = 0; i < R; i++)                                                                       \
+            for (int u = 0; u < 4; u++) a[i][u] = _mm256_setzero_ps();                                    \
+        int64_t k = 0;                                                                                    \
+        for (; k + 32 <= K; k += 32)                                                                      \
+            for (int u = 0; u < 4; u++) {                                                                 \
+                __m256 v = load_bf16x8(w0 + k + 8 * u);                                                   \
+                for (int i = 0; i < R; i++)                                                               \
+                    a[i][u] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + i * ldx + k + 8 * u), a[i][u]);      \
+            }                                                                                             \
+        for (; k + 8 <= K; k += 8) {                                                                      \
+            __m256 v = load_bf16x8(w0 + k);                                                               \
+            for (int i = 0; i < R; i++)                                                                   \
+                a[i][0] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + i * ldx + k), a[i][0]);                  \
+        }                                                                                                 \
+        for (int i = 0; i < R; i++) {                                                                     \
+            __m256 t = _mm256_add_ps(_mm256_add_ps(a[i][0], a[i][1]), _mm256_add_ps(a[i][2], a[i][3]));   \
+            float s = hsum8(t);                                                                           \
+            for (int64_t q = k; q < K; q++) s += x[i * ldx + q] * bf16_to_f32(w0[q]);                     \
+            out[i] = s;                                                                                   \
+        }                                                                                                 \
+    }
+
+DEFINE_STREAM(stream1, 1)
+DEFINE_STREAM(stream2, 2)
 
 typedef void (*pass_fn)(const float *, int64_t, const uint16_t *const *, int64_t, float *, int64_t);
 
@@ -101,14 +132,14 @@ TGT static void linear_groups(int NB, const pass_fn *passes, const float *x, int
     int64_t groups = (N + NB - 1) / NB;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t g = 0; g < groups; g++) {
-        const uint16_t *rows[8];
+        const uint16_t *rows[3];
         for (int j = 0; j < NB; j++) {
             int64_t n = g * NB + j < N ? g * NB + j : N - 1; /* a short last group repeats its last row */
             rows[j] = w + n * ldw;
         }
         /* prefetch only inside the weight */
         int64_t pf = (g + PF_GROUPS + 1) * NB <= N ? PF_GROUPS * NB * ldw : 0;
-        float out[8 * MAX_M];
+        float out[3 * MAX_M];
         for (int64_t m = 0; m < M; m += MB) {
             int64_t r = M - m >= MB ? MB : M - m;
             passes[r - 1](x + m * ldx, ldx, rows, K, out + m, m == 0 ? pf : 0);
@@ -125,11 +156,11 @@ TGT static void linear_groups(int NB, const pass_fn *passes, const float *x, int
 int bf16_linear_f32(const float *x, int64_t ldx, const uint16_t *w, int64_t ldw, const float *bias, float *y,
                     int64_t ldy, int64_t M, int64_t N, int64_t K, int nthreads) {
     static const pass_fn by3[MB] = {pass3x1, pass3x2, pass3x3, pass3x4};
-    static const pass_fn by8[2] = {pass8x1, pass8x2};
+    static const pass_fn by1[2] = {stream1, stream2};
     if (M < 1 || M > MAX_M || N < 1 || K < 1 || ldx < K || ldw < K || ldy < N) return -1;
     if (nthreads < 1) nthreads = 1;
     if (M <= 2)
-        linear_groups(8, by8, x, ldx, w, ldw, bias, y, ldy, M, N, K, nthreads);
+        linear_groups(1, by1, x, ldx, w, ldw, bias, y, ldy, M, N, K, nthreads);
     else
         linear_groups(3, by3, x, ldx, w, ldw, bias, y, ldy, M, N, K, nthreads);
     return 0;

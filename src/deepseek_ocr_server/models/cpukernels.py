@@ -1,11 +1,12 @@
 """The package's own CPU kernels (``_cpukernels.c``), and when they run.
 
-One kernel today, :func:`bf16_linear`: a decode step of several sequences over a weight stored in
-bfloat16 with float32 activations, the precision plan of a CPU without bf16 instructions
-(``layers.WideningLinear``). torch has no kernel that reads a bf16 weight once for several rows there:
-its bf16 GEMV makes one pass over the weight per row and oneDNN has no bf16 on AVX2, so 8 rows read a
-bf16 weight at ~5 GB/s; this one reads it once for all rows, widening in registers (measured on AVX2,
-``bench/bench_linear.py``: 2.5-3x torch's bf16 kernel and 1.3-1.7x packed float32 at 8 rows).
+One kernel today, :func:`bf16_linear`: the decode step over a weight stored in bfloat16 with float32
+activations, the precision plan of a CPU without bf16 instructions (``layers.WideningLinear``). torch
+has no kernel that reads a bf16 weight once for several rows there: its bf16 GEMV makes one pass over the
+weight per row (and rounds the float32 input and output to bf16), and oneDNN has no bf16 on AVX2, so 8
+rows read a bf16 weight at ~5 GB/s. This one reads it once for all rows, widening in registers
+(``bench/bench_linear.py --as-cpu avx2``: at 8 rows 2.5-3.5x torch's bf16 kernel and ~2x packed float32
+per weight; at one row as fast as torch's GEMV or faster).
 
 The library is a plain shared object, built when the package is installed on Linux x86-64 with a C
 compiler (``setup.py``: an optional extension, the install goes on without it) and loaded with ctypes.
@@ -26,10 +27,11 @@ log = logging.getLogger(__name__)
 
 #: the library's ABI version this module speaks (``dsocr_kernels_abi`` in the C source)
 ABI = 1
-#: :func:`bf16_linear` serves steps of at least this many rows: at one row torch's bf16 GEMV reads
-#: faster (28-31 GB/s against 16-23 here), from two rows on this kernel's single pass wins
-#: (``bench/bench_linear.py --as-cpu avx2``)
-MIN_ROWS = 2
+#: :func:`bf16_linear` serves steps of at least this many rows: every decode step. At one row it reads
+#: the weight as one sequential stream per thread, as fast as torch's bf16 GEMV or faster (25-33 GB/s
+#: against 24-28, ``bench/bench_linear.py --as-cpu avx2``), and skips the GEMV's bf16 rounding of the
+#: input and output; from two rows on it reads the weight once where torch reads it once per row
+MIN_ROWS = 1
 #: ... and at most this many (the C side's limit)
 MAX_ROWS = 64
 #: a switch for benchmarks comparing with and without the kernel in one process
