@@ -152,3 +152,43 @@ def test_model_batched_decode_same_tokens_with_and_without(kernel, paddle_ckpt) 
     assert on_toks == off_toks
     assert torch.allclose(on_logits, off_logits, rtol=1e-4, atol=1e-4 * off_logits.abs().max().item())
     assert not torch.equal(on_logits, off_logits)  # another summation order: the kernel did run
+
+
+def test_grouped_experts_equal_one_call_per_expert(kernel) -> None:  # noqa: ANN001
+    """The grouped call gives each expert's rows exactly what one call per expert gives (same passes),
+    and declines what it does not take."""
+    g = torch.Generator().manual_seed(3)
+    n, k = 40, 72
+    counts = [1, 3, 2, 8, 1, 5, 16, 4]
+    weights = [torch.randn(n, k, generator=g).bfloat16() for _ in counts]
+    x = torch.randn(sum(counts), k, generator=g)
+    y = kernel.bf16_grouped_linear(x, weights, counts)
+    assert y is not None and y.shape == (sum(counts), n)
+    at = 0
+    for w, c in zip(weights, counts, strict=True):
+        assert torch.equal(y[at : at + c], kernel.bf16_linear(x[at : at + c], w)), c
+        at += c
+    assert kernel.bf16_grouped_linear(x, weights, [*counts[:-1], counts[-1] + 1]) is None  # rows != sum
+    big = torch.randn(kernel.MAX_ROWS + 1, k)
+    assert kernel.bf16_grouped_linear(big, weights[:1], [kernel.MAX_ROWS + 1]) is None  # a prefill
+    assert kernel.bf16_grouped_linear(x, [*weights[:-1], weights[-1][:, :-1].contiguous()], counts) is None
+    assert kernel.bf16_grouped_linear(x, [w.half() for w in weights], counts) is None
+
+
+def test_grouped_linear_takes_the_kernel_or_runs_layer_by_layer(
+    kernel, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: ANN001
+    from deepseek_ocr_server.models.layers import grouped_linear
+
+    g = torch.Generator().manual_seed(4)
+    counts = [2, 1, 3]
+    wide = [WideningLinear(torch.randn(24, 40, generator=g).bfloat16(), None, torch.float32) for _ in counts]
+    x = torch.randn(sum(counts), 40, generator=g)
+    want = torch.cat([lay(part) for lay, part in zip(wide, x.split(counts), strict=True)])
+    grouped = []
+    real = kernel.bf16_grouped_linear
+    monkeypatch.setattr(kernel, "bf16_grouped_linear", lambda *a: grouped.append(1) or real(*a))
+    assert torch.equal(grouped_linear(wide, x, counts), want) and grouped == [1]
+    plain = [torch.nn.Linear(40, 24) for _ in counts]  # not widening layers: layer by layer
+    want = torch.cat([lay(part) for lay, part in zip(plain, x.split(counts), strict=True)])
+    assert torch.equal(grouped_linear(plain, x, counts), want) and grouped == [1]

@@ -24,10 +24,11 @@
 #include <string.h>
 
 /* the ABI the Python side checks before it calls anything */
-int dsocr_kernels_abi(void) { return 1; }
+int dsocr_kernels_abi(void) { return 2; }
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+#include <omp.h>
 
 #define TGT __attribute__((target("avx2,fma")))
 #define MB 4        /* rows of x per pass */
@@ -125,44 +126,85 @@ DEFINE_STREAM(stream2, 2)
 
 typedef void (*pass_fn)(const float *, int64_t, const uint16_t *const *, int64_t, float *, int64_t);
 
-/* y = x @ w^T + bias with groups of NB weight rows; passes[r - 1] multiplies r rows of x (r <= MB). */
-TGT static void linear_groups(int NB, const pass_fn *passes, const float *x, int64_t ldx, const uint16_t *w,
-                              int64_t ldw, const float *bias, float *y, int64_t ldy, int64_t M, int64_t N,
-                              int64_t K, int nthreads) {
-    int64_t groups = (N + NB - 1) / NB;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t g = 0; g < groups; g++) {
-        const uint16_t *rows[3];
-        for (int j = 0; j < NB; j++) {
-            int64_t n = g * NB + j < N ? g * NB + j : N - 1; /* a short last group repeats its last row */
-            rows[j] = w + n * ldw;
-        }
-        /* prefetch only inside the weight */
-        int64_t pf = (g + PF_GROUPS + 1) * NB <= N ? PF_GROUPS * NB * ldw : 0;
-        float out[3 * MAX_M];
-        for (int64_t m = 0; m < M; m += MB) {
-            int64_t r = M - m >= MB ? MB : M - m;
-            passes[r - 1](x + m * ldx, ldx, rows, K, out + m, m == 0 ? pf : 0);
-        }
-        for (int j = 0; j < NB && g * NB + j < N; j++) {
-            int64_t n = g * NB + j;
-            float b = bias ? bias[n] : 0.0f;
-            for (int64_t m = 0; m < M; m++) y[m * ldy + n] = out[j * MAX_M + m] + b;
-        }
+/* Output features g*NB .. g*NB+NB-1 of y = x @ w^T + bias (M rows), with passes[r - 1] multiplying r
+ * rows of x (r <= MB) against the group's NB weight rows. */
+TGT static void one_group(int NB, const pass_fn *passes, const float *x, int64_t ldx, const uint16_t *w,
+                          int64_t ldw, const float *bias, float *y, int64_t ldy, int64_t M, int64_t N,
+                          int64_t K, int64_t g) {
+    const uint16_t *rows[3];
+    for (int j = 0; j < NB; j++) {
+        int64_t n = g * NB + j < N ? g * NB + j : N - 1; /* a short last group repeats its last row */
+        rows[j] = w + n * ldw;
     }
+    /* prefetch only inside the weight */
+    int64_t pf = (g + PF_GROUPS + 1) * NB <= N ? PF_GROUPS * NB * ldw : 0;
+    float out[3 * MAX_M];
+    for (int64_t m = 0; m < M; m += MB) {
+        int64_t r = M - m >= MB ? MB : M - m;
+        passes[r - 1](x + m * ldx, ldx, rows, K, out + m, m == 0 ? pf : 0);
+    }
+    for (int j = 0; j < NB && g * NB + j < N; j++) {
+        int64_t n = g * NB + j;
+        float b = bias ? bias[n] : 0.0f;
+        for (int64_t m = 0; m < M; m++) y[m * ldy + n] = out[j * MAX_M + m] + b;
+    }
+}
+
+static const pass_fn by3[MB] = {pass3x1, pass3x2, pass3x3, pass3x4};
+static const pass_fn by1[2] = {stream1, stream2};
+
+/* the group size and passes for M rows of x: one sequential weight stream for 1-2 rows, groups of 3 */
+static inline int group_rows(int64_t M, const pass_fn **passes) {
+    *passes = M <= 2 ? by1 : by3;
+    return M <= 2 ? 1 : 3;
 }
 
 /* Returns 0, or -1 for shapes it does not take (the caller then runs torch's kernel). */
 int bf16_linear_f32(const float *x, int64_t ldx, const uint16_t *w, int64_t ldw, const float *bias, float *y,
                     int64_t ldy, int64_t M, int64_t N, int64_t K, int nthreads) {
-    static const pass_fn by3[MB] = {pass3x1, pass3x2, pass3x3, pass3x4};
-    static const pass_fn by1[2] = {stream1, stream2};
     if (M < 1 || M > MAX_M || N < 1 || K < 1 || ldx < K || ldw < K || ldy < N) return -1;
     if (nthreads < 1) nthreads = 1;
-    if (M <= 2)
-        linear_groups(1, by1, x, ldx, w, ldw, bias, y, ldy, M, N, K, nthreads);
-    else
-        linear_groups(3, by3, x, ldx, w, ldw, bias, y, ldy, M, N, K, nthreads);
+    const pass_fn *passes;
+    int NB = group_rows(M, &passes);
+    int64_t groups = (N + NB - 1) / NB;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t g = 0; g < groups; g++) one_group(NB, passes, x, ldx, w, ldw, bias, y, ldy, M, N, K, g);
+    return 0;
+}
+
+/* The experts of a mixture-of-experts step in one call: expert e multiplies rows start[e] ..
+ * start[e] + count[e] - 1 of x by its own weight w[e] ([N, K], contiguous) into the same rows of y (no
+ * bias). The work (every expert's groups, in expert order) is split into one contiguous share per
+ * thread, so each thread streams its experts' weights back to back. Returns 0, or -1 when it does not
+ * take the call. */
+int bf16_grouped_linear_f32(const float *x, int64_t ldx, const int64_t *w, const int64_t *start,
+                            const int64_t *count, int64_t E, float *y, int64_t ldy, int64_t N, int64_t K,
+                            int nthreads) {
+    if (E < 1 || E > 4096 || N < 1 || K < 1 || ldx < K || ldy < N) return -1;
+    int64_t first[4097]; /* first[e]: index of expert e's first group in the flattened work */
+    first[0] = 0;
+    for (int64_t e = 0; e < E; e++) {
+        if (count[e] < 1 || count[e] > MAX_M || start[e] < 0) return -1;
+        const pass_fn *passes;
+        int NB = group_rows(count[e], &passes);
+        first[e + 1] = first[e] + (N + NB - 1) / NB;
+    }
+    int64_t total = first[E];
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        int64_t lo = total * t / nt, hi = total * (t + 1) / nt;
+        int64_t e = 0;
+        while (e < E && first[e + 1] <= lo) e++;
+        for (int64_t i = lo; i < hi; i++) {
+            while (i >= first[e + 1]) e++;
+            const pass_fn *passes;
+            int NB = group_rows(count[e], &passes);
+            one_group(NB, passes, x + start[e] * ldx, ldx, (const uint16_t *)(intptr_t)w[e], K, NULL,
+                      y + start[e] * ldy, ldy, count[e], N, K, i - first[e]);
+        }
+    }
     return 0;
 }
 

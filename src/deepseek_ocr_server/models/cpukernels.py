@@ -26,7 +26,7 @@ import torch
 log = logging.getLogger(__name__)
 
 #: the library's ABI version this module speaks (``dsocr_kernels_abi`` in the C source)
-ABI = 1
+ABI = 2
 #: :func:`bf16_linear` serves steps of at least this many rows: every decode step. At one row it reads
 #: the weight as one sequential stream per thread, as fast as torch's bf16 GEMV or faster (25-33 GB/s
 #: against 24-28, ``bench/bench_linear.py --as-cpu avx2``), and skips the GEMV's bf16 rounding of the
@@ -69,6 +69,9 @@ def _open(path: Path) -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn = lib.bf16_linear_f32
     fn.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    fn = lib.bf16_grouped_linear_f32
+    fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, ctypes.c_int]
     fn.restype = ctypes.c_int
     return lib
 
@@ -135,3 +138,41 @@ def bf16_linear(
     if rc != 0:
         return None
     return y.view(*x.shape[:-1], n)
+
+
+#: the most experts one grouped call takes (the C side's limit)
+MAX_GROUPS = 4096
+
+
+def bf16_grouped_linear(
+    x: torch.Tensor, weights: list[torch.Tensor], counts: list[int]
+) -> torch.Tensor | None:
+    """The experts of a mixture-of-experts decode step in one call: ``x`` (float32, ``[sum(counts), K]``)
+    holds each expert's rows one after the other, ``weights[e]`` (bfloat16 ``[N, K]``, all the same shape)
+    multiplies the ``counts[e]`` rows of expert ``e``; returns ``[sum(counts), N]`` in float32, or None
+    when the kernel does not take the call (as :func:`bf16_linear`; also when an expert has more than
+    :data:`MAX_ROWS` rows: prefill). Each expert's rows get exactly what :func:`bf16_linear` gives them,
+    without one Python call, thread fork and weight-stream start per expert."""
+    if not enabled or not weights or len(weights) != len(counts) or len(weights) > MAX_GROUPS:
+        return None
+    lib = _lib if _status is not None else load()
+    if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2:
+        return None
+    n, k = weights[0].shape
+    if x.shape != (sum(counts), k) or not all(1 <= c <= MAX_ROWS for c in counts):
+        return None
+    for w in weights:
+        if w.dtype != torch.bfloat16 or w.shape != (n, k) or not w.is_contiguous() or w.device.type != "cpu":
+            return None
+    x2 = x.contiguous()
+    starts, at = [], 0
+    for c in counts:
+        starts.append(at)
+        at += c
+    table = torch.tensor([[w.data_ptr() for w in weights], starts, counts], dtype=torch.int64)
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    rc = lib.bf16_grouped_linear_f32(
+        x2.data_ptr(), k, table[0].data_ptr(), table[1].data_ptr(), table[2].data_ptr(), len(weights),
+        y.data_ptr(), n, n, k, torch.get_num_threads(),
+    )  # fmt: skip
+    return y if rc == 0 else None

@@ -297,6 +297,26 @@ class WideningLinear(nn.Module):
         )
 
 
+def grouped_linear(layers: list[nn.Module], x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """``torch.cat([layers[e](x[rows of e]) for e])`` where expert ``e`` owns the next ``counts[e]`` rows
+    of ``x``: the experts of a mixture-of-experts step. Widening layers of one shape without a bias
+    (a decode step: few rows each) go through the package's grouped kernel in one call; anything else
+    runs layer by layer."""
+    first = layers[0]
+    if isinstance(first, WideningLinear) and first.bias is None and max(counts) <= first.narrow_max_rows:
+        if all(type(lay) is WideningLinear and lay.bias is None for lay in layers):
+            y = cpukernels.bf16_grouped_linear(
+                x.to(first.compute_dtype), [lay.weight for lay in layers], counts
+            )
+            if y is not None:
+                return y
+    out, at = [], 0
+    for lay, c in zip(layers, counts, strict=True):
+        out.append(lay(x[at : at + c]))
+        at += c
+    return torch.cat(out)
+
+
 _SCRATCH = threading.local()
 #: the largest widened weight kept in the per-thread scratch buffer (bigger ones allocate per call)
 SCRATCH_MAX_BYTES = 64 << 20

@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import cpukernels
 from ..common.blocks import Attention as _Attention
 from ..common.blocks import DecoderLayer, DecoderStack, GatedMLP
 from ..common.cache import KVCache
 from ..common.rope import rotate_half_rotary
+from ..layers import WideningLinear, grouped_linear
 from .config import LanguageConfig
 
 #: dense layer, shared experts, routed experts: the shared gated MLP (gate/up fused at load)
@@ -68,7 +70,10 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (T, H). Tokens are grouped by expert; only the experts some token selected run."""
         weights, idx = self.gate(x)  # (T, k) f32, (T, k)
-        if x.shape[0] == 1:  # one token (a decode step of one sequence): no grouping, no scatter
+        # one token (a decode step of one sequence): no grouping, no scatter, unless the experts are
+        # widening layers, whose grouped kernel runs all of them in one call (the same sums, in the same
+        # expert order)
+        if x.shape[0] == 1 and not (cpukernels.available() and isinstance(self.experts[0].down_proj, WideningLinear)):
             y = self._run_one(x, weights[0], idx[0].tolist())
         else:
             y = self._run_grouped(x, weights, idx)
@@ -89,15 +94,13 @@ class MoE(nn.Module):
         experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
         token_of = order // k
         x_sorted = x[token_of]  # the rows of each expert are contiguous: one gather, slices per expert
-        spans = []
-        start = 0
-        for e, c in zip(experts.tolist(), counts.tolist(), strict=True):
-            spans.append((self.experts[e], start, start + c))
-            start += c
-        # each expert's matmuls on its rows; the row-wise activation once for all experts (a decode step
-        # of 8 rows runs ~20 experts per layer: per-expert small ops would cost more than the activation)
-        h = Mlp.act(torch.cat([ex.gate_up_proj(x_sorted[a:b]) for ex, a, b in spans]))
-        y = torch.cat([ex.down_proj(h[a:b]) for ex, a, b in spans])
+        chosen = [self.experts[e] for e in experts.tolist()]
+        rows = counts.tolist()
+        # each expert's matmuls on its rows (one grouped kernel call for all of them in a decode step);
+        # the row-wise activation once for all experts (a decode step of 8 rows runs ~20 experts per
+        # layer: per-expert small ops would cost more than the activation)
+        h = Mlp.act(grouped_linear([ex.gate_up_proj for ex in chosen], x_sorted, rows))
+        y = grouped_linear([ex.down_proj for ex in chosen], h, rows)
         # expert outputs weighted and summed in float32, cast back once (HF-V2 moe_infer); a token's
         # contributions are added in expert order, as in _run_one
         y = y.to(torch.float32) * weights.reshape(-1)[order, None]
