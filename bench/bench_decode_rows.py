@@ -63,14 +63,17 @@ def main() -> None:
         print(
             f"# {len(wide)} widening layers keep a float32 copy (wide_min_rows {WideningLinear.wide_min_rows})"
         )
-    print(f"# read bandwidth {measure_bandwidth_gbs(args.threads):.1f} GB/s")
+    from deepseek_ocr_server.testing.probes import decode_weight_bytes
+
+    bandwidth = measure_bandwidth_gbs(args.threads)
+    print(f"# read bandwidth {bandwidth:.1f} GB/s")
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
     results: dict[tuple[str, int], float] = {}
     for rows in args.rows:
         caches, tokens = [], []
         for r in range(rows):
             prep = model.prepare(f"Say {words[r % len(words)]} {r}.", [])
-            logits, cache = model.prefill(prep, args.steps * len(settings) + 4)
+            logits, cache = model.prefill(prep, args.steps * len(settings) + 6)
             caches.append(cache)
             tokens.append(int(logits.argmax()))
         for name, (kernel_on, min_rows) in settings.items():
@@ -83,9 +86,17 @@ def main() -> None:
                 times.append(time.perf_counter() - t)
                 tokens = [int(x) for x in logits.argmax(-1)]
             results[(name, rows)] = rows / statistics.median(times[1:])
+        # the weight bytes one step reads (layer by layer: the grouped expert call runs no module hooks)
+        cpukernels.enabled = False
+        logits, nbytes = decode_weight_bytes(model, tokens, caches)
         cpukernels.enabled, WideningLinear.wide_min_rows = settings["default"]
         line = "  ".join(f"{name}: {results[(name, rows)]:.1f} tok/s" for name in settings)
-        print(f"rows {rows}: {line}", flush=True)
+        bound = rows * bandwidth * 1e9 / nbytes
+        print(
+            f"rows {rows}: {line}  | a step reads {nbytes / 1e9:.2f} GB: bound {bound:.1f} tok/s, "
+            f"default at {100 * results[('default', rows)] / bound:.0f} %",
+            flush=True,
+        )
     base = results[("default", args.rows[0])]
     for rows in args.rows[1:]:
         print(f"rows {rows} vs rows {args.rows[0]} (default): {results[('default', rows)] / base:.2f}x")
