@@ -192,3 +192,53 @@ def test_grouped_linear_takes_the_kernel_or_runs_layer_by_layer(
     plain = [torch.nn.Linear(40, 24) for _ in counts]  # not widening layers: layer by layer
     want = torch.cat([lay(part) for lay, part in zip(plain, x.split(counts), strict=True)])
     assert torch.equal(grouped_linear(plain, x, counts), want) and grouped == [1]
+
+
+@pytest.mark.parametrize(("kv_heads", "group", "d"), [(2, 8, 64), (3, 1, 32), (2, 2, 16), (1, 3, 24)])
+def test_decode_attention_matches_torch(kernel, kv_heads: int, group: int, d: int) -> None:  # noqa: ANN001
+    """The kernel's decode step (new k/v written, attention per sequence over its own cache, ragged
+    lengths, grouped-query heads) against the torch ops it replaces, on the same caches."""
+    from deepseek_ocr_server.models.common.cache import KVCache, decode_attention
+
+    g = torch.Generator().manual_seed(kv_heads * 100 + group * 10 + d)
+    lengths = [0, 1, 3, 4, 7, 8, 9, 37]  # below, at and past the kernel's blocks of 4 and 8 positions
+
+    def caches() -> list[KVCache]:
+        out = []
+        for i, n in enumerate(lengths):
+            c = KVCache(2, kv_heads, d, n + 1 + i, torch.float32, "cpu")
+            gen = torch.Generator().manual_seed(i)
+            c.k.copy_(torch.randn(c.k.shape, generator=gen))
+            c.v.copy_(torch.randn(c.v.shape, generator=gen))
+            c._length = n
+            out.append(c)
+        return out
+
+    b = len(lengths)
+    q = torch.randn(b, kv_heads * group, d, generator=g)
+    k = torch.randn(b, kv_heads, d, generator=g)
+    v = torch.randn(b, kv_heads, d, generator=g)
+    on, off = caches(), caches()
+    got = decode_attention(q, k, v, on, 1, d**-0.5)
+    kernel.enabled = False
+    try:
+        want = decode_attention(q, k, v, off, 1, d**-0.5)
+    finally:
+        kernel.enabled = True
+    assert got.shape == want.shape == (b, kv_heads * group * d)
+    assert (got - want).abs().max().item() < 1e-5
+    for a, c in zip(on, off, strict=True):  # the new key and value written at each sequence's position
+        assert torch.equal(a.k, c.k) and torch.equal(a.v, c.v)
+
+
+def test_decode_attention_declines_what_it_does_not_take(kernel) -> None:  # noqa: ANN001
+    keys = [torch.zeros(2, 8, 12)]  # d = 12: not a multiple of 8
+    q, k = torch.zeros(1, 2, 1, 12), torch.zeros(1, 2, 12)
+    assert kernel.decode_attention_f32(q, k, k, keys, keys, [3]) is None
+    keys = [torch.zeros(2, 8, 16)]
+    q, k = torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 16)
+    assert kernel.decode_attention_f32(q, k, k, keys, keys, [8]) is None  # past the capacity
+    assert kernel.decode_attention_f32(q.bfloat16(), k, k, keys, keys, [3]) is None
+    half = [t.half() for t in keys]
+    assert kernel.decode_attention_f32(q, k, k, half, half, [3]) is None
+    assert kernel.decode_attention_f32(q, k, k, keys, keys, [3]) is not None

@@ -26,7 +26,7 @@ import torch
 log = logging.getLogger(__name__)
 
 #: the library's ABI version this module speaks (``dsocr_kernels_abi`` in the C source)
-ABI = 2
+ABI = 3
 #: :func:`bf16_linear` serves steps of at least this many rows: every decode step. At one row it reads
 #: the weight as one sequential stream per thread, as fast as torch's bf16 GEMV or faster (25-33 GB/s
 #: against 24-28, ``bench/bench_linear.py --as-cpu avx2``), and skips the GEMV's bf16 rounding of the
@@ -72,6 +72,12 @@ def _open(path: Path) -> ctypes.CDLL:
     fn.restype = ctypes.c_int
     fn = lib.bf16_grouped_linear_f32
     fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    fn = lib.attn_scores_f32
+    fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, i64, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    fn = lib.attn_values_f32
+    fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ctypes.c_int]
     fn.restype = ctypes.c_int
     return lib
 
@@ -176,3 +182,65 @@ def bf16_grouped_linear(
         y.data_ptr(), n, n, k, torch.get_num_threads(),
     )  # fmt: skip
     return y if rc == 0 else None
+
+
+def decode_attention_f32(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    positions: list[int],
+) -> torch.Tensor | None:
+    """One decode step of attention for B sequences over their own float32 caches, or None when the
+    kernel does not take the call (the caller then runs torch's ops).
+
+    ``q`` ``[B, kv_heads, G, d]`` (scaled, float32), the new ``k``/``v`` ``[B, kv_heads, d]`` (float32),
+    ``keys[b]`` / ``values[b]``: sequence b's cache of this layer, ``[kv_heads, capacity, d]`` contiguous
+    float32; the new key and value are written at ``positions[b]`` and the query attends to positions
+    0..``positions[b]``. Returns ``[B, kv_heads, G, d]``. The scores come from the kernel, the softmax
+    from torch (over scores padded with -inf to the longest sequence), the weighted sum of the values
+    from the kernel."""
+    if not enabled:
+        return None
+    lib = _lib if _status is not None else load()
+    if lib is None or q.dim() != 4 or q.dtype != torch.float32 or q.device.type != "cpu":
+        return None
+    b, kvh, g, d = q.shape
+    if d % 8 or g > MAX_ROWS or k.shape != (b, kvh, d) or v.shape != (b, kvh, d):
+        return None
+    if k.dtype != torch.float32 or v.dtype != torch.float32:
+        return None
+    for kc, vc, p in zip(keys, values, positions, strict=True):
+        if kc.dtype != torch.float32 or kc.dim() != 3 or kc.shape[0] != kvh or kc.shape[2] != d:
+            return None
+        if vc.shape != kc.shape or vc.dtype != kc.dtype or not (kc.is_contiguous() and vc.is_contiguous()):
+            return None
+        if not 0 <= p < kc.shape[1]:
+            return None
+    lmax = max(positions) + 1
+    qc, kn, vn = q.contiguous(), k.contiguous(), v.contiguous()
+    table = torch.tensor(
+        [
+            [t.data_ptr() for t in keys],
+            [t.data_ptr() for t in values],
+            positions,
+            [t.stride(0) for t in keys],
+        ],
+        dtype=torch.int64,
+    )
+    scores = torch.empty(b, kvh, g, lmax)
+    threads = torch.get_num_threads()
+    rc = lib.attn_scores_f32(
+        qc.data_ptr(), kn.data_ptr(), vn.data_ptr(), table[0].data_ptr(), table[1].data_ptr(),
+        table[2].data_ptr(), table[3].data_ptr(), b, kvh, g, d, scores.data_ptr(), lmax, threads,
+    )  # fmt: skip
+    if rc != 0:
+        return None
+    p = torch.softmax(scores, dim=-1)
+    out = torch.empty(b, kvh, g, d)
+    rc = lib.attn_values_f32(
+        p.data_ptr(), table[1].data_ptr(), table[2].data_ptr(), table[3].data_ptr(), b, kvh, g, d, lmax,
+        out.data_ptr(), threads,
+    )  # fmt: skip
+    return out if rc == 0 else None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import cpukernels
 from ..base import SequenceCache
 
 #: positions reserved for the answer beyond the prompt when a cache is created (it grows when needed)
@@ -119,6 +120,15 @@ def decode_attention(
     kv_heads = k.shape[1]
     dtype = caches[0].k.dtype if caches[0].k is not None else q.dtype
     qs = q.view(b, kv_heads, heads // kv_heads, d).to(dtype) * scale
+    if dtype == torch.float32 and all(c.k is not None and c.v is not None for c in caches):
+        # the package's CPU kernel: the new k/v written and every sequence's attention in two calls, the
+        # cache read at memory speed (None when it is not built or does not take the call)
+        out = cpukernels.decode_attention_f32(
+            qs, k.to(dtype), v.to(dtype), [c.k[layer] for c in caches], [c.v[layer] for c in caches],
+            [c.length for c in caches],
+        )  # fmt: skip
+        if out is not None:
+            return out.view(b, heads * d)
     outs = []
     for i, cache in enumerate(caches):
         if cache.k is None or cache.v is None:
