@@ -1,12 +1,19 @@
 """The package's own CPU kernels (``_cpukernels.c``), and when they run.
 
-One kernel today, :func:`bf16_linear`: the decode step over a weight stored in bfloat16 with float32
-activations, the precision plan of a CPU without bf16 instructions (``layers.WideningLinear``). torch
-has no kernel that reads a bf16 weight once for several rows there: its bf16 GEMV makes one pass over the
-weight per row (and rounds the float32 input and output to bf16), and oneDNN has no bf16 on AVX2, so 8
-rows read a bf16 weight at ~5 GB/s. This one reads it once for all rows, widening in registers
-(``bench/bench_linear.py --as-cpu avx2``: at 8 rows 2.5-3.5x torch's bf16 kernel and ~2x packed float32
-per weight; at one row as fast as torch's GEMV or faster).
+Two kernels today:
+
+- :func:`bf16_linear` (and :func:`bf16_grouped_linear` for the experts of a mixture-of-experts step):
+  the decode step over a weight stored in bfloat16 with float32 activations, the precision plan of a CPU
+  without bf16 instructions (``layers.WideningLinear``). torch has no kernel that reads a bf16 weight
+  once for several rows there: its bf16 GEMV makes one pass over the weight per row (and rounds the
+  float32 input and output to bf16), and oneDNN has no bf16 on AVX2, so 8 rows read a bf16 weight at ~5
+  GB/s. This one reads it once for all rows, widening in registers (``bench/bench_linear.py --as-cpu
+  avx2``: at 8 rows 2.5-3.5x torch's bf16 kernel and ~2x packed float32 per weight; at one row as fast
+  as torch's GEMV or faster).
+- :func:`decode_attention_f32`: one decode step of attention for every running sequence over its own
+  float32 KV cache (every CPU class keeps the cache in float32), in two calls per layer instead of ~7
+  torch ops per sequence; it reads the caches at 15-21 GB/s where torch's batched matmuls read them at
+  7-13 (1.3-2x, ``bench/README.md``).
 
 The library is a plain shared object, built when the package is installed on Linux x86-64 with a C
 compiler (``setup.py``: an optional extension, the install goes on without it) and loaded with ctypes.
