@@ -231,9 +231,11 @@ def replace_linears(
 class WideningLinear(nn.Module):
     """A linear layer whose weight is stored narrow (bfloat16) while the model computes wider (float32).
 
-    Up to :attr:`narrow_max_rows` rows (decode: one row per running sequence) run the narrow kernel
-    directly, ``F.linear`` over the stored weight with the input rounded to it (the bandwidth-bound case:
-    half the bytes of float32 at the same read rate); more rows (prefill) widen THIS layer's weight to the
+    Up to :attr:`narrow_max_rows` rows (decode: one row per running sequence) read the stored weight
+    directly (the bandwidth-bound case: half the bytes of float32 at the same read rate): through the
+    package's kernel (:func:`.cpukernels.bf16_linear`: one read of the weight for all rows, float32
+    products) where it is built, else ``F.linear`` over the stored weight with the input rounded to it
+    (one pass per row), or the kept copy from :attr:`wide_min_rows` rows on; more rows (prefill) widen THIS layer's weight to the
     compute dtype for the duration of the call, into a reused scratch buffer, and run a float32 GEMM
     (the compute-bound case: emulated bf16 products are 10-100x slower without bf16 instructions). The
     widened copy is one layer's, transient: the model keeps one copy of its weights. Outputs are in the

@@ -15,7 +15,8 @@ A model has three kinds of work and they want different formats:
 
 So on a CPU without native bf16 the plan is: the vision tower in float32 (it is small: one copy, loaded
 straight in float32), the language model's linear weights and embedding stored ONCE in bfloat16 with
-float32 activations (``layers.WideningLinear``: a few rows run the bf16 kernel directly; many rows use a
+float32 activations (``layers.WideningLinear``: a few rows read the bf16 weight directly, through the
+package's own kernel where it is built (``cpukernels``), else torch's bf16 kernel; many rows use a
 kept float32 copy when the language model is small (``WIDE_COPY_MAX_BYTES``, logged at load), else widen
 that one layer's weight to float32 for the duration of the call), norms and other small tensors in
 float32.
