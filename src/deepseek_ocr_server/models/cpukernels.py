@@ -106,7 +106,10 @@ def load(path: Path | None = None) -> ctypes.CDLL | None:
                 lib = _open(target)
             except OSError as exc:
                 reason = f"cannot load {target.name}: {exc}"
-        _lib, _status = lib, ("AVX2 bf16 multi-row linear" if lib is not None else f"off: {reason}")
+        _lib, _status = (
+            lib,
+            ("on (AVX2): bf16 multi-row linear, decode attention" if lib is not None else f"off: {reason}"),
+        )
         return _lib
 
 
