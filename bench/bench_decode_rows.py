@@ -86,10 +86,8 @@ def main() -> None:
                 times.append(time.perf_counter() - t)
                 tokens = [int(x) for x in logits.argmax(-1)]
             results[(name, rows)] = rows / statistics.median(times[1:])
-        # the weight bytes one step reads (layer by layer: the grouped expert call runs no module hooks)
-        cpukernels.enabled = False
-        logits, nbytes = decode_weight_bytes(model, tokens, caches)
         cpukernels.enabled, WideningLinear.wide_min_rows = settings["default"]
+        logits, nbytes = decode_weight_bytes(model, tokens, caches)  # the weight bytes one step reads
         line = "  ".join(f"{name}: {results[(name, rows)]:.1f} tok/s" for name in settings)
         bound = rows * bandwidth * 1e9 / nbytes
         print(

@@ -95,7 +95,8 @@ def run_ours(ckpt: Path, dtype_name: str, new_tokens: int) -> dict:
     from deepseek_ocr_server.models.deepseek_ocr2.model import DeepseekOcr2Model
     from deepseek_ocr_server.testing.probes import decode_weight_bytes, timed_prefill
 
-    dtype = {"bf16": torch.bfloat16, "f32": torch.float32}[dtype_name]
+    # auto: the per-phase precision plan of this CPU class (the server's default)
+    dtype = {"bf16": torch.bfloat16, "f32": torch.float32, "auto": None}[dtype_name]
     t = time.perf_counter()
     model = DeepseekOcr2Model.load(ModelFiles.from_dir(ckpt), dtype=dtype)
     load_s = time.perf_counter() - t
@@ -251,7 +252,7 @@ def main() -> None:
     ap.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT)
     ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     ap.add_argument("--build", action="store_true", help="build the full-size checkpoint (once)")
-    ap.add_argument("--runs", default="", help="comma list of ours:bf16, ours:f32, tf:bf16, tf:f32")
+    ap.add_argument("--runs", default="", help="comma list of ours:auto, ours:bf16, ours:f32, tf:bf16, tf:f32")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)

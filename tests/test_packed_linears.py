@@ -218,6 +218,15 @@ def test_decode_weight_bytes_probe(deepseek_ckpt, paddle_ckpt):
     assert rest == 0 and len(moe) * k <= touched <= len(moe) * min(3 * k, len(moe[0].experts))
     m.set_packed(False)  # the same bytes, however stored
     assert decode_weight_bytes(m, [3, 40, 77], [m.prefill(prep, 4)[1] for _ in range(3)])[1] == read3
+    # the plan of a CPU without bf16 (the experts of a step in one grouped kernel call where it is built,
+    # no module hooks fire there): the probe still counts the experts the rows selected
+    from deepseek_ocr_server.models.precision import decide
+
+    w = DeepseekOcrModel.load(ModelFiles.from_dir(deepseek_ckpt), dtype=decide("cpu", "avx2"))
+    logits, c2 = w.prefill(w.prepare("Free OCR.", [_page()], TINY), 4)
+    routers = [layer.mlp.gate.weight for layer in w.net.model.layers if hasattr(layer.mlp, "experts")]
+    wider = sum(r.numel() * (r.element_size() - 2) for r in routers)  # that plan keeps routers in float32
+    assert decode_weight_bytes(w, [int(torch.argmax(logits))], [c2])[1] == read + wider
 
     p = PaddleOcrVlModel.load(ModelFiles.from_dir(paddle_ckpt), dtype=torch.bfloat16)
     logits, c = p.prefill(p.prepare("OCR:", []), 2)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models import cpukernels
 from ..models.base import OcrModel, Prepared, SequenceCache
 
 
@@ -91,9 +92,13 @@ def decode_weight_bytes(
         nbytes = _linear_bytes(m)
         if nbytes:
             handles.append(m.register_forward_pre_hook(hook(nbytes)))
+    # the package's grouped expert kernel runs a step's experts in one call, without their modules'
+    # forward (no hooks would fire): this step runs them layer by layer (same experts, same bytes)
+    kernels_on, cpukernels.enabled = cpukernels.enabled, False
     try:
         logits = model.decode(tokens, caches)
     finally:
+        cpukernels.enabled = kernels_on
         for h in handles:
             h.remove()
     return logits, sum(ran.values())
