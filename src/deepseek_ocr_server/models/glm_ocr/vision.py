@@ -14,7 +14,7 @@ from torch import nn
 
 from ..base import BetweenLayers, no_pause
 from ..common.blocks import GatedMLP, RMSNorm
-from ..paddleocr_vl.attention import image_attention
+from ..paddleocr_vl.attention import grid_rotary, image_attention
 from .config import VisionConfig
 
 
@@ -124,12 +124,8 @@ class VisionModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [N, 1, head_dim/2] (float32): the angle vector is [row*f | col*f] repeated twice, of
         which ``apply_rotary`` takes the first half."""
-        half = self.cfg.head_dim // 2
-        inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float32) / half))
         row, col = window_positions(grids, self.cfg.spatial_merge_size)
-        ang = torch.cat([row.float()[:, None] * inv_freq, col.float()[:, None] * inv_freq], dim=-1)
-        ang = ang.to(device)[:, None, :]
-        return ang.cos(), ang.sin()
+        return grid_rotary(row, col, self.cfg.head_dim, self.cfg.rope_theta, device)
 
     def downsampled(self, x: torch.Tensor) -> torch.Tensor:
         """The 2x2 stride-2 convolution over consecutive 4-row windows (TL, TR, BL, BR), as one GEMM."""

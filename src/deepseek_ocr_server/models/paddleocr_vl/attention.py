@@ -20,6 +20,21 @@ __all__ = ["TILE_ELEMENTS", "apply_rotary", "tiled_attention"]
 TILE_ELEMENTS = 1 << 22
 
 
+def grid_rotary(
+    row: torch.Tensor, col: torch.Tensor, head_dim: int, theta: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[N, 1, head_dim/2]`` (float32) of the 2-D image rotary for patches at (``row``, ``col``):
+    the angle vector is ``[row*f | col*f]`` over ``head_dim/4`` frequencies ``theta^(-2i/(head_dim/2))``,
+    the first half of the full ``[row*f | col*f | row*f | col*f]`` (what ``image_attention`` rotates
+    with). Both image towers (PaddleOCR-VL's, GLM-OCR's) use it; they differ in the patch order."""
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (torch.arange(0, half, 2, dtype=torch.float32, device=device) / half))
+    rows = row.to(device).float()[:, None] * inv_freq
+    cols = col.to(device).float()[:, None] * inv_freq
+    ang = torch.cat([rows, cols], dim=-1)[:, None, :]
+    return ang.cos(), ang.sin()
+
+
 def tiled_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = False
 ) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import BetweenLayers, no_pause
-from .attention import image_attention
+from .attention import grid_rotary, image_attention
 from .config import PaddleOcrVlConfig, VisionConfig
 
 
@@ -109,21 +109,13 @@ class VisionTransformer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [N, 1, head_dim/2] (float32) of the 2-D rotary; the full angle vector is
         [row*f | col*f | row*f | col*f], of which the first half is returned (see ``apply_rotary``)."""
-        d = self.cfg.head_dim
-        half = d // 2
-        inv_freq = 1.0 / (
-            self.cfg.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float32, device=device) / half)
-        )
         rows, cols = [], []
         for t, gh, gw in grids:
             r = torch.arange(gh, device=device).view(gh, 1).expand(gh, gw).reshape(-1)
             c = torch.arange(gw, device=device).view(1, gw).expand(gh, gw).reshape(-1)
             rows.append(r.repeat(t))
             cols.append(c.repeat(t))
-        row = torch.cat(rows).float()[:, None] * inv_freq
-        col = torch.cat(cols).float()[:, None] * inv_freq
-        ang = torch.cat([row, col], dim=-1)[:, None, :]
-        return ang.cos(), ang.sin()
+        return grid_rotary(torch.cat(rows), torch.cat(cols), self.cfg.head_dim, self.cfg.rope_theta, device)
 
     def forward(
         self,
