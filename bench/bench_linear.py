@@ -99,7 +99,7 @@ def main() -> None:
         del h
         if cpukernels.available():
             kinds["bf16 kernel"] = (
-                [lambda x, w=w: cpukernels.bf16_linear(x, w, min_rows=1) for w in bf], torch.float32, n * k * 2
+                [lambda x, w=w: cpukernels.bf16_linear(x, w) for w in bf], torch.float32, n * k * 2
             )
         kinds["bf16->f32"] = ([lambda x, w=w: F.linear(x, w.float()) for w in bf], torch.float32, n * k * 2)
         st = plan.weights_dtype

@@ -24,13 +24,10 @@ torch's kernels as before and :func:`status` says why; nothing else changes.
 from __future__ import annotations
 
 import ctypes
-import logging
 import threading
 from pathlib import Path
 
 import torch
-
-log = logging.getLogger(__name__)
 
 #: the library's ABI version this module speaks (``dsocr_kernels_abi`` in the C source)
 ABI = 3
@@ -123,23 +120,28 @@ def available() -> bool:
     return load() is not None
 
 
+def _active() -> ctypes.CDLL | None:
+    """The library for a call on the hot path: None when switched off or not loadable."""
+    if not enabled:
+        return None
+    return _lib if _status is not None else load()
+
+
 def bf16_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, min_rows: int = MIN_ROWS
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor | None:
     """``x @ weight.T + bias`` in float32 for a bfloat16 ``weight`` and a float32 ``x`` of
     :data:`MIN_ROWS`..:data:`MAX_ROWS` rows (any leading shape), or None when the kernel does not take
     the call (not built, switched off, other dtypes or devices, too few or too many rows): the caller
-    then runs torch's kernel. ``min_rows`` lowers the row floor (benchmarks time it at one row too)."""
-    if not enabled:
-        return None
-    lib = _lib if _status is not None else load()
+    then runs torch's kernel."""
+    lib = _active()
     if lib is None or x.dtype != torch.float32 or weight.dtype != torch.bfloat16:
         return None
     if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dim() != 2:
         return None
     n, k = weight.shape
     rows = x.numel() // max(1, k)
-    if not max(1, min_rows) <= rows <= MAX_ROWS or x.shape[-1] != k:
+    if not MIN_ROWS <= rows <= MAX_ROWS or x.shape[-1] != k:
         return None
     if bias is not None and (bias.dtype != torch.float32 or bias.numel() != n):
         return None
@@ -169,9 +171,9 @@ def bf16_grouped_linear(
     when the kernel does not take the call (as :func:`bf16_linear`; also when an expert has more than
     :data:`MAX_ROWS` rows: prefill). Each expert's rows get exactly what :func:`bf16_linear` gives them,
     without one Python call, thread fork and weight-stream start per expert."""
-    if not enabled or not weights or len(weights) != len(counts) or len(weights) > MAX_GROUPS:
+    if not weights or len(weights) != len(counts) or len(weights) > MAX_GROUPS:
         return None
-    lib = _lib if _status is not None else load()
+    lib = _active()
     if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2:
         return None
     n, k = weights[0].shape
@@ -211,9 +213,7 @@ def decode_attention_f32(
     0..``positions[b]``. Returns ``[B, kv_heads, G, d]``. The scores come from the kernel, the softmax
     from torch (over scores padded with -inf to the longest sequence), the weighted sum of the values
     from the kernel."""
-    if not enabled:
-        return None
-    lib = _lib if _status is not None else load()
+    lib = _active()
     if lib is None or q.dim() != 4 or q.dtype != torch.float32 or q.device.type != "cpu":
         return None
     b, kvh, g, d = q.shape

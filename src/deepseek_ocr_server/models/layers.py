@@ -299,19 +299,22 @@ class WideningLinear(nn.Module):
         )
 
 
+def runs_grouped(layer: nn.Module) -> bool:
+    """Whether :func:`grouped_linear` sends a decode step over layers like ``layer`` to the package's
+    grouped kernel (one call for all of them) rather than layer by layer."""
+    return type(layer) is WideningLinear and layer.bias is None and cpukernels.available()
+
+
 def grouped_linear(layers: list[nn.Module], x: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """``torch.cat([layers[e](x[rows of e]) for e])`` where expert ``e`` owns the next ``counts[e]`` rows
     of ``x``: the experts of a mixture-of-experts step. Widening layers of one shape without a bias
     (a decode step: few rows each) go through the package's grouped kernel in one call; anything else
     runs layer by layer."""
     first = layers[0]
-    if isinstance(first, WideningLinear) and first.bias is None and max(counts) <= first.narrow_max_rows:
-        if all(type(lay) is WideningLinear and lay.bias is None for lay in layers):
-            y = cpukernels.bf16_grouped_linear(
-                x.to(first.compute_dtype), [lay.weight for lay in layers], counts
-            )
-            if y is not None:
-                return y
+    if max(counts) <= getattr(first, "narrow_max_rows", 0) and all(runs_grouped(lay) for lay in layers):
+        y = cpukernels.bf16_grouped_linear(x.to(first.compute_dtype), [lay.weight for lay in layers], counts)
+        if y is not None:
+            return y
     out, at = [], 0
     for lay, c in zip(layers, counts, strict=True):
         out.append(lay(x[at : at + c]))

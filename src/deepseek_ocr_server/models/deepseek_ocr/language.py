@@ -12,12 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import cpukernels
 from ..common.blocks import Attention as _Attention
 from ..common.blocks import DecoderLayer, DecoderStack, GatedMLP
 from ..common.cache import KVCache
 from ..common.rope import rotate_half_rotary
-from ..layers import WideningLinear, grouped_linear
+from ..layers import grouped_linear, runs_grouped
 from .config import LanguageConfig
 
 #: dense layer, shared experts, routed experts: the shared gated MLP (gate/up fused at load)
@@ -70,10 +69,9 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (T, H). Tokens are grouped by expert; only the experts some token selected run."""
         weights, idx = self.gate(x)  # (T, k) f32, (T, k)
-        # one token (a decode step of one sequence): no grouping, no scatter, unless the experts are
-        # widening layers, whose grouped kernel runs all of them in one call (the same sums, in the same
-        # expert order)
-        if x.shape[0] == 1 and not (cpukernels.available() and isinstance(self.experts[0].down_proj, WideningLinear)):
+        # one token (a decode step of one sequence): no grouping, no scatter, unless the grouped kernel
+        # runs all of its experts in one call (the same sums, in the same expert order)
+        if x.shape[0] == 1 and not runs_grouped(self.experts[0].down_proj):
             y = self._run_one(x, weights[0], idx[0].tolist())
         else:
             y = self._run_grouped(x, weights, idx)
