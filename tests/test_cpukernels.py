@@ -242,3 +242,65 @@ def test_decode_attention_declines_what_it_does_not_take(kernel) -> None:  # noq
     half = [t.half() for t in keys]
     assert kernel.decode_attention_f32(q, k, k, half, half, [3]) is None
     assert kernel.decode_attention_f32(q, k, k, keys, keys, [3]) is not None
+
+
+def test_bf16_plan_keeps_experts_plain_for_the_grouped_kernel(kernel, deepseek_ckpt, monkeypatch) -> None:  # noqa: ANN001
+    """A plan computing in bf16 (a CPU with bf16 instructions, or an explicit ``--dtype bf16``) keeps the
+    experts of DeepSeek-OCR's MoE layers plain for the grouped kernel, and only those: decode steps of
+    one and three rows run it, with the logits of torch's bf16 linear on the same weights up to the bf16
+    rounding of a sum taken in another order (teacher-forced, so both runs see the same tokens)."""
+    from deepseek_ocr_server.models.base import ModelFiles
+    from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
+    from deepseek_ocr_server.models.layers import KernelLinear, keep_experts_plain
+    from deepseek_ocr_server.models.precision import decide
+
+    m = DeepseekOcrModel.load(ModelFiles.from_dir(deepseek_ckpt), dtype=torch.bfloat16)
+    moe = [layer.mlp for layer in m.net.model.layers if hasattr(layer.mlp, "experts")]
+    assert moe and all(
+        type(lay) is KernelLinear and lay.weight.dtype == torch.bfloat16
+        for mlp in moe for ex in mlp.experts for lay in (ex.gate_up_proj, ex.down_proj)
+    )  # fmt: skip
+    kernel_layers = {id(mod) for mod in m.net.modules() if type(mod) is KernelLinear}
+    assert len(kernel_layers) == 2 * sum(len(mlp.experts) for mlp in moe)  # nothing but the experts
+    # other plans keep their layers as they are
+    for plan in (decide("cpu", "avx2"), decide("cpu", "avx512-bf16", "f32")):
+        assert keep_experts_plain(torch.nn.Sequential(), plan) == 0
+
+    calls: list[int] = []
+    real = kernel.bf16_grouped_linear
+    def spy(*a):  # noqa: ANN002, ANN202
+        y = real(*a)
+        if y is not None:
+            calls.append(len(a[2]))
+        return y
+
+    monkeypatch.setattr(kernel, "bf16_grouped_linear", spy)
+    words = ["alpha", "beta", "gamma"]
+
+    def run(on: bool, forced: list[list[int]] | None = None) -> tuple[list[list[int]], torch.Tensor]:
+        kernel.enabled = on
+        try:
+            caches, toks = [], []
+            for word in words:
+                logits, cache = m.prefill(m.prepare(f"Say {word}.", []), 8)
+                caches.append(cache)
+                toks.append(int(logits.argmax()))
+            out, steps = [list(toks)], []
+            for i in range(4):
+                feed = forced[i] if forced else toks
+                logits = m.decode(feed, caches)
+                one = m.decode([feed[0]], [m.prefill(m.prepare(f"Say {words[0]}.", []), 8)[1]])
+                steps.append(torch.cat([logits, one]).float())
+                toks = [int(t) for t in logits.argmax(-1)]
+                out.append(toks)
+            return out, torch.stack(steps)
+        finally:
+            kernel.enabled = True
+
+    on_toks, on_logits = run(True)
+    assert calls and kernel.MIN_ROWS <= 1
+    calls.clear()
+    _, off_logits = run(False, forced=on_toks)
+    assert not calls  # switched off: torch's bf16 linear layer by layer
+    scale = off_logits.abs().max().item()
+    assert (on_logits - off_logits).abs().max().item() <= 0.05 * scale

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
+from deepseek_ocr_server.models import cpukernels
 from deepseek_ocr_server.models.base import ModelFiles, OcrModel, Prepared
 from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
 from deepseek_ocr_server.models.deepseek_ocr.options import VisionSettings
@@ -104,7 +105,9 @@ def test_packing_supported_only_on_cpu():
 
 
 @needs_bf16
-def test_deepseek_bf16_every_linear_packed_same_numbers(deepseek_ckpt):
+def test_deepseek_bf16_every_linear_packed_same_numbers(deepseek_ckpt, monkeypatch):
+    # with the package's kernels on, the experts stay plain for them (test_cpukernels.py tests that)
+    monkeypatch.setattr(cpukernels, "enabled", False)
     m = DeepseekOcrModel.load(ModelFiles.from_dir(deepseek_ckpt), dtype=torch.bfloat16)
     assert m.packed_layers == _linears(m.net) > 0 and _plain(m.net) == 0
     mlp = m.net.model.layers[1].mlp

@@ -299,10 +299,65 @@ class WideningLinear(nn.Module):
         )
 
 
+class KernelLinear(WideningLinear):
+    """A bfloat16 layer of a plan that computes in bfloat16 (a CPU with bf16 instructions), kept in the
+    plain ``[N, K]`` layout the package's kernel reads instead of oneDNN's packed one: the experts of a
+    mixture-of-experts layer (:func:`keep_experts_plain`).
+
+    An expert gets one or two rows in a decode step, where oneDNN's packed kernel pays a call of its own
+    per expert and reads the weight at 18-24 GB/s (``bench/bench_linear.py``, avx512-bf16); the grouped
+    kernel runs every chosen expert of a step in one call at 25-30 GB/s. Decode rows
+    (``cpukernels.MIN_ROWS`` .. :attr:`narrow_max_rows`) go through the kernel: float32 products of the
+    bf16 weight and the (exactly widened) bf16 activations, summed in float32 and rounded to bf16 like
+    oneDNN's output. More rows (prefill) run torch's bf16 GEMM on the plain weight (oneDNN reorders it
+    per call: measured 7-15 % slower than packed for the expert shapes at 88-512 rows). One copy of the
+    weight either way."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__(weight, bias, weight.dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, compute_dtype: torch.dtype | None = None) -> KernelLinear:
+        return cls(linear.weight, linear.bias)
+
+    def keep_wide_copy(self) -> None:  # already in the compute dtype: nothing to keep
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(1, x.shape[-1])
+        if cpukernels.MIN_ROWS <= rows <= self.narrow_max_rows:
+            bias = None if self.bias is None else self.bias.float()
+            y = cpukernels.bf16_linear(x.to(torch.float32), self.weight, bias)
+            if y is not None:
+                return y.to(self.compute_dtype)
+        return F.linear(x.to(self.compute_dtype), self.weight, self.bias)
+
+
+def keep_experts_plain(net: nn.Module, precision) -> int:  # noqa: ANN001 - models.precision.Precision
+    """On a CPU plan that computes in bfloat16 with the package's kernel available: turn the expert
+    layers of every mixture-of-experts module (one that declares ``kernel_experts = True`` and holds
+    them in ``experts``) into :class:`KernelLinear`, before packing (which then leaves them plain).
+    Returns the number of layers converted (0 on other plans, or with the kernels switched off:
+    ``cpukernels.enabled``)."""
+    if precision.compute != "bf16" or precision.widened or not (cpukernels.enabled and cpukernels.available()):
+        return 0
+
+    def keep(_name: str, lin: nn.Module) -> bool:
+        return lin.weight.dtype != torch.bfloat16 or lin.weight.device.type != "cpu"
+
+    n = 0
+    for mod in list(net.modules()):
+        if getattr(mod, "kernel_experts", False):
+            n += replace_linears(mod.experts, KernelLinear.from_linear, keep, source=nn.Linear)
+    if n:
+        log.info("%d expert layers kept in the plain bf16 layout for the package's grouped decode kernel", n)
+    return n
+
+
 def runs_grouped(layer: nn.Module) -> bool:
     """Whether :func:`grouped_linear` sends a decode step over layers like ``layer`` to the package's
     grouped kernel (one call for all of them) rather than layer by layer."""
-    return type(layer) is WideningLinear and layer.bias is None and cpukernels.available()
+    return type(layer) in (WideningLinear, KernelLinear) and layer.bias is None and cpukernels.available()
 
 
 def grouped_linear(layers: list[nn.Module], x: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -312,9 +367,9 @@ def grouped_linear(layers: list[nn.Module], x: torch.Tensor, counts: list[int]) 
     runs layer by layer."""
     first = layers[0]
     if max(counts) <= getattr(first, "narrow_max_rows", 0) and all(runs_grouped(lay) for lay in layers):
-        y = cpukernels.bf16_grouped_linear(x.to(first.compute_dtype), [lay.weight for lay in layers], counts)
+        y = cpukernels.bf16_grouped_linear(x.to(torch.float32), [lay.weight for lay in layers], counts)
         if y is not None:
-            return y
+            return y.to(first.compute_dtype)
     out, at = [], 0
     for lay, c in zip(layers, counts, strict=True):
         out.append(lay(x[at : at + c]))
@@ -431,6 +486,7 @@ def prepare_for_inference(
     if precision.widened:
         widen_language_layers(net, precision.compute_dtype)
         keep_wide_copies(net)
+    keep_experts_plain(net, precision)
     pack_model(net)
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import PackedLinear, replace_linears
+from .layers import KernelLinear, PackedLinear, replace_linears
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -107,8 +107,8 @@ class Int8Linear(nn.Module):
 def quantize_linears_int8(
     module: nn.Module, *, skip: Callable[[str, nn.Linear], bool] | None = None, min_features: int = 0
 ) -> int:
-    """Replace every ``nn.Linear`` / ``layers.PackedLinear`` under ``module`` (in place) by an
-    :class:`Int8Linear`.
+    """Replace every ``nn.Linear`` / ``layers.PackedLinear`` / ``layers.KernelLinear`` under ``module``
+    (in place) by an :class:`Int8Linear`.
 
     ``skip(qualified_name, linear)`` keeps a layer in full precision when it returns True (e.g. a router
     whose top-k choice is sensitive, or an lm_head); layers with ``min(in, out) < min_features`` are kept
@@ -116,7 +116,9 @@ def quantize_linears_int8(
     fused layer (q/k/v, gate/up: ``common.fused``) becomes one int8 layer: its scales are per output row,
     so they are the scales each projection would get on its own.
     """
-    return replace_linears(module, Int8Linear.from_linear, skip, min_features, source=(nn.Linear, PackedLinear))
+    return replace_linears(
+        module, Int8Linear.from_linear, skip, min_features, source=(nn.Linear, PackedLinear, KernelLinear)
+    )
 
 
 def int8_weight_bytes(module: nn.Module) -> int:

@@ -54,6 +54,10 @@ class MoEGate(nn.Module):
 
 
 class MoE(nn.Module):
+    #: its expert layers run through ``layers.grouped_linear``: a bf16-computing CPU plan keeps them in
+    #: the plain layout of the package's grouped kernel (``layers.keep_experts_plain``)
+    kernel_experts = True
+
     def __init__(self, cfg: LanguageConfig) -> None:
         super().__init__()
         self.gate = MoEGate(cfg)
