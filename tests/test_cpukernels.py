@@ -304,3 +304,21 @@ def test_bf16_plan_keeps_experts_plain_for_the_grouped_kernel(kernel, deepseek_c
     assert not calls  # switched off: torch's bf16 linear layer by layer
     scale = off_logits.abs().max().item()
     assert (on_logits - off_logits).abs().max().item() <= 0.05 * scale
+
+
+def test_grouped_linear_sends_only_the_few_row_experts_to_the_kernel(kernel, monkeypatch) -> None:  # noqa: ANN001
+    """Experts with more rows than the layer's ``narrow_max_rows`` run their own path; the rest share one
+    grouped call, and the rows come back in expert order either way."""
+    from deepseek_ocr_server.models.layers import KernelLinear, grouped_linear
+
+    g = torch.Generator().manual_seed(5)
+    counts = [1, KernelLinear.narrow_max_rows + 3, 2, KernelLinear.narrow_max_rows]
+    layers = [KernelLinear(torch.randn(24, 40, generator=g).bfloat16(), None) for _ in counts]
+    x = torch.randn(sum(counts), 40, generator=g).bfloat16()
+    sent: list[list[int]] = []
+    real = kernel.bf16_grouped_linear
+    monkeypatch.setattr(kernel, "bf16_grouped_linear", lambda xs, ws, cs: sent.append(list(cs)) or real(xs, ws, cs))
+    got = grouped_linear(layers, x, counts)
+    assert sent == [[c for c in counts if c <= KernelLinear.narrow_max_rows]]
+    want = torch.cat([lay(part) for lay, part in zip(layers, x.split(counts), strict=True)])
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)

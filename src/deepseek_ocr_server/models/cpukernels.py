@@ -4,7 +4,9 @@ Two kernels today:
 
 - :func:`bf16_linear` (and :func:`bf16_grouped_linear` for the experts of a mixture-of-experts step):
   the decode step over a weight stored in bfloat16 with float32 activations, the precision plan of a CPU
-  without bf16 instructions (``layers.WideningLinear``). torch has no kernel that reads a bf16 weight
+  without bf16 instructions (``layers.WideningLinear``); on a CPU with them, the experts of a
+  mixture-of-experts step (``layers.KernelLinear``: one call for every chosen expert, where oneDNN's
+  packed kernel pays a call per expert). torch has no kernel that reads a bf16 weight
   once for several rows there: its bf16 GEMV makes one pass over the weight per row (and rounds the
   float32 input and output to bf16), and oneDNN has no bf16 on AVX2, so 8 rows read a bf16 weight at ~5
   GB/s. This one reads it once for all rows, widening in registers (``bench/bench_linear.py --as-cpu

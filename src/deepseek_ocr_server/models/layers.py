@@ -12,7 +12,8 @@ no second copy of the weights is ever alive. It keeps one weight, in the model d
 and batched decode steps all use it. Sibling projections that read the same input (q/k/v, gate/up) are
 already one layer by then (fused at load: ``common.fused``), so they pack as one. Where oneDNN cannot run
 the dtype (other devices, a CPU without bfloat16 support in oneDNN, float16 here) the layers stay plain
-``nn.Linear`` (:func:`packing_supported`).
+``nn.Linear`` (:func:`packing_supported`). One exception on a bf16-computing plan: the experts of a
+mixture-of-experts layer stay plain for the package's grouped decode kernel (:class:`KernelLinear`).
 """
 
 from __future__ import annotations
@@ -309,9 +310,14 @@ class KernelLinear(WideningLinear):
     kernel runs every chosen expert of a step in one call at 25-30 GB/s. Decode rows
     (``cpukernels.MIN_ROWS`` .. :attr:`narrow_max_rows`) go through the kernel: float32 products of the
     bf16 weight and the (exactly widened) bf16 activations, summed in float32 and rounded to bf16 like
-    oneDNN's output. More rows (prefill) run torch's bf16 GEMM on the plain weight (oneDNN reorders it
-    per call: measured 7-15 % slower than packed for the expert shapes at 88-512 rows). One copy of the
-    weight either way."""
+    oneDNN's output. More rows (an expert that many rows of a batched step chose; prefill) run torch's
+    bf16 GEMM on the plain weight (oneDNN reorders it per call: 7-15 % slower than packed for the expert
+    shapes at 88-512 rows, within the noise for a whole prefill). One copy of the weight either way."""
+
+    #: measured on avx512-bf16 (expert shapes, from DRAM): the kernel reads the weight faster than
+    #: oneDNN up to ~4 rows (1 row: 27-29 GB/s against 19-24 packed, 15-17 plain); at 8 rows oneDNN's bf16
+    #: products win (plain weight 127 GFLOP/s, packed 163, the kernel's float32 ones ~100)
+    narrow_max_rows: int = 4
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__(weight, bias, weight.dtype)
@@ -362,19 +368,33 @@ def runs_grouped(layer: nn.Module) -> bool:
 
 def grouped_linear(layers: list[nn.Module], x: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """``torch.cat([layers[e](x[rows of e]) for e])`` where expert ``e`` owns the next ``counts[e]`` rows
-    of ``x``: the experts of a mixture-of-experts step. Widening layers of one shape without a bias
-    (a decode step: few rows each) go through the package's grouped kernel in one call; anything else
-    runs layer by layer."""
+    of ``x``: the experts of a mixture-of-experts step. Of widening / kernel layers of one shape without
+    a bias, the experts with at most ``narrow_max_rows`` rows (a decode step: few rows each) go through
+    the package's grouped kernel in one call, the others layer by layer (their own many-rows path);
+    anything else runs layer by layer."""
     first = layers[0]
-    if max(counts) <= getattr(first, "narrow_max_rows", 0) and all(runs_grouped(lay) for lay in layers):
-        y = cpukernels.bf16_grouped_linear(x.to(torch.float32), [lay.weight for lay in layers], counts)
-        if y is not None:
-            return y.to(first.compute_dtype)
-    out, at = [], 0
-    for lay, c in zip(layers, counts, strict=True):
-        out.append(lay(x[at : at + c]))
-        at += c
-    return torch.cat(out)
+    limit = getattr(first, "narrow_max_rows", 0)
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    small = [e for e, c in enumerate(counts) if c <= limit]
+    if small and all(runs_grouped(lay) for lay in layers):
+        xs = x if len(small) == len(counts) else torch.cat([x[starts[e] : starts[e + 1]] for e in small])
+        ys = cpukernels.bf16_grouped_linear(
+            xs.to(torch.float32), [layers[e].weight for e in small], [counts[e] for e in small]
+        )  # fmt: skip
+        if ys is not None:
+            ys = ys.to(first.compute_dtype)
+            if len(small) == len(counts):
+                return ys
+            parts, at, kernel_rows = [], 0, {}
+            for e in small:
+                kernel_rows[e] = ys[at : at + counts[e]]
+                at += counts[e]
+            for e, lay in enumerate(layers):
+                parts.append(kernel_rows[e] if e in kernel_rows else lay(x[starts[e] : starts[e + 1]]))
+            return torch.cat(parts)
+    return torch.cat([lay(x[starts[e] : starts[e + 1]]) for e, lay in enumerate(layers)])
 
 
 _SCRATCH = threading.local()
