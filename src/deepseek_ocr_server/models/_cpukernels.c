@@ -15,7 +15,7 @@
  * PF_GROUPS groups ahead is prefetched into L2 (not L1) while one group runs: measured on Zen 4 from
  * DRAM, against prefetching into L1 two groups ahead, 8 rows 1.12-1.35x (95-103 -> 110-138 GFLOP/s), 4
  * rows 1.3-1.5x, 2 rows 1.3-1.5x (the stream had no software prefetch: 31-43 -> 47-55 GFLOP/s, i.e.
- * the memory bandwidth), one row unchanged.
+ * the memory bandwidth); one row reads the weight without it.
  *
  * attn_scores_f32 / attn_values_f32: one decode step of attention for several sequences, each over its
  * own float32 KV cache (grouped-query: the G query heads of a kv head read its keys and values once).
@@ -101,8 +101,9 @@ DEFINE_PASS(pass3x2, 3, 2)
 DEFINE_PASS(pass3x3, 3, 3)
 DEFINE_PASS(pass3x4, 3, 4)
 
-/* R (1-2) rows of x against ONE weight row w[0] over K, four accumulators along K per row of x; the
- * weight pf elements ahead is prefetched into L2, one cache line per step. */
+/* R (1-2) rows of x against ONE weight row w[0] over K, four accumulators along K per row of x; at 2
+ * rows the weight pf elements ahead is prefetched into L2, one cache line per step (at one row the
+ * hardware prefetcher alone keeps up: a software prefetch there cost DeepSeek-OCR's step ~10 %). */
 #define DEFINE_STREAM(NAME, R)                                                                            \
     TGT static void NAME(const float *x, int64_t ldx, const uint16_t *const *w, int64_t K, float *out,   \
                          int64_t pf) {                                                                   \
@@ -112,7 +113,7 @@ DEFINE_PASS(pass3x4, 3, 4)
             for (int u = 0; u < 4; u++) a[i][u] = _mm256_setzero_ps();                                    \
         int64_t k = 0;                                                                                    \
         for (; k + 32 <= K; k += 32) {                                                                    \
-            if (pf) _mm_prefetch((const char *)(w0 + k + pf), _MM_HINT_T1);                               \
+            if (R > 1 && pf) _mm_prefetch((const char *)(w0 + k + pf), _MM_HINT_T1);                      \
             for (int u = 0; u < 4; u++) {                                                                 \
                 __m256 v = load_bf16x8(w0 + k + 8 * u);                                                   \
                 for (int i = 0; i < R; i++)                                                               \
