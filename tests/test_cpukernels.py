@@ -234,14 +234,14 @@ def test_decode_attention_matches_torch(kernel, kv_heads: int, group: int, d: in
 def test_decode_attention_declines_what_it_does_not_take(kernel) -> None:  # noqa: ANN001
     keys = [torch.zeros(2, 8, 12)]  # d = 12: not a multiple of 8
     q, k = torch.zeros(1, 2, 1, 12), torch.zeros(1, 2, 12)
-    assert kernel.decode_attention_f32(q, k, k, keys, keys, [3]) is None
+    assert kernel.decode_attention(q, k, k, keys, keys, [3]) is None
     keys = [torch.zeros(2, 8, 16)]
     q, k = torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 16)
-    assert kernel.decode_attention_f32(q, k, k, keys, keys, [8]) is None  # past the capacity
-    assert kernel.decode_attention_f32(q.bfloat16(), k, k, keys, keys, [3]) is None
+    assert kernel.decode_attention(q, k, k, keys, keys, [8]) is None  # past the capacity
+    assert kernel.decode_attention(q.bfloat16(), k, k, keys, keys, [3]) is None
     half = [t.half() for t in keys]
-    assert kernel.decode_attention_f32(q, k, k, half, half, [3]) is None
-    assert kernel.decode_attention_f32(q, k, k, keys, keys, [3]) is not None
+    assert kernel.decode_attention(q, k, k, half, half, [3]) is None
+    assert kernel.decode_attention(q, k, k, keys, keys, [3]) is not None
 
 
 def test_bf16_plan_keeps_experts_plain_for_the_grouped_kernel(kernel, deepseek_ckpt, monkeypatch) -> None:  # noqa: ANN001
@@ -322,3 +322,75 @@ def test_grouped_linear_sends_only_the_few_row_experts_to_the_kernel(kernel, mon
     assert sent == [[c for c in counts if c <= KernelLinear.narrow_max_rows]]
     want = torch.cat([lay(part) for lay, part in zip(layers, x.split(counts), strict=True)])
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize(("kv_heads", "group", "d"), [(2, 8, 64), (3, 1, 32), (1, 3, 24)])
+def test_decode_attention_over_bf16_caches_equals_float32_caches(kernel, kv_heads: int, group: int, d: int) -> None:  # noqa: ANN001
+    """A bf16 cache holding bf16 values gives exactly what a float32 cache holding the same values gives
+    (the kernel widens as it loads: the same float32 products), and the new key/value is written rounded
+    to bf16 (exact here: the inputs are bf16 values)."""
+    from deepseek_ocr_server.models.common.cache import KVCache, decode_attention
+
+    lengths = [0, 1, 3, 4, 7, 8, 9, 37]
+    g = torch.Generator().manual_seed(kv_heads * 10 + group + d)
+
+    def caches(dtype: torch.dtype) -> list[KVCache]:
+        out = []
+        for i, n in enumerate(lengths):
+            c = KVCache(2, kv_heads, d, n + 1 + i, dtype, "cpu")
+            gen = torch.Generator().manual_seed(i)
+            c.k.copy_(torch.randn(c.k.shape, generator=gen).bfloat16())
+            c.v.copy_(torch.randn(c.v.shape, generator=gen).bfloat16())
+            c._length = n
+            out.append(c)
+        return out
+
+    b = len(lengths)
+    q = torch.randn(b, kv_heads * group, d, generator=g).bfloat16()
+    k = torch.randn(b, kv_heads, d, generator=g).bfloat16()
+    v = torch.randn(b, kv_heads, d, generator=g).bfloat16()
+    wide, narrow = caches(torch.float32), caches(torch.bfloat16)
+    want = decode_attention(q, k, v, wide, 1, d**-0.5)
+    got = decode_attention(q, k, v, narrow, 1, d**-0.5)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want.bfloat16())
+    for a, c in zip(narrow, wide, strict=True):
+        assert torch.equal(a.k.float(), c.k) and torch.equal(a.v.float(), c.v)
+    # torch's ops over the bf16 caches (the kernel off): the same up to their bf16 matmuls' rounding
+    kernel.enabled = False
+    try:
+        ref = decode_attention(q, k, v, caches(torch.bfloat16), 1, d**-0.5)
+    finally:
+        kernel.enabled = True
+    assert (got.float() - ref.float()).abs().max().item() < 3e-2
+
+
+def test_bf16_kv_cache_plan_gives_the_float32_cache_logits(kernel, deepseek_ckpt, paddle_ckpt) -> None:  # noqa: ANN001
+    """The native-bf16 plan with the kernels keeps a bf16 KV cache; its prefill and decode logits equal
+    those of the same plan with a float32 cache bit for bit (the cache holds the same bf16 values)."""
+    from dataclasses import replace
+
+    from deepseek_ocr_server.models.base import ModelFiles
+    from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
+    from deepseek_ocr_server.models.paddleocr_vl.model import PaddleOcrVlModel
+    from deepseek_ocr_server.models.precision import decide
+
+    plan = decide("cpu", "avx512-bf16", kernels=True)
+    assert plan.kv_cache == "bf16" and decide("cpu", "avx512-bf16").kv_cache == "f32"
+    for cls, ckpt in ((DeepseekOcrModel, deepseek_ckpt), (PaddleOcrVlModel, paddle_ckpt)):
+        runs = []
+        for p in (plan, replace(plan, kv_cache="f32")):
+            m = cls.load(ModelFiles.from_dir(ckpt), dtype=p)
+            assert m.cache_dtype == p.kv_dtype
+            caches, toks, steps = [], [], []
+            for word in ("alpha", "beta", "gamma"):
+                logits, cache = m.prefill(m.prepare(f"Say {word}.", []), 8)
+                assert cache.k.dtype == p.kv_dtype
+                caches.append(cache)
+                toks.append(int(logits.argmax()))
+                steps.append(logits.float())
+            for _ in range(4):
+                logits = m.decode(toks, caches)
+                steps.append(logits.float())
+                toks = [int(t) for t in logits.argmax(-1)]
+            runs.append(torch.cat([s.reshape(-1) for s in steps]))
+        assert torch.equal(runs[0], runs[1]), cls.__name__

@@ -69,6 +69,15 @@ def test_every_class_is_faked_and_decided() -> None:
         assert cls in p.source
 
 
+def test_kv_cache_is_bf16_only_where_bf16_is_computed_and_the_kernels_run() -> None:
+    for cls in CPU_CLASSES:
+        p = decide("cpu", cls, kernels=True)
+        want = "bf16" if TABLE[cls][1] == "bf16" else "f32"
+        assert p.kv_cache == want and (p.vision, p.compute, p.weights) == TABLE[cls][:3], cls
+        for d in ("f32", "bf16"):  # an explicit dtype keeps the float32 cache
+            assert decide("cpu", cls, d, kernels=True).kv_cache == "f32"
+
+
 def test_explicit_dtype_means_what_it_says_and_other_devices() -> None:
     for cls in CPU_CLASSES:
         for d in ("f32", "bf16", "f16"):
@@ -185,10 +194,12 @@ def _run(m, n: int, forced: list[int] | None = None) -> tuple[list[int], torch.T
     return toks, torch.stack(out)
 
 
-#: every distinct plan the table produces on CPU (the explicit bf16 one equals the native-bf16 one)
+#: every distinct plan the table produces on CPU (the explicit bf16 one equals the native-bf16 one without
+#: the kernels; with them, the native-bf16 plan keeps a bf16 KV cache)
 PLANS = list(
     {
-        (p.vision, p.compute, p.weights, p.kv_cache): p for p in map(lambda c: decide("cpu", c), CPU_CLASSES)
+        (p.vision, p.compute, p.weights, p.kv_cache): p
+        for p in [*map(lambda c: decide("cpu", c), CPU_CLASSES), decide("cpu", "avx512-bf16", kernels=True)]
     }.values()
 )
 

@@ -17,8 +17,9 @@
  * rows 1.3-1.5x, 2 rows 1.3-1.5x (the stream had no software prefetch: 31-43 -> 47-55 GFLOP/s, i.e.
  * the memory bandwidth); one row reads the weight without it.
  *
- * attn_scores_f32 / attn_values_f32: one decode step of attention for several sequences, each over its
- * own float32 KV cache (grouped-query: the G query heads of a kv head read its keys and values once).
+ * attn_scores_f32 / attn_values_f32 (and the _bf16kv pair for bfloat16 caches): one decode step of
+ * attention for several sequences, each over its own KV cache (grouped-query: the G query heads of a
+ * kv head read its keys and values once).
  * torch's batched matmuls read a cache at 8-9 GB/s at these shapes (one query row per head, a few
  * thousand positions), and a step of 8 sequences pays ~7 small ops per sequence and layer. Between the
  * two calls the caller runs torch's softmax over the padded scores, so the probabilities are torch's.
@@ -33,7 +34,7 @@
 #include <string.h>
 
 /* the ABI the Python side checks before it calls anything */
-int dsocr_kernels_abi(void) { return 3; }
+int dsocr_kernels_abi(void) { return 4; }
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -221,18 +222,46 @@ int bf16_grouped_linear_f32(const float *x, int64_t ldx, const int64_t *w, const
 }
 
 /* ---------------------------------------------------------------------------------------------------
- * decode attention over float32 caches
+ * decode attention over float32 or bfloat16 caches (BF: 0 or 1, a constant in every instance; bf16
+ * cache rows are widened to float32 as they are loaded, so the products and sums are the same float32
+ * ones: a bf16 cache holds exactly the bf16 keys and values a bf16-computing model writes)
  * ------------------------------------------------------------------------------------------------- */
+#define AINL TGT static inline __attribute__((always_inline))
+/* 8 cache elements at element index i of row base as float32 */
+#define LDC(BF, base, i) \
+    ((BF) ? load_bf16x8((const uint16_t *)(base) + (i)) : _mm256_loadu_ps((const float *)(base) + (i)))
 
-/* One query row against 8 consecutive key rows k[0..8) (row stride d, d % 8 == 0): the 8 dot products,
+static inline float cache_at(const void *base, int64_t i, int bf) {
+    return bf ? bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+/* float32 -> bfloat16, round to nearest even (exact for values that are bf16 already) */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* row `at` of a cache block (d elements) := src */
+static inline void put_row(void *base, int64_t at, const float *src, int64_t d, int bf) {
+    if (!bf) {
+        memcpy((float *)base + at * d, src, d * sizeof(float));
+        return;
+    }
+    uint16_t *dst = (uint16_t *)base + at * d;
+    for (int64_t t = 0; t < d; t++) dst[t] = f32_to_bf16(src[t]);
+}
+
+/* One query row against 8 consecutive key rows (row stride d, d % 8 == 0): the 8 dot products,
  * reduced together into one vector (lane j = q . k_j) instead of 8 horizontal sums. */
-TGT static inline __m256 qk8(const float *q, const float *k, int64_t d) {
+AINL __m256 qk8(const float *q, const void *K, int64_t l, int64_t d, int BF) {
     __m256 a[8];
     for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
     for (int64_t t = 0; t < d; t += 8) {
         __m256 qv = _mm256_loadu_ps(q + t);
         __asm__("" : "+x"(qv));
-        for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(k + j * d + t), qv, a[j]);
+        for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(LDC(BF, K, (l + j) * d + t), qv, a[j]);
     }
     __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
     __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
@@ -243,14 +272,14 @@ TGT static inline __m256 qk8(const float *q, const float *k, int64_t d) {
 
 /* Two query rows q0, q1 against 4 consecutive key rows: lanes 0-3 = q0 . k_j, lanes 4-7 = q1 . k_j
  * (8 accumulators, 6 loads per 8 FMAs). */
-TGT static inline __m256 qk4x2(const float *q0, const float *q1, const float *k, int64_t d) {
+AINL __m256 qk4x2(const float *q0, const float *q1, const void *K, int64_t l, int64_t d, int BF) {
     __m256 a[4], b[4];
     for (int j = 0; j < 4; j++) a[j] = b[j] = _mm256_setzero_ps();
     for (int64_t t = 0; t < d; t += 8) {
         __m256 x0 = _mm256_loadu_ps(q0 + t), x1 = _mm256_loadu_ps(q1 + t);
         __asm__("" : "+x"(x0), "+x"(x1));
         for (int j = 0; j < 4; j++) {
-            __m256 kv = _mm256_loadu_ps(k + j * d + t);
+            __m256 kv = LDC(BF, K, (l + j) * d + t);
             a[j] = _mm256_fmadd_ps(kv, x0, a[j]);
             b[j] = _mm256_fmadd_ps(kv, x1, b[j]);
         }
@@ -261,63 +290,85 @@ TGT static inline __m256 qk4x2(const float *q0, const float *q1, const float *k,
     return _mm256_add_ps(_mm256_permute2f128_ps(ua, ub, 0x20), _mm256_permute2f128_ps(ua, ub, 0x31));
 }
 
-static inline float dot_f32(const float *a, const float *b, int64_t d) {
-    float s = 0.0f;
-    for (int64_t t = 0; t < d; t++) s += a[t] * b[t];
-    return s;
+/* one (sequence, kv head) item of step 1 (see attn_scores) */
+AINL void scores_item(const float *qb, const float *kn, const float *vn, void *K, void *V, int64_t pos,
+                      int64_t G, int64_t d, float *sc, int64_t lmax, int BF) {
+    int64_t L = pos + 1;
+    put_row(K, pos, kn, d, BF);
+    put_row(V, pos, vn, d, BF);
+    int64_t l = 0;
+    if (G % 2 == 0) { /* pairs of query rows against 4 key rows: fewer loads per product */
+        for (; l + 4 <= L; l += 4)
+            for (int64_t g = 0; g < G; g += 2) {
+                float r[8];
+                _mm256_storeu_ps(r, qk4x2(qb + g * d, qb + (g + 1) * d, K, l, d, BF));
+                memcpy(sc + g * lmax + l, r, 4 * sizeof(float));
+                memcpy(sc + (g + 1) * lmax + l, r + 4, 4 * sizeof(float));
+            }
+    }
+    for (; l + 8 <= L; l += 8)
+        for (int64_t g = 0; g < G; g++) _mm256_storeu_ps(sc + g * lmax + l, qk8(qb + g * d, K, l, d, BF));
+    for (; l < L; l++)
+        for (int64_t g = 0; g < G; g++) {
+            float s = 0.0f;
+            for (int64_t t = 0; t < d; t++) s += qb[g * d + t] * cache_at(K, l * d + t, BF);
+            sc[g * lmax + l] = s;
+        }
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t l2 = L; l2 < lmax; l2++) sc[g * lmax + l2] = -__builtin_inff();
 }
 
-/* Step 1. For sequence b (of B) and kv head h: writes its new key and value (knew/vnew [B, kvh, d]) at
- * position pos[b] of its cache, then scores[b, h, g, l] = q[b, h, g, :] . K[l, :] for l <= pos[b] and
- * -inf for pos[b] < l < lmax (q [B, kvh, G, d], already scaled). Sequence b's cache of this layer:
- * keys at kptr[b] + h * hstride[b] + l * d (values at vptr[b], same layout). Returns 0, or -1. */
-TGT int attn_scores_f32(const float *q, const float *knew, const float *vnew, const int64_t *kptr,
-                    const int64_t *vptr, const int64_t *pos, const int64_t *hstride, int64_t B, int64_t kvh,
-                    int64_t G, int64_t d, float *scores, int64_t lmax, int nthreads) {
+/* Step 1. For sequence b (of B) and kv head h: writes its new key and value (knew/vnew [B, kvh, d],
+ * float32; rounded to bf16 in a bf16 cache) at position pos[b] of its cache, then scores[b, h, g, l] =
+ * q[b, h, g, :] . K[l, :] for l <= pos[b] and -inf for pos[b] < l < lmax (q [B, kvh, G, d], already
+ * scaled). Sequence b's cache of this layer: keys at element kptr[b] + h * hstride[b] + l * d (values
+ * at vptr[b], same layout), float32 or (bf16kv) bfloat16 elements. Returns 0, or -1. */
+TGT static int attn_scores(const float *q, const float *knew, const float *vnew, const int64_t *kptr,
+                       const int64_t *vptr, const int64_t *pos, const int64_t *hstride, int64_t B, int64_t kvh,
+                       int64_t G, int64_t d, float *scores, int64_t lmax, int nthreads, int bf16kv) {
     if (B < 1 || kvh < 1 || G < 1 || G > MAX_M || d < 8 || d % 8) return -1;
     for (int64_t b = 0; b < B; b++)
         if (pos[b] < 0 || pos[b] >= lmax || hstride[b] < (pos[b] + 1) * d) return -1;
     if (nthreads < 1) nthreads = 1;
+    size_t es = bf16kv ? 2 : 4;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t item = 0; item < B * kvh; item++) {
-        int64_t b = item / kvh, h = item % kvh, L = pos[b] + 1;
-        float *K = (float *)(intptr_t)kptr[b] + h * hstride[b];
-        float *V = (float *)(intptr_t)vptr[b] + h * hstride[b];
-        memcpy(K + pos[b] * d, knew + item * d, d * sizeof(float));
-        memcpy(V + pos[b] * d, vnew + item * d, d * sizeof(float));
-        const float *qb = q + item * G * d;
+        int64_t b = item / kvh, h = item % kvh;
+        void *K = (char *)(intptr_t)kptr[b] + h * hstride[b] * es;
+        void *V = (char *)(intptr_t)vptr[b] + h * hstride[b] * es;
+        const float *qb = q + item * G * d, *kn = knew + item * d, *vn = vnew + item * d;
         float *sc = scores + item * G * lmax;
-        int64_t l = 0;
-        if (G % 2 == 0) { /* pairs of query rows against 4 key rows: fewer loads per product */
-            for (; l + 4 <= L; l += 4)
-                for (int64_t g = 0; g < G; g += 2) {
-                    float r[8];
-                    _mm256_storeu_ps(r, qk4x2(qb + g * d, qb + (g + 1) * d, K + l * d, d));
-                    memcpy(sc + g * lmax + l, r, 4 * sizeof(float));
-                    memcpy(sc + (g + 1) * lmax + l, r + 4, 4 * sizeof(float));
-                }
-        }
-        for (; l + 8 <= L; l += 8)
-            for (int64_t g = 0; g < G; g++) _mm256_storeu_ps(sc + g * lmax + l, qk8(qb + g * d, K + l * d, d));
-        for (; l < L; l++)
-            for (int64_t g = 0; g < G; g++) sc[g * lmax + l] = dot_f32(qb + g * d, K + l * d, d);
-        for (int64_t g = 0; g < G; g++)
-            for (int64_t l = L; l < lmax; l++) sc[g * lmax + l] = -__builtin_inff();
+        if (bf16kv)
+            scores_item(qb, kn, vn, K, V, pos[b], G, d, sc, lmax, 1);
+        else
+            scores_item(qb, kn, vn, K, V, pos[b], G, d, sc, lmax, 0);
     }
     return 0;
 }
 
+int attn_scores_f32(const float *q, const float *knew, const float *vnew, const int64_t *kptr, const int64_t *vptr,
+                    const int64_t *pos, const int64_t *hstride, int64_t B, int64_t kvh, int64_t G, int64_t d,
+                    float *scores, int64_t lmax, int nthreads) {
+    return attn_scores(q, knew, vnew, kptr, vptr, pos, hstride, B, kvh, G, d, scores, lmax, nthreads, 0);
+}
+
+int attn_scores_bf16kv(const float *q, const float *knew, const float *vnew, const int64_t *kptr,
+                       const int64_t *vptr, const int64_t *pos, const int64_t *hstride, int64_t B, int64_t kvh,
+                       int64_t G, int64_t d, float *scores, int64_t lmax, int nthreads) {
+    return attn_scores(q, knew, vnew, kptr, vptr, pos, hstride, B, kvh, G, d, scores, lmax, nthreads, 1);
+}
+
 /* GB query rows x CW 8-float column chunks of one block of positions [l0, l1): ob[g, c..] += sum_l
  * p[g, l] * V[l, c..] (GB * CW accumulators in registers; constants in each instance). */
-#define DEFINE_PV(NAME, GB, CW)                                                                           \
-    TGT static void NAME(const float *pb, int64_t lmax, const float *V, int64_t d, int64_t l0, int64_t l1, \
+#define DEFINE_PV(NAME, GB, CW, BF)                                                                       \
+    TGT static void NAME(const float *pb, int64_t lmax, const void *V, int64_t d, int64_t l0, int64_t l1, \
                          int64_t c, float *ob) {                                                         \
         __m256 acc[GB][CW];                                                                               \
         for (int g = 0; g < GB; g++)                                                                      \
             for (int w = 0; w < CW; w++) acc[g][w] = _mm256_loadu_ps(ob + g * d + c + 8 * w);             \
         for (int64_t l = l0; l < l1; l++) {                                                               \
             __m256 v[CW];                                                                                 \
-            for (int w = 0; w < CW; w++) v[w] = _mm256_loadu_ps(V + l * d + c + 8 * w);                   \
+            for (int w = 0; w < CW; w++) v[w] = LDC(BF, V, l * d + c + 8 * w);                            \
             for (int g = 0; g < GB; g++) {                                                                \
                 __m256 pg = _mm256_broadcast_ss(pb + g * lmax + l);                                       \
                 for (int w = 0; w < CW; w++) acc[g][w] = _mm256_fmadd_ps(pg, v[w], acc[g][w]);            \
@@ -327,35 +378,42 @@ TGT int attn_scores_f32(const float *q, const float *knew, const float *vnew, co
             for (int w = 0; w < CW; w++) _mm256_storeu_ps(ob + g * d + c + 8 * w, acc[g][w]);             \
     }
 
-DEFINE_PV(pv8x1, 8, 1)
-DEFINE_PV(pv4x2, 4, 2)
-DEFINE_PV(pv2x4, 2, 4)
-DEFINE_PV(pv1x8, 1, 8)
-DEFINE_PV(pv1x1, 1, 1)
+DEFINE_PV(pv8x1, 8, 1, 0)
+DEFINE_PV(pv4x2, 4, 2, 0)
+DEFINE_PV(pv2x4, 2, 4, 0)
+DEFINE_PV(pv1x8, 1, 8, 0)
+DEFINE_PV(pv1x1, 1, 1, 0)
+DEFINE_PV(pv8x1_bf, 8, 1, 1)
+DEFINE_PV(pv4x2_bf, 4, 2, 1)
+DEFINE_PV(pv2x4_bf, 2, 4, 1)
+DEFINE_PV(pv1x8_bf, 1, 8, 1)
+DEFINE_PV(pv1x1_bf, 1, 1, 1)
 
-typedef void (*pv_fn)(const float *, int64_t, const float *, int64_t, int64_t, int64_t, int64_t, float *);
+typedef void (*pv_fn)(const float *, int64_t, const void *, int64_t, int64_t, int64_t, int64_t, float *);
 
 /* Step 2. out[b, h, g, :] = sum over l <= pos[b] of p[b, h, g, l] * V[l, :] (p [B, kvh, G, lmax], the
  * softmax of step 1's scores; out [B, kvh, G, d]). Values are read in blocks of 32 positions (at most
  * 16 KB) that stay in L1 while every query row and column chunk of the block is accumulated. */
-TGT int attn_values_f32(const float *p, const int64_t *vptr, const int64_t *pos, const int64_t *hstride,
-                    int64_t B, int64_t kvh, int64_t G, int64_t d, int64_t lmax, float *out, int nthreads) {
+TGT static int attn_values(const float *p, const int64_t *vptr, const int64_t *pos, const int64_t *hstride, int64_t B,
+                       int64_t kvh, int64_t G, int64_t d, int64_t lmax, float *out, int nthreads, int bf16kv) {
     if (B < 1 || kvh < 1 || G < 1 || G > MAX_M || d < 8 || d % 8) return -1;
     /* the register tile with the widest column chunk that divides the columns (then the query rows):
      * a pass reading 64 contiguous floats of each value row streams far better than 8 query rows over 8
      * floats (measured at 8 query heads per kv head: 2.4-2.6 against 4.2 ms for 8 sequences x 4000
      * positions) */
-    static const struct { int gb, cw; pv_fn fn; } tiles[] = {
-        {1, 8, pv1x8}, {2, 4, pv2x4}, {4, 2, pv4x2}, {8, 1, pv8x1}, {1, 1, pv1x1}};
+    static const struct { int gb, cw; pv_fn fn[2]; } tiles[] = {
+        {1, 8, {pv1x8, pv1x8_bf}}, {2, 4, {pv2x4, pv2x4_bf}}, {4, 2, {pv4x2, pv4x2_bf}},
+        {8, 1, {pv8x1, pv8x1_bf}}, {1, 1, {pv1x1, pv1x1_bf}}};
     int t = 0;
     while (G % tiles[t].gb || d % (8 * tiles[t].cw)) t++;
     int gb = tiles[t].gb, cw = tiles[t].cw;
-    pv_fn fn = tiles[t].fn;
+    pv_fn fn = tiles[t].fn[bf16kv ? 1 : 0];
+    size_t es = bf16kv ? 2 : 4;
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t item = 0; item < B * kvh; item++) {
         int64_t b = item / kvh, h = item % kvh, L = pos[b] + 1;
-        const float *V = (const float *)(intptr_t)vptr[b] + h * hstride[b];
+        const void *V = (const char *)(intptr_t)vptr[b] + h * hstride[b] * es;
         const float *pb = p + item * G * lmax;
         float *ob = out + item * G * d;
         memset(ob, 0, G * d * sizeof(float));
@@ -366,6 +424,16 @@ TGT int attn_values_f32(const float *p, const int64_t *vptr, const int64_t *pos,
         }
     }
     return 0;
+}
+
+int attn_values_f32(const float *p, const int64_t *vptr, const int64_t *pos, const int64_t *hstride, int64_t B,
+                    int64_t kvh, int64_t G, int64_t d, int64_t lmax, float *out, int nthreads) {
+    return attn_values(p, vptr, pos, hstride, B, kvh, G, d, lmax, out, nthreads, 0);
+}
+
+int attn_values_bf16kv(const float *p, const int64_t *vptr, const int64_t *pos, const int64_t *hstride,
+                       int64_t B, int64_t kvh, int64_t G, int64_t d, int64_t lmax, float *out, int nthreads) {
+    return attn_values(p, vptr, pos, hstride, B, kvh, G, d, lmax, out, nthreads, 1);
 }
 
 #else /* not x86-64: nothing here; the Python side keeps torch's kernels */

@@ -12,9 +12,9 @@ Two kernels today:
   GB/s. This one reads it once for all rows, widening in registers (``bench/bench_linear.py --as-cpu
   avx2``: at 8 rows 2.5-3.5x torch's bf16 kernel and ~2x packed float32 per weight; at one row as fast
   as torch's GEMV or faster).
-- :func:`decode_attention_f32`: one decode step of attention for every running sequence over its own
-  float32 KV cache (every CPU class keeps the cache in float32), in two calls per layer instead of ~7
-  torch ops per sequence; it reads the caches at 15-21 GB/s where torch's batched matmuls read them at
+- :func:`decode_attention`: one decode step of attention for every running sequence over its own
+  KV cache (float32; bfloat16 on a plan that computes in bf16, where the cache then holds exactly what
+  the model wrote, in half the bytes), in two calls per layer instead of ~7 torch ops per sequence; it reads the caches at 15-21 GB/s where torch's batched matmuls read them at
   7-13 (1.3-2x, ``bench/README.md``).
 
 The library is a plain shared object, built when the package is installed on Linux x86-64 with a C
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 #: the library's ABI version this module speaks (``dsocr_kernels_abi`` in the C source)
-ABI = 3
+ABI = 4
 #: :func:`bf16_linear` serves steps of at least this many rows: every decode step. At one row it reads
 #: the weight as one sequential stream per thread, as fast as torch's bf16 GEMV or faster (25-33 GB/s
 #: against 24-28, ``bench/bench_linear.py --as-cpu avx2``), and skips the GEMV's bf16 rounding of the
@@ -79,12 +79,13 @@ def _open(path: Path) -> ctypes.CDLL:
     fn = lib.bf16_grouped_linear_f32
     fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, ctypes.c_int]
     fn.restype = ctypes.c_int
-    fn = lib.attn_scores_f32
-    fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, i64, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    fn = lib.attn_values_f32
-    fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ctypes.c_int]
-    fn.restype = ctypes.c_int
+    for kind in ("f32", "bf16kv"):
+        fn = getattr(lib, f"attn_scores_{kind}")
+        fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, i64, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        fn = getattr(lib, f"attn_values_{kind}")
+        fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ctypes.c_int]
+        fn.restype = ctypes.c_int
     return lib
 
 
@@ -198,7 +199,11 @@ def bf16_grouped_linear(
     return y if rc == 0 else None
 
 
-def decode_attention_f32(
+#: the cache dtypes :func:`decode_attention` reads (and the C entry points for each)
+CACHE_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16kv"}
+
+
+def decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -206,25 +211,29 @@ def decode_attention_f32(
     values: list[torch.Tensor],
     positions: list[int],
 ) -> torch.Tensor | None:
-    """One decode step of attention for B sequences over their own float32 caches, or None when the
-    kernel does not take the call (the caller then runs torch's ops).
+    """One decode step of attention for B sequences over their own caches (float32 or bfloat16, all
+    alike), or None when the kernel does not take the call (the caller then runs torch's ops).
 
-    ``q`` ``[B, kv_heads, G, d]`` (scaled, float32), the new ``k``/``v`` ``[B, kv_heads, d]`` (float32),
-    ``keys[b]`` / ``values[b]``: sequence b's cache of this layer, ``[kv_heads, capacity, d]`` contiguous
-    float32; the new key and value are written at ``positions[b]`` and the query attends to positions
-    0..``positions[b]``. Returns ``[B, kv_heads, G, d]``. The scores come from the kernel, the softmax
-    from torch (over scores padded with -inf to the longest sequence), the weighted sum of the values
-    from the kernel."""
+    ``q`` ``[B, kv_heads, G, d]`` (scaled, float32), the new ``k``/``v`` ``[B, kv_heads, d]`` (float32;
+    rounded to nearest in a bf16 cache, exact for values that are bf16 already), ``keys[b]`` /
+    ``values[b]``: sequence b's cache of this layer, ``[kv_heads, capacity, d]`` contiguous; the new
+    key and value are written at ``positions[b]`` and the query attends to positions 0..``positions[b]``.
+    Returns ``[B, kv_heads, G, d]`` float32. The scores come from the kernel (products and sums in
+    float32, a bf16 cache widened as it is read), the softmax from torch (over scores padded with -inf
+    to the longest sequence), the weighted sum of the values from the kernel."""
     lib = _active()
-    if lib is None or q.dim() != 4 or q.dtype != torch.float32 or q.device.type != "cpu":
+    if lib is None or q.dim() != 4 or q.dtype != torch.float32 or q.device.type != "cpu" or not keys:
         return None
     b, kvh, g, d = q.shape
     if d % 8 or g > MAX_ROWS or k.shape != (b, kvh, d) or v.shape != (b, kvh, d):
         return None
     if k.dtype != torch.float32 or v.dtype != torch.float32:
         return None
+    kind = CACHE_DTYPES.get(keys[0].dtype)
+    if kind is None:
+        return None
     for kc, vc, p in zip(keys, values, positions, strict=True):
-        if kc.dtype != torch.float32 or kc.dim() != 3 or kc.shape[0] != kvh or kc.shape[2] != d:
+        if kc.dtype != keys[0].dtype or kc.dim() != 3 or kc.shape[0] != kvh or kc.shape[2] != d:
             return None
         if vc.shape != kc.shape or vc.dtype != kc.dtype or not (kc.is_contiguous() and vc.is_contiguous()):
             return None
@@ -243,7 +252,7 @@ def decode_attention_f32(
     )
     scores = torch.empty(b, kvh, g, lmax)
     threads = torch.get_num_threads()
-    rc = lib.attn_scores_f32(
+    rc = getattr(lib, f"attn_scores_{kind}")(
         qc.data_ptr(), kn.data_ptr(), vn.data_ptr(), table[0].data_ptr(), table[1].data_ptr(),
         table[2].data_ptr(), table[3].data_ptr(), b, kvh, g, d, scores.data_ptr(), lmax, threads,
     )  # fmt: skip
@@ -251,7 +260,7 @@ def decode_attention_f32(
         return None
     p = torch.softmax(scores, dim=-1)
     out = torch.empty(b, kvh, g, d)
-    rc = lib.attn_values_f32(
+    rc = getattr(lib, f"attn_values_{kind}")(
         p.data_ptr(), table[1].data_ptr(), table[2].data_ptr(), table[3].data_ptr(), b, kvh, g, d, lmax,
         out.data_ptr(), threads,
     )  # fmt: skip

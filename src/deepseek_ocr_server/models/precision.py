@@ -106,25 +106,32 @@ def _torch_dtype(name: str) -> Any:
     return getattr(torch, _TORCH[name])
 
 
-def decide(device: str, cpu_class: str | None, dtype: str | None = None) -> Precision:
+def decide(device: str, cpu_class: str | None, dtype: str | None = None, kernels: bool = False) -> Precision:
     """THE decision table (pure: no detection, no torch). ``dtype`` None or ``"auto"``: per phase;
-    otherwise that dtype everywhere (the KV cache stays float32 on CPU).
+    otherwise that dtype everywhere (the KV cache stays float32 on CPU). ``kernels``: whether the
+    package's CPU kernels run here (``cpukernels``), which changes one cell, the KV cache of the
+    native-bf16 rows (below).
 
-    ================ ======= ======= ============== ========
+    ================ ======= ======= ============== ==================
     CPU class        vision  prefill decode weights kv cache
-    ================ ======= ======= ============== ========
-    avx512-amx       bf16    bf16    bf16           f32
-    avx512-bf16      bf16    bf16    bf16           f32
-    arm64-bf16       bf16    bf16    bf16           f32
+    ================ ======= ======= ============== ==================
+    avx512-amx       bf16    bf16    bf16           bf16 (kernels) f32
+    avx512-bf16      bf16    bf16    bf16           bf16 (kernels) f32
+    arm64-bf16       bf16    bf16    bf16           bf16 (kernels) f32
     avx512 (no bf16) f32     f32     bf16           f32
     avx2             f32     f32     bf16           f32
     arm64, apple     f32     f32     bf16           f32
     x86, other       f32     f32     bf16           f32
-    ================ ======= ======= ============== ========
+    ================ ======= ======= ============== ==================
 
     Decode weights stay bf16 on every class: on AVX2 (measured) the bf16 kernel reads 2x fewer bytes at
     the same rate as float32's best; and f32 storage would double the resident size (DeepSeek-OCR: 12.6 GB
     of weights against 6.3). f16 storage is no better anywhere measured and loses range.
+
+    KV cache: float32, except where the plan computes in bf16 AND the package's kernels run: there the
+    keys and values a layer writes are bf16 values, a bf16 cache holds them exactly in half the bytes,
+    and the kernel's decode attention reads it (widening as it loads; torch's bf16 batched matmuls would
+    compile a oneDNN kernel for every new cache length instead, hence float32 without the kernels).
     """
     dev = "mps" if device == "metal" else device
     if dtype not in (None, "auto"):
@@ -137,17 +144,20 @@ def decide(device: str, cpu_class: str | None, dtype: str | None = None) -> Prec
         return Precision(d, d, d, d, source=f"auto ({device})")
     cls = cpu_class or "other"
     compute = "bf16" if cls in NATIVE_BF16_CLASSES else "f32"
-    return Precision(compute, compute, "bf16", "f32", source=f"auto (cpu class {cls})")
+    kv = "bf16" if compute == "bf16" and kernels else "f32"
+    return Precision(compute, compute, "bf16", kv, source=f"auto (cpu class {cls})")
 
 
 def choose_precision(device: str = "cpu", dtype: str | None = None) -> Precision:
     """:func:`decide` for this process's CPU (``cpu.detect()``)."""
-    cpu_class = None
+    cpu_class, kernels = None, False
     if device == "cpu":
         from ..cpu import detect
+        from . import cpukernels
 
         cpu_class = detect().cpu_class
-    return decide(device, cpu_class, dtype)
+        kernels = cpukernels.enabled and cpukernels.available()
+    return decide(device, cpu_class, dtype, kernels)
 
 
 def resolve_precision(dtype: Any, device: Any) -> Precision:

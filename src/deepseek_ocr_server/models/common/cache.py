@@ -119,16 +119,18 @@ def decode_attention(
     b, heads, d = q.shape
     kv_heads = k.shape[1]
     dtype = caches[0].k.dtype if caches[0].k is not None else q.dtype
-    qs = q.view(b, kv_heads, heads // kv_heads, d).to(dtype) * scale
-    if dtype == torch.float32 and all(c.k is not None and c.v is not None for c in caches):
+    if dtype in cpukernels.CACHE_DTYPES and all(c.k is not None and c.v is not None for c in caches):
         # the package's CPU kernel: the new k/v written and every sequence's attention in two calls, the
-        # cache read at memory speed (None when it is not built or does not take the call)
-        out = cpukernels.decode_attention_f32(
-            qs, k.to(dtype), v.to(dtype), [c.k[layer] for c in caches], [c.v[layer] for c in caches],
-            [c.length for c in caches],
+        # cache read at memory speed (None when it is not built or does not take the call); float32
+        # query, products and output whatever the cache stores
+        qf = q.view(b, kv_heads, heads // kv_heads, d).to(torch.float32) * scale
+        out = cpukernels.decode_attention(
+            qf, k.to(torch.float32), v.to(torch.float32), [c.k[layer] for c in caches],
+            [c.v[layer] for c in caches], [c.length for c in caches],
         )  # fmt: skip
         if out is not None:
-            return out.view(b, heads * d)
+            return out.view(b, heads * d).to(dtype)
+    qs = q.view(b, kv_heads, heads // kv_heads, d).to(dtype) * scale
     outs = []
     for i, cache in enumerate(caches):
         if cache.k is None or cache.v is None:
