@@ -310,14 +310,11 @@ class KernelLinear(WideningLinear):
     kernel runs every chosen expert of a step in one call at 25-30 GB/s. Decode rows
     (``cpukernels.MIN_ROWS`` .. :attr:`narrow_max_rows`) go through the kernel: float32 products of the
     bf16 weight and the (exactly widened) bf16 activations, summed in float32 and rounded to bf16 like
-    oneDNN's output. More rows (an expert that many rows of a batched step chose; prefill) run torch's
-    bf16 GEMM on the plain weight (oneDNN reorders it per call: 7-15 % slower than packed for the expert
-    shapes at 88-512 rows, within the noise for a whole prefill). One copy of the weight either way."""
-
-    #: measured on avx512-bf16 (expert shapes, from DRAM): the kernel reads the weight faster than
-    #: oneDNN up to ~4 rows (1 row: 27-29 GB/s against 19-24 packed, 15-17 plain); at 8 rows oneDNN's bf16
-    #: products win (plain weight 127 GFLOP/s, packed 163, the kernel's float32 ones ~100)
-    narrow_max_rows: int = 4
+    oneDNN's output. Also at 8 rows an expert is better off there (117-122 GFLOP/s) than with oneDNN on
+    the plain weight, which reorders it per call: DeepSeek-OCR at 8 rows 1.14-1.18x against sending the
+    experts of more than 4 rows to oneDNN (``bench/README.md``). More rows (prefill) run torch's bf16 GEMM
+    on the plain weight (7-15 % slower than packed for the expert shapes at 88-512 rows, within the noise
+    for a whole prefill). One copy of the weight either way."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__(weight, bias, weight.dtype)

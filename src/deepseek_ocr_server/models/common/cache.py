@@ -9,10 +9,11 @@ otherwise hold ~1 GB of float32 cache per DeepSeek-OCR sequence from the first s
 one copy of what is there, amortised over as many steps as the cache held before.
 
 :func:`decode_attention` is one query position per sequence, each over its own cache (sequences of a
-batched decode step have different lengths): a plain matmul-softmax-matmul per row, fast at query length
-1 where SDPA is not on CPU. The KV cache dtype comes from the precision plan: float32 on CPU, where
-float32 batched matmuls run at once while bfloat16 ones make oneDNN compile a kernel for every new
-cache length (6-16 ms per step).
+batched decode step have different lengths): the package's CPU kernel where it is built (every
+sequence in two calls per layer), else a plain matmul-softmax-matmul per row, fast at query length 1
+where SDPA is not on CPU. The KV cache dtype comes from the precision plan: float32 on CPU, where torch's
+float32 batched matmuls run at once while bfloat16 ones make oneDNN compile a kernel for every new cache
+length (6-16 ms per step); bfloat16 where the plan computes in bf16 and the kernel reads the cache.
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caches: list[KVCache], layer: int, scale: float
 ) -> torch.Tensor:
     """One decode step of attention for B sequences: q ``[B, heads, d]``, the new k/v ``[B, kv_heads, d]``
-    (written at each cache's current length) -> ``[B, heads * d]`` in the cache dtype.
+    (written at each cache's current length) -> ``[B, heads * d]`` in the cache dtype. The kernel's path
+    computes in float32 whatever the cache stores; torch's path in the cache dtype, as follows.
 
     Grouped-query attention folds the ``heads / kv_heads`` query heads of a kv head into the rows of
     one matmul instead of repeating k/v. Every row's query is cast to the cache dtype and scaled at once;
