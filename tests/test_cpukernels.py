@@ -117,6 +117,32 @@ def test_widening_linear_takes_it_for_decode_rows(kernel, monkeypatch: pytest.Mo
     assert calls == [r for r in (1, 2, 3, 8, lay.narrow_max_rows) if r >= kernel.MIN_ROWS]
 
 
+def _decode_steps(kernel, m, words: list[str], steps: int, on: bool, forced=None, alone: bool = False):  # noqa: ANN001, ANN202
+    """One sequence prefilled per word, then ``steps`` batched decode steps (greedy, or fed ``forced[i]``)
+    with the package's kernels on or off: (tokens per step, logits per step). With ``alone`` each step
+    also decodes the first row on a fresh cache of its own, appended as one more row (one-row steps)."""
+    kernel.enabled = on
+    try:
+        caches, toks = [], []
+        for word in words:
+            logits, cache = m.prefill(m.prepare(f"Say {word}.", []), 8)
+            caches.append(cache)
+            toks.append(int(logits.argmax()))
+        out, logs = [list(toks)], []
+        for i in range(steps):
+            feed = forced[i] if forced else toks
+            logits = m.decode(feed, caches)
+            if alone:
+                one = m.decode([feed[0]], [m.prefill(m.prepare(f"Say {words[0]}.", []), 8)[1]])
+                logits = torch.cat([logits, one])
+            logs.append(logits.float())
+            toks = [int(t) for t in logits[: len(words)].argmax(-1)]
+            out.append(toks)
+        return out, torch.stack(logs)
+    finally:
+        kernel.enabled = True
+
+
 def test_model_batched_decode_same_tokens_with_and_without(kernel, paddle_ckpt) -> None:  # noqa: ANN001
     """An 8-row decode step of the CPU-without-bf16 plan, kernel on and off (off, 8 rows run the kept
     float32 copy of the same bf16 weights): the same float32 products, so the same greedy tokens and
@@ -129,26 +155,8 @@ def test_model_batched_decode_same_tokens_with_and_without(kernel, paddle_ckpt) 
     assert any(isinstance(mod, WideningLinear) for mod in m.net.modules())
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
 
-    def run(on: bool) -> tuple[list[list[int]], torch.Tensor]:
-        kernel.enabled = on
-        try:
-            caches, toks = [], []
-            for word in words:
-                logits, cache = m.prefill(m.prepare(f"Say {word}.", []), 8)
-                caches.append(cache)
-                toks.append(int(logits.argmax()))
-            out, steps = [list(toks)], []
-            for _ in range(5):
-                logits = m.decode(toks, caches)
-                steps.append(logits)
-                toks = [int(t) for t in logits.argmax(-1)]
-                out.append(toks)
-            return out, torch.stack(steps)
-        finally:
-            kernel.enabled = True
-
-    on_toks, on_logits = run(True)
-    off_toks, off_logits = run(False)
+    on_toks, on_logits = _decode_steps(kernel, m, words, 5, on=True)
+    off_toks, off_logits = _decode_steps(kernel, m, words, 5, on=False)
     assert on_toks == off_toks
     assert torch.allclose(on_logits, off_logits, rtol=1e-4, atol=1e-4 * off_logits.abs().max().item())
     assert not torch.equal(on_logits, off_logits)  # another summation order: the kernel did run
@@ -276,31 +284,10 @@ def test_bf16_plan_keeps_experts_plain_for_the_grouped_kernel(kernel, deepseek_c
 
     monkeypatch.setattr(kernel, "bf16_grouped_linear", spy)
     words = ["alpha", "beta", "gamma"]
-
-    def run(on: bool, forced: list[list[int]] | None = None) -> tuple[list[list[int]], torch.Tensor]:
-        kernel.enabled = on
-        try:
-            caches, toks = [], []
-            for word in words:
-                logits, cache = m.prefill(m.prepare(f"Say {word}.", []), 8)
-                caches.append(cache)
-                toks.append(int(logits.argmax()))
-            out, steps = [list(toks)], []
-            for i in range(4):
-                feed = forced[i] if forced else toks
-                logits = m.decode(feed, caches)
-                one = m.decode([feed[0]], [m.prefill(m.prepare(f"Say {words[0]}.", []), 8)[1]])
-                steps.append(torch.cat([logits, one]).float())
-                toks = [int(t) for t in logits.argmax(-1)]
-                out.append(toks)
-            return out, torch.stack(steps)
-        finally:
-            kernel.enabled = True
-
-    on_toks, on_logits = run(True)
+    on_toks, on_logits = _decode_steps(kernel, m, words, 4, on=True, alone=True)
     assert calls and kernel.MIN_ROWS <= 1
     calls.clear()
-    _, off_logits = run(False, forced=on_toks)
+    _, off_logits = _decode_steps(kernel, m, words, 4, on=False, forced=on_toks, alone=True)
     assert not calls  # switched off: torch's bf16 linear layer by layer
     scale = off_logits.abs().max().item()
     assert (on_logits - off_logits).abs().max().item() <= 0.05 * scale
