@@ -123,6 +123,12 @@ def available() -> bool:
     return load() is not None
 
 
+def active() -> bool:
+    """Whether the kernels run in this process: built, loadable and not switched off (:data:`enabled`).
+    What a load-time choice that depends on them (a layout, the KV cache dtype) asks."""
+    return enabled and available()
+
+
 def _active() -> ctypes.CDLL | None:
     """The library for a call on the hot path: None when switched off or not loadable."""
     if not enabled:

@@ -275,11 +275,16 @@ class WideningLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(1, x.shape[-1])
         if cpukernels.MIN_ROWS <= rows <= self.narrow_max_rows:
-            # several decode rows: the package's kernel reads the bf16 weight once for all of them
-            # (None when it is not built or does not take the call)
-            y = cpukernels.bf16_linear(x.to(self.compute_dtype), self.weight, self.bias)
+            # several decode rows: the package's kernel reads the bf16 weight once for all of them, in
+            # float32 (None when it is not built or does not take the call)
+            bias = None if self.bias is None else self.bias.float()
+            y = cpukernels.bf16_linear(x.to(torch.float32), self.weight, bias)
             if y is not None:
-                return y
+                return y.to(self.compute_dtype)
+        return self._torch_forward(x, rows)
+
+    def _torch_forward(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """The call through torch's kernels (the package's kernel off, or too many rows for it)."""
         if rows <= self.narrow_max_rows and not (self._wide and rows >= self.wide_min_rows):
             y = F.linear(x.to(self.weight.dtype), self.weight).to(self.compute_dtype)
             return y if self.bias is None else y + self.bias
@@ -323,16 +328,8 @@ class KernelLinear(WideningLinear):
     def from_linear(cls, linear: nn.Module, compute_dtype: torch.dtype | None = None) -> KernelLinear:
         return cls(linear.weight, linear.bias)
 
-    def keep_wide_copy(self) -> None:  # already in the compute dtype: nothing to keep
-        return None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // max(1, x.shape[-1])
-        if cpukernels.MIN_ROWS <= rows <= self.narrow_max_rows:
-            bias = None if self.bias is None else self.bias.float()
-            y = cpukernels.bf16_linear(x.to(torch.float32), self.weight, bias)
-            if y is not None:
-                return y.to(self.compute_dtype)
+    def _torch_forward(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        # stored in the compute dtype: nothing to widen, torch's bf16 GEMM on the plain weight
         return F.linear(x.to(self.compute_dtype), self.weight, self.bias)
 
 
@@ -342,7 +339,7 @@ def keep_experts_plain(net: nn.Module, precision) -> int:  # noqa: ANN001 - mode
     them in ``experts``) into :class:`KernelLinear`, before packing (which then leaves them plain).
     Returns the number of layers converted (0 on other plans, or with the kernels switched off:
     ``cpukernels.enabled``)."""
-    if precision.compute != "bf16" or precision.widened or not (cpukernels.enabled and cpukernels.available()):
+    if precision.compute != "bf16" or precision.widened or not cpukernels.active():
         return 0
 
     def keep(_name: str, lin: nn.Module) -> bool:
@@ -360,7 +357,7 @@ def keep_experts_plain(net: nn.Module, precision) -> int:  # noqa: ANN001 - mode
 def runs_grouped(layer: nn.Module) -> bool:
     """Whether :func:`grouped_linear` sends a decode step over layers like ``layer`` to the package's
     grouped kernel (one call for all of them) rather than layer by layer."""
-    return type(layer) in (WideningLinear, KernelLinear) and layer.bias is None and cpukernels.available()
+    return isinstance(layer, WideningLinear) and layer.bias is None and cpukernels.available()
 
 
 def grouped_linear(layers: list[nn.Module], x: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -371,12 +368,10 @@ def grouped_linear(layers: list[nn.Module], x: torch.Tensor, counts: list[int]) 
     anything else runs layer by layer."""
     first = layers[0]
     limit = getattr(first, "narrow_max_rows", 0)
-    starts = [0]
-    for c in counts:
-        starts.append(starts[-1] + c)
+    parts = x.split(counts)
     small = [e for e, c in enumerate(counts) if c <= limit]
     if small and all(runs_grouped(lay) for lay in layers):
-        xs = x if len(small) == len(counts) else torch.cat([x[starts[e] : starts[e + 1]] for e in small])
+        xs = x if len(small) == len(counts) else torch.cat([parts[e] for e in small])
         ys = cpukernels.bf16_grouped_linear(
             xs.to(torch.float32), [layers[e].weight for e in small], [counts[e] for e in small]
         )  # fmt: skip
@@ -384,14 +379,9 @@ def grouped_linear(layers: list[nn.Module], x: torch.Tensor, counts: list[int]) 
             ys = ys.to(first.compute_dtype)
             if len(small) == len(counts):
                 return ys
-            parts, at, kernel_rows = [], 0, {}
-            for e in small:
-                kernel_rows[e] = ys[at : at + counts[e]]
-                at += counts[e]
-            for e, lay in enumerate(layers):
-                parts.append(kernel_rows[e] if e in kernel_rows else lay(x[starts[e] : starts[e + 1]]))
-            return torch.cat(parts)
-    return torch.cat([lay(x[starts[e] : starts[e + 1]]) for e, lay in enumerate(layers)])
+            done = dict(zip(small, ys.split([counts[e] for e in small]), strict=True))
+            return torch.cat([done[e] if e in done else lay(parts[e]) for e, lay in enumerate(layers)])
+    return torch.cat([lay(part) for lay, part in zip(layers, parts, strict=True)])
 
 
 _SCRATCH = threading.local()

@@ -156,7 +156,7 @@ def choose_precision(device: str = "cpu", dtype: str | None = None) -> Precision
         from . import cpukernels
 
         cpu_class = detect().cpu_class
-        kernels = cpukernels.enabled and cpukernels.available()
+        kernels = cpukernels.active()
     return decide(device, cpu_class, dtype, kernels)
 
 
