@@ -10,7 +10,9 @@ under each multi-row kernel choice, side by side in one process:
   before the kept copy was used for decode);
 - on a plan that computes in bf16 (a CPU with bf16 instructions), ``experts packed``: the MoE experts
   in oneDNN's packed layout, one call per expert (the behaviour before ``layers.KernelLinear``), against
-  the default's plain experts in the grouped kernel (both layouts built once, swapped between settings).
+  the default's plain experts in the grouped kernel (both layouts built once, swapped between settings);
+  and ``dense packed only``: the dense layers run their packed copy at every row count (the behaviour
+  before ``layers.keep_decode_twins``), against the default's plain twin through the kernel at 1-3 rows.
 
 The bound counts the weight bytes a step reads (``testing.probes.decode_weight_bytes``) plus every
 row's KV cache (``--context`` pads the prompts to a page-sized cache).
@@ -75,28 +77,34 @@ def main() -> None:
     print(f"# precision {model.precision.summary()}")
     wide = [m for m in model.net.modules() if isinstance(m, WideningLinear) and m._wide]
     print(f"# package kernels: {cpukernels.status()}")
-    # name -> (package kernel on, wide_min_rows, experts packed)
-    settings = {"default": (True, WideningLinear.wide_min_rows, False)}
+    # name -> (package kernel on, wide_min_rows, which plain layers run packed: "" / "experts" / "dense")
+    settings = {"default": (True, WideningLinear.wide_min_rows, "")}
     if model.precision.widened and cpukernels.available():
-        settings["torch kernels"] = (False, WideningLinear.wide_min_rows, False)
-    if wide:
-        settings["bf16 kernel at all decode rows"] = (False, WideningLinear.narrow_max_rows + 1, False)
+        settings["torch kernels"] = (False, WideningLinear.wide_min_rows, "")
+    if wide and model.precision.widened:
+        settings["bf16 kernel at all decode rows"] = (False, WideningLinear.narrow_max_rows + 1, "")
         print(
             f"# {len(wide)} widening layers keep a float32 copy (wide_min_rows {WideningLinear.wide_min_rows})"
         )
-    twins = [
-        (parent, name, child, PackedLinear(child.weight, child.bias))
-        for parent in model.net.modules()
-        for name, child in parent._modules.items()
-        if type(child) is KernelLinear
-    ]  # fmt: skip
-    if twins:
-        settings["experts packed"] = (True, WideningLinear.wide_min_rows, True)
-        print(f"# {len(twins)} expert layers plain for the grouped kernel (a packed twin of each for comparison)")
+    # plain layers of a bf16-computing plan and their packed stand-ins: an expert's is built here (for
+    # comparison), a dense twin's is the packed copy it keeps
+    swaps: dict[str, list] = {"experts": [], "dense": []}
+    for parent in model.net.modules():
+        for name, child in parent._modules.items():
+            if type(child) is KernelLinear:
+                kind, packed = ("dense", child._wide[0]) if child._wide else ("experts", None)
+                swaps[kind].append((parent, name, child, packed or PackedLinear(child.weight, child.bias)))
+    if swaps["experts"]:
+        settings["experts packed"] = (True, WideningLinear.wide_min_rows, "experts")
+        print(f"# {len(swaps['experts'])} expert layers plain for the grouped kernel (a packed twin of each for comparison)")
+    if swaps["dense"]:
+        settings["dense packed only"] = (True, WideningLinear.wide_min_rows, "dense")
+        print(f"# {len(swaps['dense'])} dense layers with a plain twin for 1-3 decode rows beside their packed copy")
 
-    def experts_packed(packed: bool) -> None:
-        for parent, name, plain, twin in twins:
-            parent._modules[name] = twin if packed else plain
+    def run_packed(kind: str) -> None:
+        for k, entries in swaps.items():
+            for parent, name, plain, packed in entries:
+                parent._modules[name] = packed if k == kind else plain
 
     from deepseek_ocr_server.testing.probes import decode_weight_bytes
 
@@ -117,7 +125,7 @@ def main() -> None:
             for name, (kernel_on, min_rows, packed) in settings.items():
                 cpukernels.enabled = kernel_on
                 WideningLinear.wide_min_rows = min_rows
-                experts_packed(packed)
+                run_packed(packed)
                 for i in range(args.steps + 1):
                     t = time.perf_counter()
                     logits = model.decode(tokens, caches)
@@ -127,7 +135,7 @@ def main() -> None:
         for name in settings:
             results[(name, rows)] = rows / statistics.median(times[name])
         cpukernels.enabled, WideningLinear.wide_min_rows, packed = settings["default"]
-        experts_packed(packed)
+        run_packed(packed)
         logits, nbytes = decode_weight_bytes(model, tokens, caches)  # the weight bytes one step reads
         kv = sum(kv_cache_bytes(c) for c in caches)  # and every row's KV cache, read by its attention
         line = "  ".join(f"{name}: {results[(name, rows)]:.1f} tok/s" for name in settings)

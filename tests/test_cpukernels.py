@@ -264,12 +264,16 @@ def test_bf16_plan_keeps_experts_plain_for_the_grouped_kernel(kernel, deepseek_c
 
     m = DeepseekOcrModel.load(ModelFiles.from_dir(deepseek_ckpt), dtype=torch.bfloat16)
     moe = [layer.mlp for layer in m.net.model.layers if hasattr(layer.mlp, "experts")]
+    experts = {
+        id(lay): lay for mlp in moe for ex in mlp.experts for lay in (ex.gate_up_proj, ex.down_proj)
+    }  # fmt: skip
     assert moe and all(
-        type(lay) is KernelLinear and lay.weight.dtype == torch.bfloat16
-        for mlp in moe for ex in mlp.experts for lay in (ex.gate_up_proj, ex.down_proj)
+        type(lay) is KernelLinear and lay.weight.dtype == torch.bfloat16 and not lay._wide
+        for lay in experts.values()
     )  # fmt: skip
-    kernel_layers = {id(mod) for mod in m.net.modules() if type(mod) is KernelLinear}
-    assert len(kernel_layers) == 2 * sum(len(mlp.experts) for mlp in moe)  # nothing but the experts
+    # the experts keep ONE plain copy; the other plain layers are the dense twins (keep_decode_twins)
+    plain = {id(mod) for mod in m.net.modules() if type(mod) is KernelLinear and not mod._wide}
+    assert plain == set(experts)
     # other plans keep their layers as they are
     for plan in (decide("cpu", "avx2"), decide("cpu", "avx512-bf16", "f32")):
         assert keep_experts_plain(torch.nn.Sequential(), plan) == 0
@@ -381,3 +385,63 @@ def test_bf16_kv_cache_plan_gives_the_float32_cache_logits(kernel, deepseek_ckpt
                 toks = [int(t) for t in logits.argmax(-1)]
             runs.append(torch.cat([s.reshape(-1) for s in steps]))
         assert torch.equal(runs[0], runs[1]), cls.__name__
+
+
+def test_bf16_plan_gives_dense_layers_a_plain_twin_for_few_decode_rows(kernel, deepseek_ckpt, monkeypatch) -> None:  # noqa: ANN001
+    """On a bf16-computing plan every dense bf16 language-model layer keeps its plain weight for decode
+    steps of 1..TWIN_KERNEL_MAX_ROWS rows (the kernel) and a packed copy for more rows; the vision side
+    and the vocabulary projection stay packed only, and the extra bytes are exactly the twins' weights."""
+    from deepseek_ocr_server.models import precision as precision_module
+    from deepseek_ocr_server.models.base import ModelFiles
+    from deepseek_ocr_server.models.deepseek_ocr.model import DeepseekOcrModel
+    from deepseek_ocr_server.models.layers import (
+        TWIN_KERNEL_MAX_ROWS,
+        KernelLinear,
+        PackedLinear,
+        keep_decode_twins,
+    )
+    from deepseek_ocr_server.models.precision import decide
+    from deepseek_ocr_server.models.registry import family
+
+    # the tiny vocabulary (320) counts as one here, as a real one (>= 100k) does
+    monkeypatch.setattr(precision_module, "VOCAB_ROWS", 300)
+    m = DeepseekOcrModel.load(ModelFiles.from_dir(deepseek_ckpt), dtype=torch.bfloat16)
+    twins = {name: mod for name, mod in m.net.named_modules() if type(mod) is KernelLinear and mod._wide}
+    assert twins and all(
+        t.narrow_max_rows == TWIN_KERNEL_MAX_ROWS and type(t._wide[0]) is PackedLinear
+        and torch.equal(t._wide[0].dense_weight(), t.weight)
+        for t in twins.values()
+    )  # fmt: skip
+    is_vision = family(m.kind).is_vision
+    attn = m.net.model.layers[0].self_attn
+    assert any(type(mod) is KernelLinear and mod._wide for mod in attn.modules())
+    assert not any(is_vision(name) for name in twins)
+    assert type(m.net.lm_head) is PackedLinear  # a vocabulary projection: packed only
+    vision = [mod for name, mod in m.net.named_modules() if is_vision(name)]
+    assert any(isinstance(mod, PackedLinear) for mod in vision)
+    assert not any(isinstance(mod, KernelLinear) for mod in vision)
+
+    # rows up to the limit read the plain weight through the kernel, more rows the packed copy
+    twin = next(iter(twins.values()))
+    used: list[int] = []
+    real = kernel.bf16_linear
+    monkeypatch.setattr(kernel, "bf16_linear", lambda x, w, b=None: used.append(x.shape[0]) or real(x, w, b))
+    g = torch.Generator().manual_seed(6)
+    for rows in (1, TWIN_KERNEL_MAX_ROWS, TWIN_KERNEL_MAX_ROWS + 1, 9):
+        x = torch.randn(rows, twin.in_features, generator=g).bfloat16()
+        got, want = twin(x), twin._wide[0](x)
+        assert got.dtype == torch.bfloat16 and got.shape == want.shape
+        assert (got.float() - want.float()).abs().max().item() <= 0.02 * want.float().abs().max().item()
+    assert used == [1, TWIN_KERNEL_MAX_ROWS]
+
+    # other plans, kernels off, or a second copy over the limit: nothing converted
+    net = torch.nn.Sequential(torch.nn.Linear(16, 24).bfloat16())
+    for plan in (decide("cpu", "avx2"), decide("cpu", "avx512-bf16", "f32")):
+        assert keep_decode_twins(net, plan, lambda _n: False) == 0
+    bf16 = decide("cpu", "avx512-bf16", kernels=True)
+    assert keep_decode_twins(net, bf16, lambda _n: False, max_bytes=16 * 24 * 2 - 1) == 0
+    assert type(net[0]) is torch.nn.Linear
+    monkeypatch.setattr(kernel, "enabled", False)
+    assert keep_decode_twins(net, bf16, lambda _n: False) == 0
+    monkeypatch.setattr(kernel, "enabled", True)
+    assert keep_decode_twins(net, bf16, lambda _n: False) == 16 * 24 * 2 and type(net[0]) is KernelLinear

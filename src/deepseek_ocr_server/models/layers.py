@@ -329,7 +329,10 @@ class KernelLinear(WideningLinear):
         return cls(linear.weight, linear.bias)
 
     def _torch_forward(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-        # stored in the compute dtype: nothing to widen, torch's bf16 GEMM on the plain weight
+        # stored in the compute dtype: nothing to widen; the packed twin where one is kept
+        # (:func:`keep_decode_twins`), else torch's bf16 GEMM on the plain weight
+        if self._wide:
+            return self._wide[0](x.to(self.compute_dtype))
         return F.linear(x.to(self.compute_dtype), self.weight, self.bias)
 
 
@@ -352,6 +355,67 @@ def keep_experts_plain(net: nn.Module, precision) -> int:  # noqa: ANN001 - mode
     if n:
         log.info("%d expert layers kept in the plain bf16 layout for the package's grouped decode kernel", n)
     return n
+
+
+#: on a plan that computes in bf16 with the package's kernels: a decode step of at most this many rows
+#: reads a dense language-model layer through the kernel (its plain bf16 twin, :func:`keep_decode_twins`),
+#: more rows run oneDNN's packed copy. Measured on avx512-bf16 (Zen 4, 2 threads, weights from DRAM,
+#: DeepSeek-OCR's dense shapes 1280-3840 x 1280-1792): the kernel reads 1.3-1.45x faster than packed at
+#: one row, 1.3-1.4x at two, 1.05-1.2x at three, even at four, 0.7x at six
+TWIN_KERNEL_MAX_ROWS = 3
+
+
+def keep_decode_twins(
+    net: nn.Module,
+    precision,  # noqa: ANN001 - models.precision.Precision
+    is_vision: Callable[[str], bool],
+    max_bytes: int | None = None,
+) -> int:
+    """On a CPU plan that computes in bfloat16 with the package's kernel available: give every dense
+    bf16 language-model layer (not the vision side, not a vocabulary projection, not an expert: those
+    are :class:`KernelLinear` already) a second copy, so that each decode phase reads the layout that is
+    fast for it. The plain ``[N, K]`` weight serves decode steps of up to :data:`TWIN_KERNEL_MAX_ROWS`
+    rows through the kernel; a packed copy serves more rows (batched decode, prefill), as before. Called
+    before packing. The second copy is logged; when all of it would exceed ``max_bytes`` (default
+    ``precision.WIDE_COPY_MAX_BYTES``) nothing is converted. Returns the extra bytes kept (0: none)."""
+    from .precision import VOCAB_ROWS, WIDE_COPY_MAX_BYTES
+
+    if precision.compute != "bf16" or precision.widened or not cpukernels.active():
+        return 0
+
+    def skip(name: str, lin: nn.Module) -> bool:
+        w = lin.weight
+        return (
+            is_vision(name)
+            or w.dtype != torch.bfloat16
+            or w.device.type != "cpu"
+            or lin.out_features > VOCAB_ROWS
+            or not packing_supported(w.device, w.dtype)
+        )
+
+    seen: dict[int, int] = {}
+    for name, mod in net.named_modules():
+        for child_name, child in mod._modules.items():
+            if type(child) is nn.Linear and not skip(f"{name}.{child_name}" if name else child_name, child):
+                seen[id(child)] = child.weight.numel() * child.weight.element_size()
+    need = sum(seen.values())
+    limit = WIDE_COPY_MAX_BYTES if max_bytes is None else max_bytes
+    if not seen or need > limit:
+        return 0
+
+    def convert(lin: nn.Module) -> nn.Module:
+        twin = KernelLinear.from_linear(lin)
+        twin.narrow_max_rows = TWIN_KERNEL_MAX_ROWS
+        twin.keep_wide_copy()
+        return twin
+
+    n = replace_linears(net, convert, skip, source=nn.Linear)
+    log.info(
+        "keeping a second, packed bf16 copy of %d dense language-model layers (+%.2f GB): decode steps of "
+        "1-%d rows read the plain copy through the package's kernel, more rows the packed one",
+        n, need / 1e9, TWIN_KERNEL_MAX_ROWS,
+    )  # fmt: skip
+    return need
 
 
 def runs_grouped(layer: nn.Module) -> bool:
@@ -494,6 +558,7 @@ def prepare_for_inference(
         widen_language_layers(net, precision.compute_dtype)
         keep_wide_copies(net)
     keep_experts_plain(net, precision)
+    keep_decode_twins(net, precision, is_vision)
     pack_model(net)
 
 
