@@ -315,11 +315,14 @@ def test_grouped_linear_sends_only_the_few_row_experts_to_the_kernel(kernel, mon
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
-@pytest.mark.parametrize(("kv_heads", "group", "d"), [(2, 8, 64), (3, 1, 32), (1, 3, 24)])
+@pytest.mark.parametrize(
+    ("kv_heads", "group", "d"), [(2, 8, 64), (3, 1, 32), (1, 3, 24), (2, 2, 32), (1, 4, 16)]
+)  # every value tile
 def test_decode_attention_over_bf16_caches_equals_float32_caches(kernel, kv_heads: int, group: int, d: int) -> None:  # noqa: ANN001
-    """A bf16 cache holding bf16 values gives exactly what a float32 cache holding the same values gives
-    (the kernel widens as it loads: the same float32 products), and the new key/value is written rounded
-    to bf16 (exact here: the inputs are bf16 values)."""
+    """A bf16 cache holding bf16 values gives what a float32 cache holding the same values gives (the
+    kernel widens as it loads: the same float32 products; where d % 16 == 0 the key products are summed
+    in another order, so float32 rounding apart), and the new key/value is written rounded to bf16
+    (exact here: the inputs are bf16 values)."""
     from deepseek_ocr_server.models.common.cache import KVCache, decode_attention
 
     lengths = [0, 1, 3, 4, 7, 8, 9, 37]
@@ -340,10 +343,21 @@ def test_decode_attention_over_bf16_caches_equals_float32_caches(kernel, kv_head
     q = torch.randn(b, kv_heads * group, d, generator=g).bfloat16()
     k = torch.randn(b, kv_heads, d, generator=g).bfloat16()
     v = torch.randn(b, kv_heads, d, generator=g).bfloat16()
+    # the kernel's float32 output, before the caller rounds it to the cache dtype
+    qf = q.float().view(b, kv_heads, group, d) * d**-0.5
+    raw = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        cs = caches(dtype)
+        pos = [c.length for c in cs]
+        raw[dtype] = kernel.decode_attention(
+            qf, k.float(), v.float(), [c.k[1] for c in cs], [c.v[1] for c in cs], pos
+        )  # fmt: skip
+    assert (raw[torch.bfloat16] - raw[torch.float32]).abs().max().item() < 1e-6 * raw[torch.float32].abs().max().item() * d
     wide, narrow = caches(torch.float32), caches(torch.bfloat16)
     want = decode_attention(q, k, v, wide, 1, d**-0.5)
     got = decode_attention(q, k, v, narrow, 1, d**-0.5)
-    assert got.dtype == torch.bfloat16 and torch.equal(got, want.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want.bfloat16().float()).abs().max().item() <= 2**-7 * want.float().abs().max().item()
     for a, c in zip(narrow, wide, strict=True):
         assert torch.equal(a.k.float(), c.k) and torch.equal(a.v.float(), c.v)
     # torch's ops over the bf16 caches (the kernel off): the same up to their bf16 matmuls' rounding
@@ -357,7 +371,9 @@ def test_decode_attention_over_bf16_caches_equals_float32_caches(kernel, kv_head
 
 def test_bf16_kv_cache_plan_gives_the_float32_cache_logits(kernel, deepseek_ckpt, paddle_ckpt) -> None:  # noqa: ANN001
     """The native-bf16 plan with the kernels keeps a bf16 KV cache; its prefill and decode logits equal
-    those of the same plan with a float32 cache bit for bit (the cache holds the same bf16 values)."""
+    those of the same plan with a float32 cache (the cache holds the same bf16 values; the kernel sums
+    the bf16 keys' products in another order, so up to float32 rounding, which the bf16 activations
+    mostly absorb), with the same greedy tokens."""
     from dataclasses import replace
 
     from deepseek_ocr_server.models.base import ModelFiles
@@ -384,7 +400,8 @@ def test_bf16_kv_cache_plan_gives_the_float32_cache_logits(kernel, deepseek_ckpt
                 steps.append(logits.float())
                 toks = [int(t) for t in logits.argmax(-1)]
             runs.append(torch.cat([s.reshape(-1) for s in steps]))
-        assert torch.equal(runs[0], runs[1]), cls.__name__
+        scale = runs[1].abs().max().item()
+        assert (runs[0] - runs[1]).abs().max().item() <= 1e-2 * scale, cls.__name__
 
 
 def test_bf16_plan_gives_dense_layers_a_plain_twin_for_few_decode_rows(kernel, deepseek_ckpt, monkeypatch) -> None:  # noqa: ANN001
