@@ -12,8 +12,10 @@ no second copy of the weights is ever alive. It keeps one weight, in the model d
 and batched decode steps all use it. Sibling projections that read the same input (q/k/v, gate/up) are
 already one layer by then (fused at load: ``common.fused``), so they pack as one. Where oneDNN cannot run
 the dtype (other devices, a CPU without bfloat16 support in oneDNN, float16 here) the layers stay plain
-``nn.Linear`` (:func:`packing_supported`). One exception on a bf16-computing plan: the experts of a
-mixture-of-experts layer stay plain for the package's grouped decode kernel (:class:`KernelLinear`).
+``nn.Linear`` (:func:`packing_supported`). Exceptions on a bf16-computing plan with the package's
+kernels: the experts of a mixture-of-experts layer stay plain for its grouped decode kernel
+(:class:`KernelLinear`), and the other dense language-model layers keep a plain twin beside the packed
+copy for decode steps of a few rows (:func:`keep_decode_twins`, a logged second copy).
 """
 
 from __future__ import annotations
