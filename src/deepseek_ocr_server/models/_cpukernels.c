@@ -297,7 +297,7 @@ AINL __m256 qk4x2(const float *q0, const float *q1, const void *K, int64_t l, in
 /* Over a bfloat16 cache (d % 16 == 0): the same dot products with the query rows PERMUTED per 16
  * elements (8 even, then 8 odd: qp = permute16 of q), so that one 256-bit load of 16 bf16 keys widens
  * with a shift (even elements) and a mask (odd ones) instead of two zero-extending shuffles and two
- * shifts (the trick of DEFINE_PVP); each accumulator then takes two products per 16 elements. */
+ * shifts (the trick of DEFINE_PV MODE 2); each accumulator then takes two products per 16 elements. */
 AINL __m256 keys16(const uint16_t *k, __m256 *odd) {
     __m256i u = _mm256_loadu_si256((const __m256i *)k);
     *odd = _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u)));
@@ -433,16 +433,31 @@ int attn_scores_bf16kv(const float *q, const float *knew, const float *vnew, con
 }
 
 /* GB query rows x CW 8-float column chunks of one block of positions [l0, l1): ob[g, c..] += sum_l
- * p[g, l] * V[l, c..] (GB * CW accumulators in registers; constants in each instance). */
-#define DEFINE_PV(NAME, GB, CW, BF)                                                                       \
+ * p[g, l] * V[l, c..] (GB * CW accumulators in registers; constants in each instance). MODE 0: a
+ * float32 cache; 1: bfloat16, widened in order; 2: bfloat16 with CW even and the columns of every
+ * 16-column group of ob PERMUTED (its 8 even columns, then its 8 odd ones): one 256-bit load holds 16
+ * bf16 values, and the even ones widen with a shift, the odd ones with a mask (two ALU ops per 16
+ * values, where widening in order costs a zero-extending shuffle and a shift per 8; on Zen 4 the
+ * shuffles compete with the FMAs). unpermute16 puts the columns back in order once the item is done. */
+#define DEFINE_PV(NAME, GB, CW, MODE)                                                                     \
     TGT static void NAME(const float *pb, int64_t lmax, const void *V, int64_t d, int64_t l0, int64_t l1, \
                          int64_t c, float *ob) {                                                         \
+        const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);                                           \
         __m256 acc[GB][CW];                                                                               \
         for (int g = 0; g < GB; g++)                                                                      \
             for (int w = 0; w < CW; w++) acc[g][w] = _mm256_loadu_ps(ob + g * d + c + 8 * w);             \
         for (int64_t l = l0; l < l1; l++) {                                                               \
             __m256 v[CW];                                                                                 \
-            for (int w = 0; w < CW; w++) v[w] = LDC(BF, V, l * d + c + 8 * w);                            \
+            if (MODE == 2) {                                                                              \
+                const uint16_t *row = (const uint16_t *)V + l * d + c;                                    \
+                for (int w = 0; w + 1 < CW; w += 2) {                                                     \
+                    __m256i u = _mm256_loadu_si256((const __m256i *)(row + 8 * w));                       \
+                    v[w] = _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));                                 \
+                    v[w + 1] = _mm256_castsi256_ps(_mm256_and_si256(u, hi));                              \
+                }                                                                                         \
+            } else {                                                                                      \
+                for (int w = 0; w < CW; w++) v[w] = LDC(MODE, V, l * d + c + 8 * w);                      \
+            }                                                                                             \
             for (int g = 0; g < GB; g++) {                                                                \
                 __m256 pg = _mm256_broadcast_ss(pb + g * lmax + l);                                       \
                 for (int w = 0; w < CW; w++) acc[g][w] = _mm256_fmadd_ps(pg, v[w], acc[g][w]);            \
@@ -463,38 +478,9 @@ DEFINE_PV(pv2x4_bf, 2, 4, 1)
 DEFINE_PV(pv1x8_bf, 1, 8, 1)
 DEFINE_PV(pv1x1_bf, 1, 1, 1)
 
-/* The same over a bfloat16 cache, CW even, with the columns of every 16-column group of ob PERMUTED
- * (its 8 even columns, then its 8 odd ones): one 256-bit load holds 16 bf16 values, and the even ones
- * widen with a shift, the odd ones with a mask (two ALU ops per 16 values, where widening in order
- * costs a zero-extending shuffle and a shift per 8; on Zen 4 the shuffles compete with the FMAs).
- * unpermute16 puts the columns back in order once the item is done. */
-#define DEFINE_PVP(NAME, GB, CW)                                                                          \
-    TGT static void NAME(const float *pb, int64_t lmax, const void *V, int64_t d, int64_t l0, int64_t l1, \
-                         int64_t c, float *ob) {                                                         \
-        const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);                                           \
-        __m256 acc[GB][CW];                                                                               \
-        for (int g = 0; g < GB; g++)                                                                      \
-            for (int w = 0; w < CW; w++) acc[g][w] = _mm256_loadu_ps(ob + g * d + c + 8 * w);             \
-        for (int64_t l = l0; l < l1; l++) {                                                               \
-            const uint16_t *row = (const uint16_t *)V + l * d + c;                                        \
-            __m256 v[CW];                                                                                 \
-            for (int w = 0; w < CW; w += 2) {                                                             \
-                __m256i u = _mm256_loadu_si256((const __m256i *)(row + 8 * w));                           \
-                v[w] = _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));                                     \
-                v[w + 1] = _mm256_castsi256_ps(_mm256_and_si256(u, hi));                                  \
-            }                                                                                             \
-            for (int g = 0; g < GB; g++) {                                                                \
-                __m256 pg = _mm256_broadcast_ss(pb + g * lmax + l);                                       \
-                for (int w = 0; w < CW; w++) acc[g][w] = _mm256_fmadd_ps(pg, v[w], acc[g][w]);            \
-            }                                                                                             \
-        }                                                                                                 \
-        for (int g = 0; g < GB; g++)                                                                      \
-            for (int w = 0; w < CW; w++) _mm256_storeu_ps(ob + g * d + c + 8 * w, acc[g][w]);             \
-    }
-
-DEFINE_PVP(pvp4x2, 4, 2)
-DEFINE_PVP(pvp2x4, 2, 4)
-DEFINE_PVP(pvp1x8, 1, 8)
+DEFINE_PV(pvp4x2, 4, 2, 2)
+DEFINE_PV(pvp2x4, 2, 4, 2)
+DEFINE_PV(pvp1x8, 1, 8, 2)
 
 /* n floats (n % 16 == 0) in groups of 16 held as (8 even columns, 8 odd columns) -> in order */
 TGT static void unpermute16(float *o, int64_t n) {
