@@ -226,9 +226,10 @@ int bf16_grouped_linear_f32(const float *x, int64_t ldx, const int64_t *w, const
 }
 
 /* ---------------------------------------------------------------------------------------------------
- * decode attention over float32 or bfloat16 caches (BF: 0 or 1, a constant in every instance; bf16
- * cache rows are widened to float32 as they are loaded, so the products and sums are the same float32
- * ones: a bf16 cache holds exactly the bf16 keys and values a bf16-computing model writes)
+ * decode attention over float32 or bfloat16 caches (MODE 0: float32, 1: bf16 widened in order, 2: bf16
+ * widened in a permuted order; a constant in every instance; bf16 cache rows are widened to float32 as
+ * they are loaded, so the products are the same float32 ones: a bf16 cache holds exactly the bf16 keys
+ * and values a bf16-computing model writes)
  * ------------------------------------------------------------------------------------------------- */
 #define AINL TGT static inline __attribute__((always_inline))
 /* 8 cache elements at element index i of row base as float32 */
@@ -257,16 +258,19 @@ static inline void put_row(void *base, int64_t at, const float *src, int64_t d, 
     for (int64_t t = 0; t < d; t++) dst[t] = f32_to_bf16(src[t]);
 }
 
-/* One query row against 8 consecutive key rows (row stride d, d % 8 == 0): the 8 dot products,
- * reduced together into one vector (lane j = q . k_j) instead of 8 horizontal sums. */
-AINL __m256 qk8(const float *q, const void *K, int64_t l, int64_t d, int BF) {
-    __m256 a[8];
-    for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
-    for (int64_t t = 0; t < d; t += 8) {
-        __m256 qv = _mm256_loadu_ps(q + t);
-        __asm__("" : "+x"(qv));
-        for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(LDC(BF, K, (l + j) * d + t), qv, a[j]);
-    }
+/* Keys of a bfloat16 cache with d % 16 == 0 can be read in a PERMUTED order (MODE 2, the trick of
+ * DEFINE_PV): one 256-bit load of 16 bf16 keys widens with a shift (the even elements) and a mask (the
+ * odd ones) instead of two zero-extending shuffles and two shifts, against query rows permuted the same
+ * way per 16 elements (8 even, then 8 odd: permute16); each accumulator then takes two products per 16
+ * elements. MODE 0: float32 keys; 1: bf16 keys widened in order (q as it is). */
+AINL __m256 keys16(const uint16_t *k, __m256 *odd) {
+    __m256i u = _mm256_loadu_si256((const __m256i *)k);
+    *odd = _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+
+/* lane j = the sum of a[j]'s lanes (8 reductions at once instead of 8 horizontal sums) */
+AINL __m256 reduce8(const __m256 *a) {
     __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
     __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
     __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
@@ -274,72 +278,63 @@ AINL __m256 qk8(const float *q, const void *K, int64_t l, int64_t d, int BF) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+/* One query row against 8 consecutive key rows (row stride d, d % 8 == 0): lane j = q . k_j. */
+AINL __m256 qk8(const float *q, const void *K, int64_t l, int64_t d, int MODE) {
+    __m256 a[8];
+    for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+    if (MODE == 2) {
+        for (int64_t t = 0; t < d; t += 16) {
+            __m256 xe = _mm256_loadu_ps(q + t), xo = _mm256_loadu_ps(q + t + 8);
+            __asm__("" : "+x"(xe), "+x"(xo));
+            for (int j = 0; j < 8; j++) {
+                __m256 ko, ke = keys16((const uint16_t *)K + (l + j) * d + t, &ko);
+                a[j] = _mm256_fmadd_ps(ko, xo, _mm256_fmadd_ps(ke, xe, a[j]));
+            }
+        }
+    } else {
+        for (int64_t t = 0; t < d; t += 8) {
+            __m256 qv = _mm256_loadu_ps(q + t);
+            __asm__("" : "+x"(qv));
+            for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(LDC(MODE, K, (l + j) * d + t), qv, a[j]);
+        }
+    }
+    return reduce8(a);
+}
+
 /* Two query rows q0, q1 against 4 consecutive key rows: lanes 0-3 = q0 . k_j, lanes 4-7 = q1 . k_j
  * (8 accumulators, 6 loads per 8 FMAs). */
-AINL __m256 qk4x2(const float *q0, const float *q1, const void *K, int64_t l, int64_t d, int BF) {
-    __m256 a[4], b[4];
-    for (int j = 0; j < 4; j++) a[j] = b[j] = _mm256_setzero_ps();
-    for (int64_t t = 0; t < d; t += 8) {
-        __m256 x0 = _mm256_loadu_ps(q0 + t), x1 = _mm256_loadu_ps(q1 + t);
-        __asm__("" : "+x"(x0), "+x"(x1));
-        for (int j = 0; j < 4; j++) {
-            __m256 kv = LDC(BF, K, (l + j) * d + t);
-            a[j] = _mm256_fmadd_ps(kv, x0, a[j]);
-            b[j] = _mm256_fmadd_ps(kv, x1, b[j]);
+AINL __m256 qk4x2(const float *q0, const float *q1, const void *K, int64_t l, int64_t d, int MODE) {
+    __m256 a[8]; /* a[0..3]: q0, a[4..7]: q1 */
+    for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+    if (MODE == 2) {
+        for (int64_t t = 0; t < d; t += 16) {
+            __m256 x0e = _mm256_loadu_ps(q0 + t), x0o = _mm256_loadu_ps(q0 + t + 8);
+            __m256 x1e = _mm256_loadu_ps(q1 + t), x1o = _mm256_loadu_ps(q1 + t + 8);
+            __asm__("" : "+x"(x0e), "+x"(x0o), "+x"(x1e), "+x"(x1o));
+            for (int j = 0; j < 4; j++) {
+                __m256 ko, ke = keys16((const uint16_t *)K + (l + j) * d + t, &ko);
+                a[j] = _mm256_fmadd_ps(ko, x0o, _mm256_fmadd_ps(ke, x0e, a[j]));
+                a[4 + j] = _mm256_fmadd_ps(ko, x1o, _mm256_fmadd_ps(ke, x1e, a[4 + j]));
+            }
+        }
+    } else {
+        for (int64_t t = 0; t < d; t += 8) {
+            __m256 x0 = _mm256_loadu_ps(q0 + t), x1 = _mm256_loadu_ps(q1 + t);
+            __asm__("" : "+x"(x0), "+x"(x1));
+            for (int j = 0; j < 4; j++) {
+                __m256 kv = LDC(MODE, K, (l + j) * d + t);
+                a[j] = _mm256_fmadd_ps(kv, x0, a[j]);
+                a[4 + j] = _mm256_fmadd_ps(kv, x1, a[4 + j]);
+            }
         }
     }
     /* hadd pairs: per 128-bit half, lanes (a0 a1 a2 a3) partial sums, then halves added */
     __m256 ua = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    __m256 ub = _mm256_hadd_ps(_mm256_hadd_ps(b[0], b[1]), _mm256_hadd_ps(b[2], b[3]));
+    __m256 ub = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
     return _mm256_add_ps(_mm256_permute2f128_ps(ua, ub, 0x20), _mm256_permute2f128_ps(ua, ub, 0x31));
 }
 
-/* Over a bfloat16 cache (d % 16 == 0): the same dot products with the query rows PERMUTED per 16
- * elements (8 even, then 8 odd: qp = permute16 of q), so that one 256-bit load of 16 bf16 keys widens
- * with a shift (even elements) and a mask (odd ones) instead of two zero-extending shuffles and two
- * shifts (the trick of DEFINE_PV MODE 2); each accumulator then takes two products per 16 elements. */
-AINL __m256 keys16(const uint16_t *k, __m256 *odd) {
-    __m256i u = _mm256_loadu_si256((const __m256i *)k);
-    *odd = _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
-}
-
-AINL __m256 qk8p(const float *qp, const uint16_t *K, int64_t l, int64_t d) {
-    __m256 a[8];
-    for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
-    for (int64_t t = 0; t < d; t += 16) {
-        __m256 xe = _mm256_loadu_ps(qp + t), xo = _mm256_loadu_ps(qp + t + 8);
-        __asm__("" : "+x"(xe), "+x"(xo));
-        for (int j = 0; j < 8; j++) {
-            __m256 ko, ke = keys16(K + (l + j) * d + t, &ko);
-            a[j] = _mm256_fmadd_ps(ko, xo, _mm256_fmadd_ps(ke, xe, a[j]));
-        }
-    }
-    __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
-    __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
-    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
-AINL __m256 qk4x2p(const float *q0, const float *q1, const uint16_t *K, int64_t l, int64_t d) {
-    __m256 a[4], b[4];
-    for (int j = 0; j < 4; j++) a[j] = b[j] = _mm256_setzero_ps();
-    for (int64_t t = 0; t < d; t += 16) {
-        __m256 x0e = _mm256_loadu_ps(q0 + t), x0o = _mm256_loadu_ps(q0 + t + 8);
-        __m256 x1e = _mm256_loadu_ps(q1 + t), x1o = _mm256_loadu_ps(q1 + t + 8);
-        __asm__("" : "+x"(x0e), "+x"(x0o), "+x"(x1e), "+x"(x1o));
-        for (int j = 0; j < 4; j++) {
-            __m256 ko, ke = keys16(K + (l + j) * d + t, &ko);
-            a[j] = _mm256_fmadd_ps(ko, x0o, _mm256_fmadd_ps(ke, x0e, a[j]));
-            b[j] = _mm256_fmadd_ps(ko, x1o, _mm256_fmadd_ps(ke, x1e, b[j]));
-        }
-    }
-    __m256 ua = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    __m256 ub = _mm256_hadd_ps(_mm256_hadd_ps(b[0], b[1]), _mm256_hadd_ps(b[2], b[3]));
-    return _mm256_add_ps(_mm256_permute2f128_ps(ua, ub, 0x20), _mm256_permute2f128_ps(ua, ub, 0x31));
-}
-
-/* the G query rows of an item permuted per 16 elements (even, then odd) for qk8p / qk4x2p */
+/* the G query rows of an item permuted per 16 elements (even, then odd) for MODE 2 */
 #define QP_MAX 8192 /* floats: G * d of the items that take the permuted path (32 KB on the stack) */
 static void permute16(const float *q, int64_t n, float *qp) {
     for (int64_t i = 0; i < n; i += 16)
@@ -349,39 +344,26 @@ static void permute16(const float *q, int64_t n, float *qp) {
         }
 }
 
-/* one (sequence, kv head) item of step 1 (see attn_scores) */
-AINL void scores_item(const float *qb, const float *kn, const float *vn, void *K, void *V, int64_t pos,
-                      int64_t G, int64_t d, float *sc, int64_t lmax, int BF) {
+/* one (sequence, kv head) item of step 1 (see attn_scores): qb the query rows, qx the same as the
+ * products of MODE read them (permuted for MODE 2) */
+AINL void scores_item(const float *qb, const float *qx, const float *kn, const float *vn, void *K, void *V,
+                      int64_t pos, int64_t G, int64_t d, float *sc, int64_t lmax, int MODE) {
+    int BF = MODE != 0;
     int64_t L = pos + 1;
     put_row(K, pos, kn, d, BF);
     put_row(V, pos, vn, d, BF);
     int64_t l = 0;
-    if (BF && d % 16 == 0 && G * d <= QP_MAX) { /* bf16 keys: the permuted products */
-        float qp[QP_MAX];
-        permute16(qb, G * d, qp);
-        const uint16_t *Kb = (const uint16_t *)K;
-        if (G % 2 == 0)
-            for (; l + 4 <= L; l += 4)
-                for (int64_t g = 0; g < G; g += 2) {
-                    float r[8];
-                    _mm256_storeu_ps(r, qk4x2p(qp + g * d, qp + (g + 1) * d, Kb, l, d));
-                    memcpy(sc + g * lmax + l, r, 4 * sizeof(float));
-                    memcpy(sc + (g + 1) * lmax + l, r + 4, 4 * sizeof(float));
-                }
-        for (; l + 8 <= L; l += 8)
-            for (int64_t g = 0; g < G; g++) _mm256_storeu_ps(sc + g * lmax + l, qk8p(qp + g * d, Kb, l, d));
-    }
     if (G % 2 == 0) { /* pairs of query rows against 4 key rows: fewer loads per product */
         for (; l + 4 <= L; l += 4)
             for (int64_t g = 0; g < G; g += 2) {
                 float r[8];
-                _mm256_storeu_ps(r, qk4x2(qb + g * d, qb + (g + 1) * d, K, l, d, BF));
+                _mm256_storeu_ps(r, qk4x2(qx + g * d, qx + (g + 1) * d, K, l, d, MODE));
                 memcpy(sc + g * lmax + l, r, 4 * sizeof(float));
                 memcpy(sc + (g + 1) * lmax + l, r + 4, 4 * sizeof(float));
             }
     }
     for (; l + 8 <= L; l += 8)
-        for (int64_t g = 0; g < G; g++) _mm256_storeu_ps(sc + g * lmax + l, qk8(qb + g * d, K, l, d, BF));
+        for (int64_t g = 0; g < G; g++) _mm256_storeu_ps(sc + g * lmax + l, qk8(qx + g * d, K, l, d, MODE));
     for (; l < L; l++)
         for (int64_t g = 0; g < G; g++) {
             float s = 0.0f;
@@ -412,10 +394,15 @@ TGT static int attn_scores(const float *q, const float *knew, const float *vnew,
         void *V = (char *)(intptr_t)vptr[b] + h * hstride[b] * es;
         const float *qb = q + item * G * d, *kn = knew + item * d, *vn = vnew + item * d;
         float *sc = scores + item * G * lmax;
-        if (bf16kv)
-            scores_item(qb, kn, vn, K, V, pos[b], G, d, sc, lmax, 1);
-        else
-            scores_item(qb, kn, vn, K, V, pos[b], G, d, sc, lmax, 0);
+        if (!bf16kv) {
+            scores_item(qb, qb, kn, vn, K, V, pos[b], G, d, sc, lmax, 0);
+        } else if (d % 16 == 0 && G * d <= QP_MAX) {
+            float qp[QP_MAX];
+            permute16(qb, G * d, qp);
+            scores_item(qb, qp, kn, vn, K, V, pos[b], G, d, sc, lmax, 2);
+        } else {
+            scores_item(qb, qb, kn, vn, K, V, pos[b], G, d, sc, lmax, 1);
+        }
     }
     return 0;
 }

@@ -321,7 +321,10 @@ class KernelLinear(WideningLinear):
     the plain weight, which reorders it per call: DeepSeek-OCR at 8 rows 1.14-1.18x against sending the
     experts of more than 4 rows to oneDNN (``bench/README.md``). More rows (prefill) run torch's bf16 GEMM
     on the plain weight (7-15 % slower than packed for the expert shapes at 88-512 rows, within the noise
-    for a whole prefill). One copy of the weight either way."""
+    for a whole prefill). One copy of the weight either way.
+
+    A dense layer's twin (:func:`keep_decode_twins`) is one of these with a lower
+    :attr:`narrow_max_rows` and a kept packed copy, which its rows past that limit run instead."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__(weight, bias, weight.dtype)
@@ -338,13 +341,19 @@ class KernelLinear(WideningLinear):
         return F.linear(x.to(self.compute_dtype), self.weight, self.bias)
 
 
+def _kernel_layouts(precision) -> bool:  # noqa: ANN001 - models.precision.Precision
+    """Whether the plan keeps plain bf16 layers for the package's kernel (:func:`keep_experts_plain`,
+    :func:`keep_decode_twins`): it computes in bfloat16 (storage == compute) and the kernels run."""
+    return precision.compute == "bf16" and not precision.widened and cpukernels.active()
+
+
 def keep_experts_plain(net: nn.Module, precision) -> int:  # noqa: ANN001 - models.precision.Precision
     """On a CPU plan that computes in bfloat16 with the package's kernel available: turn the expert
     layers of every mixture-of-experts module (one that declares ``kernel_experts = True`` and holds
     them in ``experts``) into :class:`KernelLinear`, before packing (which then leaves them plain).
     Returns the number of layers converted (0 on other plans, or with the kernels switched off:
     ``cpukernels.enabled``)."""
-    if precision.compute != "bf16" or precision.widened or not cpukernels.active():
+    if not _kernel_layouts(precision):
         return 0
 
     def keep(_name: str, lin: nn.Module) -> bool:
@@ -382,7 +391,7 @@ def keep_decode_twins(
     ``precision.WIDE_COPY_MAX_BYTES``) nothing is converted. Returns the extra bytes kept (0: none)."""
     from .precision import VOCAB_ROWS, WIDE_COPY_MAX_BYTES
 
-    if precision.compute != "bf16" or precision.widened or not cpukernels.active():
+    if not _kernel_layouts(precision):
         return 0
 
     def skip(name: str, lin: nn.Module) -> bool:
@@ -395,14 +404,11 @@ def keep_decode_twins(
             or not packing_supported(w.device, w.dtype)
         )
 
-    seen: dict[int, int] = {}
-    for name, mod in net.named_modules():
-        for child_name, child in mod._modules.items():
-            if type(child) is nn.Linear and not skip(f"{name}.{child_name}" if name else child_name, child):
-                seen[id(child)] = child.weight.numel() * child.weight.element_size()
-    need = sum(seen.values())
+    # named_modules() lists a shared layer once: its bytes count once, as it is converted once
+    layers = [m for name, m in net.named_modules() if type(m) is nn.Linear and not skip(name, m)]
+    need = sum(m.weight.numel() * m.weight.element_size() for m in layers)
     limit = WIDE_COPY_MAX_BYTES if max_bytes is None else max_bytes
-    if not seen or need > limit:
+    if not layers or need > limit:
         return 0
 
     def convert(lin: nn.Module) -> nn.Module:
